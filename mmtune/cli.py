@@ -1,0 +1,69 @@
+"""The `mmtune` command line.
+
+Each subcommand lives next to the code it drives, in a module that exposes
+`add_cli_arguments(parser)` and `cli_main(args) -> int`; this file only maps
+names to those modules and imports the one that is asked for, so
+`mmtune --help` stays fast and no layer imports the CLI.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+
+# name -> (module, one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "convert": ("mmtune.data.convert", "import Alpaca/Dolly/ShareGPT/LLaVA/messages/VQA files into unified JSONL"),
+    "shard": ("mmtune.data.shards", "write unified records (and their images) as webdataset tar shards"),
+    "select": ("mmtune.select.api", "condense a pool to k records (random, longest, quality, kmeans, facility, qdit, deita, dedup)"),
+    "train": ("mmtune.train.run", "train an LLM or LLaVA-style MLLM from a YAML config (align / instruct stages)"),
+    "eval": ("mmtune.eval.run", "evaluate zero-shot / few-shot on (unseen) VQA-style tasks"),
+    "generate": ("mmtune.eval.generate", "generate answers from a checkpoint, text-only or with images"),
+    "export": ("mmtune.model.export", "export a checkpoint to Hugging Face (hf-llava or hf) format"),
+    "demo": ("mmtune.demo", "the whole pipeline on an embedded pool, on one CPU, in minutes"),
+}
+
+
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    from mmtune import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="mmtune",
+        description="Instruction tuning for LLMs and LLaVA-style multimodal LLMs.",
+    )
+    parser.add_argument("--version", action="version", version=f"mmtune {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    # Only the chosen subcommand's module is imported (torch and friends are slow to load).
+    chosen = next((a for a in (argv or []) if not a.startswith("-")), None)
+    for name, (module, help_text) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        if name == chosen:
+            importlib.import_module(module).add_cli_arguments(p)
+            p.set_defaults(_module=module)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from mmtune.errors import MMTuneError
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    parser = build_parser(argv)
+    args = parser.parse_args(argv)
+    if not getattr(args, "_module", None):
+        parser.print_help()
+        return 0 if not argv else 2
+    try:
+        return int(importlib.import_module(args._module).cli_main(args) or 0)
+    except MMTuneError as exc:
+        print(f"mmtune {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"mmtune {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

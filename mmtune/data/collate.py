@@ -1,0 +1,67 @@
+"""Tokenized examples -> padded tensors (the batch dict every model call takes).
+
+A batch is a dict with `input_ids`, `attention_mask`, `labels` ([B, T] each)
+and, when any example has images, `pixel_values` ([N_images, 3, H, W], the
+images of the batch in reading order: row by row, left to right). Rows are
+right-padded for training and left-padded for generation, so new tokens line
+up at the end of every row.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from mmtune.data.tokenize import IGNORE_INDEX, TokenizedExample
+
+
+def pad_sequences(
+    seqs: Sequence[Sequence[int]], pad_value: int, *, side: str = "right", length: int | None = None
+) -> torch.Tensor:
+    """Stack int sequences into a [B, T] LongTensor padded to the longest (or `length`)."""
+    if side not in ("left", "right"):
+        raise ValueError(f"side must be 'left' or 'right', got {side!r}")
+    width = max([len(s) for s in seqs] + [length or 0])
+    out = torch.full((len(seqs), width), pad_value, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        if not len(s):
+            continue
+        t = torch.as_tensor(list(s), dtype=torch.long)
+        if side == "right":
+            out[i, : len(s)] = t
+        else:
+            out[i, width - len(s):] = t
+    return out
+
+
+def collate_examples(
+    examples: Sequence[TokenizedExample],
+    pad_token_id: int,
+    *,
+    pixel_values: Sequence[torch.Tensor] | None = None,
+    side: str = "right",
+) -> dict[str, torch.Tensor]:
+    """Pad a list of examples into a training batch.
+
+    `pixel_values` holds one [3, H, W] tensor per image, already in reading
+    order; it must count exactly the image runs in the examples.
+    """
+    ids = pad_sequences([e.input_ids for e in examples], pad_token_id, side=side)
+    labels = pad_sequences([e.labels for e in examples], IGNORE_INDEX, side=side)
+    mask = pad_sequences([[1] * len(e) for e in examples], 0, side=side)
+    batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    n_images = sum(len(e.image_spans) for e in examples)
+    if pixel_values is not None and len(pixel_values) != n_images:
+        raise ValueError(f"batch has {n_images} image runs but {len(pixel_values)} images")
+    if n_images:
+        if pixel_values is None:
+            raise ValueError(f"batch has {n_images} image runs but no pixel_values")
+        batch["pixel_values"] = torch.stack(list(pixel_values))
+    return batch
+
+
+def padding_share(batch: dict[str, torch.Tensor]) -> float:
+    """Fraction of the batch's token slots that are padding (what length grouping reduces)."""
+    mask = batch["attention_mask"]
+    return 1.0 - float(mask.sum()) / max(1, mask.numel())
