@@ -228,6 +228,9 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
+        for arg in args:  # an exact type match wins over coercion (str vs list[str])
+            if isinstance(arg, type) and isinstance(value, arg) and not (isinstance(value, bool) and arg is not bool):
+                return value
         errors = []
         for arg in args:
             if arg is type(None):
