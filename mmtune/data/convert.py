@@ -1,0 +1,320 @@
+"""`mmtune convert`: published instruction / VQA files in, unified JSONL out.
+
+Every input row ends up in exactly one place: the output (a validated
+`Record` with absolute, decodable image paths) or the rejects file (its source
+file, line or element index, a one-line reason and the raw row). Rows are
+rejected for bad JSON, missing or mistyped fields, `<image>`/image count
+mismatches, missing or undecodable images, empty assistant turns and duplicate
+ids. Only a file that is not JSON/JSONL at all (or cannot be detected / paired)
+stops the run, with a one-line `MMTuneError`.
+
+Python API: `convert_files(paths, fmt="auto", image_root=None)` returns a
+`ConvertResult`; the CLI writes its records with `write_records`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from mmtune.data.formats import (
+    FORMATS,
+    IMAGE_DIRS_KEY,
+    Format,
+    FormatError,
+    InputFile,
+    Row,
+    RowError,
+    VQAAnnotations,
+    detect_format,
+    gqa_rows,
+    read_input,
+    row_id,
+    type_name,
+    vqa_role,
+    vqa_rows,
+)
+from mmtune.data.images import check_image, is_url, resolve_image_path
+from mmtune.data.schema import Record, RecordError, RejectsWriter, validate_record, write_records
+from mmtune.errors import MMTuneError
+
+INPUT_SUFFIXES = (".json", ".jsonl")
+
+
+@dataclass
+class Reject:
+    """One input row that did not become a record."""
+
+    source: str  # the input file
+    index: int | str | None  # JSONL: 1-based line; JSON array: 0-based element; GQA: question id
+    reason: str  # one line, starting with the location
+
+
+@dataclass
+class ConvertResult:
+    records: list[Record]
+    rejects: list[Reject]
+    formats: dict[str, str] = field(default_factory=dict)  # input file -> format used
+    rows_per_input: dict[str, int] = field(default_factory=dict)
+    input_rows: int = 0  # == len(records) + len(rejects)
+    url_images: int = 0  # image references kept as URLs, not checked (offline)
+    rejects_path: Path | None = None
+
+    @property
+    def rejects_count(self) -> int:
+        return len(self.rejects)
+
+    @property
+    def first_reject(self) -> str | None:
+        return self.rejects[0].reason if self.rejects else None
+
+
+def default_rejects_path(out: str | Path) -> Path:
+    """OUT.jsonl -> OUT.rejects.jsonl (OUT.other -> OUT.other.rejects.jsonl)."""
+    out = Path(out)
+    if out.name.endswith(".jsonl"):
+        return out.with_name(out.name[: -len(".jsonl")] + ".rejects.jsonl")
+    return out.with_name(out.name + ".rejects.jsonl")
+
+
+def expand_inputs(paths: Iterable[str | Path]) -> list[Path]:
+    """The input files: files as given, folders expanded to their *.json / *.jsonl (sorted)."""
+    out: list[Path] = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            found = sorted(c for c in p.iterdir() if c.is_file() and c.name.endswith(INPUT_SUFFIXES))
+            if not found:
+                raise MMTuneError(f"{p}: folder has no .json or .jsonl files")
+            out += found
+        elif p.is_file():
+            out.append(p)
+        else:
+            raise MMTuneError(f"{p}: no such file or folder")
+    if not out:
+        raise MMTuneError("no input files given")
+    return out
+
+
+class _Converter:
+    """Turns rows into records or rejects; holds what spans files (ids seen, image checks)."""
+
+    def __init__(self, *, source: str | None, task: str | None, writer: RejectsWriter, progress: bool | None) -> None:
+        self.source = source
+        self.task = task
+        self.writer = writer
+        self.progress = progress
+        self.records: list[Record] = []
+        self.rejects: list[Reject] = []
+        self.seen: dict[str, str] = {}  # id -> location of its first record
+        self.image_checks: dict[str, str | None] = {}  # path -> reason (None = fine)
+        self.url_images = 0
+        self.rows = 0
+
+    def reject(self, row: Row, reason: str) -> None:
+        self.rejects.append(Reject(row.source, row.index, reason))
+        self.writer.add(reason, source=row.source, index=row.index, raw=row.data)
+
+    def run(self, rows: Sequence[Row], fmt: Format, stem: str, image_root: Path, desc: str) -> None:
+        bar = tqdm(rows, desc=desc, unit=" rows", leave=False, disable=None if self.progress is None else not self.progress)
+        for row in bar:
+            self.rows += 1
+            try:
+                record = self.convert_row(row, fmt, stem, image_root)
+            except RecordError as exc:
+                self.reject(row, exc.describe())
+                continue
+            self.seen[record.id] = row.location
+            self.records.append(record)
+
+    def convert_row(self, row: Row, fmt: Format, stem: str, image_root: Path) -> Record:
+        def fail(reason: str, fld: str | None = None, rid: str | None = None) -> RecordError:
+            return RecordError(reason, record_id=rid, field=fld, path=row.location)
+
+        if row.error is not None:
+            raise fail(row.error)
+        data = row.data
+        if not isinstance(data, dict):
+            raise fail(f"expected a JSON object, got {type_name(data)}")
+        default_id = f"{stem}-{row.position}"
+        try:
+            mapped = fmt.map_row(data)
+        except RowError as exc:
+            raise fail(exc.reason, exc.field, exc.record_id or _safe_id(data) or default_id) from None
+        if mapped.get("id") is None and fmt.name != "unified":
+            mapped["id"] = default_id
+        image_dirs: list[str] = mapped.pop(IMAGE_DIRS_KEY, [])
+        mapped["source"] = self.source or mapped.get("source") or stem
+        if self.task:
+            mapped["task"] = self.task
+        record = validate_record(mapped, path=row.location)
+        if record.id in self.seen:
+            raise fail(f"duplicate id (first at {self.seen[record.id]})", "id", record.id)
+
+        resolved = []
+        for i, name in enumerate(record.images):
+            if is_url(name):
+                resolved.append(name)
+                continue
+            path, reason = self.find_image(name, image_root, image_dirs)
+            if reason is not None:
+                raise fail(reason, f"images[{i}]", record.id)
+            resolved.append(path)
+        self.url_images += sum(map(is_url, resolved))
+        record.images = resolved
+        return record
+
+    def find_image(self, name: str, root: Path, subdirs: Sequence[str]) -> tuple[str, str | None]:
+        """Resolve against the image root (then its `subdirs`, e.g. VQA's val2014/) and check it."""
+        candidates = [resolve_image_path(name, root)]
+        if not Path(name).expanduser().is_absolute():
+            candidates += [resolve_image_path(name, root / d) for d in subdirs]
+        path = next((c for c in candidates if Path(c).exists()), candidates[0])
+        if path not in self.image_checks:
+            self.image_checks[path] = check_image(path)
+        reason = self.image_checks[path]
+        if reason is not None and len(candidates) > 1 and not Path(path).exists():
+            reason += f" (also looked in {', '.join(str(root / d) for d in subdirs)})"
+        return path, reason
+
+
+def _safe_id(data: dict[str, Any]) -> str | None:
+    try:
+        return row_id(data) or row_id(data, "question_id")
+    except RowError:
+        return None
+
+
+def _resolve_format(inp: InputFile, fmt: str) -> str:
+    if fmt == "auto":
+        return detect_format(inp)
+    if fmt not in FORMATS:
+        raise MMTuneError(f"unknown format {fmt!r}; choose one of auto, {', '.join(FORMATS)}")
+    if FORMATS[fmt].container and inp.layout != "object":
+        raise FormatError(f"{inp.path}: --format {fmt} expects the official {fmt.upper()} JSON object, found {inp.layout} rows")
+    if fmt == "vqa" and (inp.top is None or vqa_role(inp.top) is None):
+        raise FormatError(f"{inp.path}: --format vqa expects a VQA questions or annotations file (top-level 'questions' or 'annotations' list)")
+    if fmt == "gqa" and inp.top is not None and vqa_role(inp.top) is not None:
+        raise FormatError(f"{inp.path}: --format gqa given, but this is a VQA {vqa_role(inp.top)} file")
+    if not FORMATS[fmt].container and inp.layout == "object":
+        keys = sorted(inp.top or {})[:6]
+        raise FormatError(f"{inp.path}: --format {fmt} expects a JSON array or JSONL of rows, found one JSON object with keys {keys}")
+    return fmt
+
+
+def convert_files(
+    paths: Iterable[str | Path],
+    fmt: str = "auto",
+    image_root: str | Path | None = None,
+    *,
+    source: str | None = None,
+    task: str | None = None,
+    rejects_path: str | Path | None = None,
+    progress: bool | None = None,
+) -> ConvertResult:
+    """Import files (or folders of them) into unified records.
+
+    `fmt` is "auto" (detected per file from its keys) or a name in `FORMATS`.
+    Relative image paths resolve against `image_root`, default each input
+    file's folder. `source` / `task` override every record's. Rejects go to
+    `rejects_path` (JSONL, overwritten; nothing written when there are none)
+    and to `ConvertResult.rejects`. `progress=None` shows bars on a terminal only.
+    """
+    files = expand_inputs(paths)
+    rejects_file = Path(rejects_path) if rejects_path else None
+    if rejects_file is not None and rejects_file.exists():
+        rejects_file.unlink()  # a stale rejects file from an earlier run would mislead
+    inputs = [read_input(p) for p in files]
+    formats = {str(inp.path): _resolve_format(inp, fmt) for inp in inputs}
+
+    annotations = VQAAnnotations()
+    questions = []
+    for inp in inputs:
+        if formats[str(inp.path)] == "vqa":
+            assert inp.top is not None
+            if vqa_role(inp.top) == "annotations":
+                annotations.add_file(inp)
+            else:
+                questions.append(inp)
+    if annotations.by_qid or annotations.bad:
+        if not questions:
+            raise MMTuneError("VQA annotations given without their questions file; pass both, e.g. "
+                              "mmtune convert questions.json annotations.json --out vqa.jsonl")
+    for inp in questions:
+        if not (annotations.by_qid or annotations.bad):
+            raise MMTuneError(f"{inp.path}: VQA questions file needs its annotations file among the inputs "
+                              f"(e.g. mmtune convert {inp.path} annotations.json --out vqa.jsonl)")
+
+    result = ConvertResult(records=[], rejects=[], formats=formats, rejects_path=rejects_file)
+    with RejectsWriter(rejects_file) as writer:
+        conv = _Converter(source=source, task=task, writer=writer, progress=progress)
+        for inp in inputs:
+            name = formats[str(inp.path)]
+            if name == "vqa" and inp.top is not None and vqa_role(inp.top) == "annotations":
+                continue
+            rows = vqa_rows(inp, annotations) if name == "vqa" else gqa_rows(inp) if name == "gqa" else inp.rows
+            root = Path(image_root) if image_root is not None else inp.path.parent
+            before = conv.rows
+            conv.run(rows, FORMATS[name], inp.stem, root.expanduser().absolute(), desc=inp.path.name)
+            result.rows_per_input[str(inp.path)] = conv.rows - before
+        orphans = annotations.orphans()
+        for row in orphans:
+            conv.rows += 1
+            conv.reject(row, f"{row.location}: {row.error}")
+            result.rows_per_input[row.source] = result.rows_per_input.get(row.source, 0) + 1  # orphans
+    result.records, result.rejects = conv.records, conv.rejects
+    result.input_rows, result.url_images = conv.rows, conv.url_images
+    if rejects_file is not None and not result.rejects:
+        rejects_file.unlink(missing_ok=True)
+    return result
+
+
+# --------------------------------------------------------------------------- #
+# CLI
+# --------------------------------------------------------------------------- #
+
+
+def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("inputs", nargs="+", metavar="IN", help="input files (.json / .jsonl) or folders of them")
+    parser.add_argument("--out", required=True, metavar="OUT.jsonl", help="unified JSONL to write (atomically)")
+    parser.add_argument("--format", default="auto", choices=["auto", *FORMATS], help="input layout (default: detected per file)")
+    parser.add_argument("--image-root", metavar="DIR", help="folder relative image paths start from (default: each input's folder)")
+    parser.add_argument("--rejects", metavar="PATH", help="where rejected rows go (default: OUT with .rejects.jsonl)")
+    parser.add_argument("--strict", action="store_true", help="exit 1 when any row is rejected")
+    parser.add_argument("--source", metavar="NAME", help="set every record's source (default: the format's or the file's name)")
+    parser.add_argument("--task", metavar="NAME", help="set every record's task (default: the row's own, e.g. Dolly category)")
+    parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                        help="progress bars (default: on a terminal only)")
+
+
+def cli_main(args: argparse.Namespace) -> int:
+    out = Path(args.out)
+    rejects = Path(args.rejects) if args.rejects else default_rejects_path(out)
+    inputs = expand_inputs(args.inputs)
+    taken = {p.resolve() for p in inputs}
+    for target in (out, rejects):
+        if target.resolve() in taken:
+            raise MMTuneError(f"{target}: is also an input; choose another --out / --rejects path")
+    result = convert_files(
+        inputs, args.format, args.image_root, source=args.source, task=args.task,
+        rejects_path=rejects, progress=args.progress,
+    )
+    for path, fmt in result.formats.items():
+        if path in result.rows_per_input:
+            print(f"{path}: {fmt}, {result.rows_per_input[path]} rows")
+        else:
+            print(f"{path}: {fmt} annotations (joined to the questions)")
+    write_records(result.records, out)
+    print(f"converted {len(result.records)}, rejected {result.rejects_count}")
+    if result.url_images:
+        print(f"{result.url_images} image URL(s) kept as they are, not checked (offline)")
+    print(f"wrote {out}" + (f"; rejects in {rejects}" if result.rejects else ""))
+    if args.strict and result.rejects:
+        print(f"mmtune convert: --strict: first reject: {result.first_reject}", file=sys.stderr)
+        return 1
+    return 0

@@ -1,0 +1,133 @@
+"""Images for records: where they are, whether they decode, how a model sees them.
+
+Records store image paths (absolute once `mmtune convert` has resolved them) or
+http(s) URLs. The importers use `resolve_image_path` and `check_image` to turn
+every missing or broken image into a located reject instead of a crash in the
+middle of training; the model and training code use `load_image` and
+`expand_to_square` (LLaVA's pad-to-square preprocessing) to read them.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from mmtune.errors import MMTuneError
+
+URL_PREFIXES = ("http://", "https://")
+
+
+class ImageError(MMTuneError):
+    """An image that cannot be found or decoded (one-line message naming it)."""
+
+
+def is_url(path: str | os.PathLike[str]) -> bool:
+    """True for http(s) URLs, which mmtune keeps as they are (it never downloads)."""
+    return str(path).lower().startswith(URL_PREFIXES)
+
+
+def resolve_image_path(path: str | os.PathLike[str], root: str | os.PathLike[str] | None = None) -> str:
+    """The absolute path of an image named in a record.
+
+    A relative path is taken relative to `root` (the dataset's image folder; the
+    current directory when None); `~` is expanded; URLs are returned unchanged.
+    The result is normalized but symlinks are kept, so two records naming the
+    same file through the same link stay equal strings.
+    """
+    text = os.fspath(path)
+    if is_url(text):
+        return text
+    p = Path(text).expanduser()
+    if not p.is_absolute():
+        p = Path(root if root is not None else ".").expanduser() / p
+    return os.path.normpath(os.path.abspath(p))
+
+
+def check_image(path: str | os.PathLike[str]) -> str | None:
+    """Why the image at `path` is unusable, or None when it is fine.
+
+    Runs PIL's structural `verify()` and then a full decode (`load()`): verify
+    alone passes truncated JPEGs, and a full decode alone misses some broken
+    PNG chunks. URLs are not checked (no network); callers count them instead.
+    """
+    text = os.fspath(path)
+    if is_url(text):
+        return None
+    if not os.path.exists(text):
+        return f"image not found: {text}"
+    if not os.path.isfile(text):
+        return f"image path is not a file: {text}"
+    try:
+        with Image.open(text) as img:
+            img.verify()
+        with Image.open(text) as img:
+            img.load()
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+        detail = " ".join(str(exc).split()) or type(exc).__name__
+        return f"image cannot be decoded: {text} ({detail})"
+    return None
+
+
+def load_image(source: str | os.PathLike[str] | bytes, *, exif_transpose: bool = False) -> Image.Image:
+    """Decode an image file (or its raw bytes, e.g. from a webdataset shard) into RGB.
+
+    Grayscale, palette and CMYK images become RGB the way LLaVA reads them
+    (`Image.convert("RGB")`); `exif_transpose=True` also applies the camera's
+    orientation tag. Raises ImageError (one line) for a missing, remote or
+    undecodable image.
+    """
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        name, fp = "<bytes>", io.BytesIO(bytes(source))
+    else:
+        name = os.fspath(source)
+        if is_url(name):
+            raise ImageError(f"image {name} is a URL; mmtune does not download images")
+        if not os.path.isfile(name):
+            raise ImageError(f"image not found: {name}")
+        fp = name
+    try:
+        with Image.open(fp) as img:
+            img.load()
+            if exif_transpose:
+                img = ImageOps.exif_transpose(img)
+            return img.convert("RGB")
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+        detail = " ".join(str(exc).split()) or type(exc).__name__
+        raise ImageError(f"image cannot be decoded: {name} ({detail})") from None
+
+
+def background_from_mean(mean: Sequence[float]) -> tuple[int, int, int]:
+    """An image processor's normalization mean (floats in [0, 1]) as an RGB fill colour.
+
+    LLaVA pads with the mean colour so that, after normalization, the padding is
+    (nearly) zero; like LLaVA's `tuple(int(x * 255) for x in image_mean)` it truncates.
+    """
+    if len(mean) != 3:
+        raise ValueError(f"expected 3 channel means, got {len(mean)}")
+    r, g, b = (int(float(m) * 255) for m in mean)
+    return r, g, b
+
+
+def expand_to_square(img: Image.Image, background_rgb: Sequence[int] = (0, 0, 0)) -> Image.Image:
+    """Pad an image to a square, centring it on a `background_rgb` canvas.
+
+    This is LLaVA-1.5's `expand2square` ("pad" aspect ratio): the whole image
+    stays visible instead of being centre-cropped by the vision processor. A
+    square image is returned unchanged; RGB, RGBA and L images keep their mode,
+    any other mode is converted to RGB first.
+    """
+    width, height = img.size
+    if width == height:
+        return img
+    if img.mode not in ("RGB", "RGBA", "L"):
+        img = img.convert("RGB")
+    r, g, b = (int(c) for c in background_rgb)
+    fill: int | tuple[int, ...] = {"RGB": (r, g, b), "RGBA": (r, g, b, 255), "L": r}[img.mode]
+    side = max(width, height)
+    canvas = Image.new(img.mode, (side, side), fill)
+    canvas.paste(img, ((side - width) // 2, (side - height) // 2))
+    return canvas
