@@ -100,6 +100,7 @@ class DataConfig:
     max_length: int = 512
     shuffle_buffer: int = 1000
     group_by_length: bool = True
+    group_factor: int = 16  # length grouping sorts batch_size * group_factor examples at a time
     packing: bool = False
     num_workers: int = 0
     holdout_tasks: list[str] = field(default_factory=list)

@@ -1,0 +1,625 @@
+"""`mmtune shard`: unified records (and their image files) as webdataset tar shards.
+
+Layout (plain webdataset conventions, so `webdataset.WebDataset` reads it
+without mmtune):
+
+    DIR/shard-000000.tar   one sample per record, keyed by a sanitised record id:
+                             KEY.json    the record (`Record.to_json()`, image paths as given)
+                             KEY.0.jpg   the first image's original bytes, original extension
+                             KEY.1.png   ...
+    DIR/index.json         per-shard sample counts, so a reader can tell how
+                           many samples a truncated or corrupt shard lost
+    DIR/rejects.jsonl      records that could not be written (missing image, ...)
+
+Reading: `expand_shards` turns a source (a shard file, a brace pattern
+`shard-{000000..000009}.tar`, a glob, a shard folder, a `pipe:` command or a URL)
+into shard URLs; `read_shard` reads one shard with webdataset's tar iterator
+and an error handler that records (instead of raising) what went wrong, then
+compares the samples it got with the index; `stream_samples` is the
+shuffling, node/worker-splitting reader; `iter_records` gives the records back
+(optionally extracting their images), which makes records -> shards -> records
+lossless, images byte for byte.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import glob
+import hashlib
+import json
+import logging
+import os
+import random
+import re
+import sys
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import braceexpand
+import webdataset as wds
+from PIL import Image
+from tqdm.auto import tqdm
+
+from mmtune.data.images import check_image, is_url, resolve_image_path
+from mmtune.data.schema import Record, RecordError, RejectsWriter, iter_jsonl, validate_record
+from mmtune.errors import MMTuneError
+
+log = logging.getLogger(__name__)
+
+SHARD_PATTERN = "shard-%06d.tar"
+INDEX_NAME = "index.json"
+INDEX_FORMAT = "mmtune-shards/1"
+REMOTE_PREFIXES = ("pipe:", "http://", "https://", "gs://", "s3://", "ais://")
+_KEY_UNSAFE = re.compile(r"[^A-Za-z0-9_-]+")
+_IMAGE_MEMBER = re.compile(r"(\d+)\.([a-z0-9]+)")
+_PIL_EXT = {"JPEG": "jpg", "PNG": "png", "GIF": "gif", "BMP": "bmp", "TIFF": "tif", "WEBP": "webp"}
+
+
+# --------------------------------------------------------------------------- #
+# Keys and sizes
+# --------------------------------------------------------------------------- #
+
+
+def shard_key(record_id: str, taken: set[str]) -> str:
+    """A tar-safe, unique sample key derived from a record id (adds it to `taken`).
+
+    Webdataset splits member names at the first dot and skips `__meta__` names,
+    so keys keep only [A-Za-z0-9_-], never start with `_`, and stay short enough
+    for ustar names. An id that had to be changed gets a hash of the original
+    appended, so two ids that sanitise alike still get different keys.
+    """
+    base = _KEY_UNSAFE.sub("_", record_id).strip("_")[:64] or "record"
+    key = base
+    if base != record_id or key in taken:
+        key = f"{base}-{hashlib.sha1(record_id.encode('utf-8')).hexdigest()[:10]}"
+    n = 1
+    while key in taken:  # only a hash collision or a repeated id gets here
+        n += 1
+        key = f"{base}-{n}"
+    taken.add(key)
+    return key
+
+
+def parse_size(text: str | int | float) -> int:
+    """`1000000`, `500K`, `200MB`, `1.5G` -> bytes (powers of 1000, like shard sizes usually are)."""
+    if isinstance(text, int | float):
+        return int(text)
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e[0-9]+)?)\s*([kmgt]?)i?b?\s*", str(text).lower())
+    if not m:
+        raise MMTuneError(f"--max-size {text!r}: expected bytes like 500000000, 500MB or 1G")
+    scale = {"": 1, "k": 1e3, "m": 1e6, "g": 1e9, "t": 1e12}[m.group(2)]
+    return int(float(m.group(1)) * scale)
+
+
+def image_extension(path: str) -> str:
+    """The image's own file extension, lower-cased; from its decoded format when it has none."""
+    ext = Path(path).suffix.lower().lstrip(".")
+    if re.fullmatch(r"[a-z0-9]{1,5}", ext):
+        return ext
+    with Image.open(path) as img:
+        fmt = img.format or ""
+    return _PIL_EXT.get(fmt, re.sub(r"[^a-z0-9]", "", fmt.lower())[:5] or "img")
+
+
+# --------------------------------------------------------------------------- #
+# Writing
+# --------------------------------------------------------------------------- #
+
+
+@dataclass
+class ShardWriteSummary:
+    """What `write_shards` produced; `records + rejects` is every input line."""
+
+    out_dir: Path
+    shards: list[tuple[str, int, int]] = field(default_factory=list)  # (file name, samples, bytes)
+    records: int = 0
+    rejects: int = 0
+    rejects_path: Path | None = None
+    first_reject: str | None = None
+
+    @property
+    def bytes(self) -> int:
+        return sum(b for _, _, b in self.shards)
+
+    def describe(self) -> str:
+        text = (f"wrote {len(self.shards)} shard(s), {self.records} record(s), "
+                f"{self.bytes / 1e6:.2f} MB to {self.out_dir}")
+        if self.rejects:
+            text += f"; {self.rejects} rejected (see {self.rejects_path})"
+        return text
+
+
+def _existing_outputs(out_dir: Path) -> list[Path]:
+    return sorted([*out_dir.glob("shard-*.tar"), *out_dir.glob("shard-*.tar.partial"), *out_dir.glob(INDEX_NAME)])
+
+
+def write_shards(
+    inputs: str | Path | Sequence[str | Path],
+    out_dir: str | Path,
+    *,
+    max_count: int = 10000,
+    max_size: int = 1_000_000_000,
+    image_root: str | Path | None = None,
+    rejects_path: str | Path | None = None,
+    overwrite: bool = False,
+    progress: bool | None = None,
+) -> ShardWriteSummary:
+    """Write unified-record JSONL files into webdataset shards under `out_dir`.
+
+    Every input line becomes a sample or a line in the rejects file (bad
+    record, duplicate id, missing / URL / undecodable image). A shard closes
+    once it holds `max_count` samples or `max_size` bytes (a sample is never
+    split, so a shard can pass `max_size` by one sample). Shards are written
+    as `*.tar.partial` and renamed when complete; `index.json` comes last.
+    """
+    if max_count < 1:
+        raise MMTuneError(f"--max-count must be >= 1, got {max_count}")
+    if max_size < 1:
+        raise MMTuneError(f"--max-size must be >= 1 byte, got {max_size}")
+    paths = [Path(inputs)] if isinstance(inputs, str | Path) else [Path(p) for p in inputs]
+    for p in paths:
+        if not p.is_file():
+            raise MMTuneError(f"{p}: records file not found")
+    out_dir = Path(out_dir)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise MMTuneError(f"{out_dir}: cannot create the output folder ({exc.strerror or exc})") from None
+    old = _existing_outputs(out_dir)
+    if old and not overwrite:
+        raise MMTuneError(f"{out_dir}: already holds shards ({old[0].name}, ...); pass --overwrite to replace them")
+    for p in old:
+        p.unlink()
+    rejects_file = Path(rejects_path) if rejects_path else out_dir / "rejects.jsonl"
+    rejects_file.unlink(missing_ok=True)
+
+    summary = ShardWriteSummary(out_dir=out_dir, rejects_path=rejects_file)
+    finished: list[tuple[str, int]] = []
+
+    def finish(fname: str) -> None:  # ShardWriter calls this when a shard is complete
+        final = fname[: -len(".partial")]
+        os.replace(fname, final)
+        finished.append((Path(final).name, writer.count))
+
+    taken: set[str] = set()
+    seen_ids: dict[str, str] = {}
+    with RejectsWriter(rejects_file) as rejects:
+        # encoder=False: every member is bytes we made (original image bytes, UTF-8 JSON);
+        # mtime=0 makes the same records give byte-identical shards.
+        writer = wds.ShardWriter(
+            str(out_dir / (SHARD_PATTERN + ".partial")), maxcount=max_count, maxsize=max_size,
+            post=finish, verbose=0, encoder=False, mtime=0,
+        )
+        try:
+            for path in paths:
+                lines = tqdm(iter_jsonl(path), desc=f"shard {path.name}", unit="rec",
+                             disable=None if progress is None else not progress)
+                for lineno, obj in lines:
+                    sample = _sample_for(obj, path, lineno, image_root, seen_ids, taken, rejects)
+                    if sample is not None:
+                        writer.write(sample)
+                        summary.records += 1
+        except BaseException:
+            writer.close()
+            for p in _existing_outputs(out_dir):  # no half-written shard set is left behind
+                p.unlink(missing_ok=True)
+            raise
+        writer.close()
+    summary.rejects = rejects.count
+    summary.first_reject = rejects.first_reason
+    if not rejects.count:
+        rejects_file.unlink(missing_ok=True)
+        summary.rejects_path = None
+    if summary.records == 0:
+        for name, _ in finished:
+            (out_dir / name).unlink(missing_ok=True)
+        raise MMTuneError(
+            f"no record could be written to {out_dir}"
+            + (f"; first reject: {summary.first_reject} (all in {rejects_file})" if summary.rejects else " (inputs are empty)")
+        )
+    summary.shards = [(name, count, (out_dir / name).stat().st_size) for name, count in finished]
+    index = {
+        "format": INDEX_FORMAT,
+        "records": summary.records,
+        "rejects": summary.rejects,
+        "shards": [{"name": n, "count": c, "bytes": b} for n, c, b in summary.shards],
+    }
+    tmp = out_dir / (INDEX_NAME + ".tmp")
+    tmp.write_text(json.dumps(index, indent=1) + "\n", encoding="utf-8")
+    os.replace(tmp, out_dir / INDEX_NAME)
+    return summary
+
+
+def _sample_for(
+    obj: Any, path: Path, lineno: int, image_root: str | Path | None,
+    seen_ids: dict[str, str], taken: set[str], rejects: RejectsWriter,
+) -> dict[str, Any] | None:
+    """The webdataset sample for one JSONL line, or None after writing its reject."""
+    if isinstance(obj, RecordError):
+        rejects.add_error(obj)
+        return None
+    try:
+        rec = validate_record(obj, line=lineno, path=str(path))
+    except RecordError as exc:
+        rejects.add_error(exc, raw=obj)
+        return None
+    where = f"{path}:{lineno}, record {rec.id!r}"
+    if rec.id in seen_ids:
+        rejects.add(f"{where}: duplicate id (first at {seen_ids[rec.id]})", source=str(path), index=lineno, raw=obj)
+        return None
+    seen_ids[rec.id] = f"{path}:{lineno}"
+    members: dict[str, Any] = {}
+    for i, name in enumerate(rec.images):
+        if is_url(name):
+            rejects.add(f"{where}, field 'images[{i}]': {name} is a URL; download it first (mmtune never downloads)",
+                        source=str(path), index=lineno, raw=obj)
+            return None
+        full = resolve_image_path(name, image_root)
+        problem = check_image(full)
+        if problem is not None:
+            rejects.add(f"{where}, field 'images[{i}]': {problem}", source=str(path), index=lineno, raw=obj)
+            return None
+        members[f"{i}.{image_extension(full)}"] = Path(full).read_bytes()
+    members["__key__"] = shard_key(rec.id, taken)
+    members["json"] = rec.to_json().encode("utf-8")
+    return members
+
+
+# --------------------------------------------------------------------------- #
+# Reading
+# --------------------------------------------------------------------------- #
+
+
+def is_shard_source(source: str) -> bool:
+    """True when `source` names shards (a .tar, a brace pattern, a pipe/URL, a shard folder)."""
+    s = str(source)
+    if s.startswith(REMOTE_PREFIXES) or re.search(r"\{[^}]*(\.\.|,)[^}]*\}", s):
+        return True
+    if s.endswith((".tar", ".tar.gz", ".tgz")):
+        return True
+    return os.path.isdir(s) and os.path.isfile(os.path.join(s, INDEX_NAME))
+
+
+def expand_shards(source: str | Sequence[str]) -> list[str]:
+    """Shard URLs from a source or a list of sources, in order.
+
+    Brace patterns are expanded (as webdataset does); a local glob is matched
+    and sorted; a folder means the shards its `index.json` lists. Local shards
+    must exist (a missing one is an error here, not a silent gap later).
+    """
+    sources = [source] if isinstance(source, str | os.PathLike) else list(source)
+    urls: list[str] = []
+    for src in sources:
+        src = os.fspath(src)
+        if src.startswith(REMOTE_PREFIXES):
+            urls.extend(braceexpand.braceexpand(src))
+            continue
+        if os.path.isdir(src):
+            index = _read_index(os.path.abspath(src))
+            if index is None:
+                raise MMTuneError(f"{src}: a folder given as shards needs the {INDEX_NAME} `mmtune shard` writes")
+            listed = [os.path.join(src, name) for name in index]
+            missing = [u for u in listed if not os.path.isfile(u)]
+            if missing:
+                raise MMTuneError(f"{missing[0]}: shard listed in {os.path.join(src, INDEX_NAME)} not found")
+            urls.extend(listed)
+            continue
+        for part in braceexpand.braceexpand(src):
+            if any(c in part for c in "*?["):
+                found = sorted(glob.glob(part))
+                if not found:
+                    raise MMTuneError(f"{part}: no shard matches this pattern")
+                urls.extend(found)
+            elif not os.path.isfile(part):
+                raise MMTuneError(f"{part}: shard not found" + (f" (from pattern {src})" if part != src else ""))
+            else:
+                urls.append(part)
+    if not urls:
+        raise MMTuneError(f"{source}: names no shard")
+    return urls
+
+
+def _read_index(folder: str) -> dict[str, int] | None:
+    path = os.path.join(folder, INDEX_NAME)
+    try:
+        stamp = os.stat(path).st_mtime_ns
+    except OSError:
+        return None
+    return _read_index_at(path, stamp)
+
+
+@functools.lru_cache(maxsize=256)
+def _read_index_at(path: str, stamp: int) -> dict[str, int] | None:  # stamp: re-read a rewritten index
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+        return {str(s["name"]): int(s["count"]) for s in data["shards"]}
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        log.warning("%s: unreadable shard index (%s); lost samples cannot be counted", path, exc)
+        return None
+
+
+def expected_count(url: str) -> int | None:
+    """How many samples `mmtune shard` wrote into this shard (from its folder's index.json)."""
+    if url.startswith(REMOTE_PREFIXES):
+        return None
+    index = _read_index(os.path.dirname(os.path.abspath(url)))
+    return None if index is None else index.get(os.path.basename(url))
+
+
+@dataclass
+class ShardSample:
+    """One sample as read from a shard: the record's JSON and its images' original bytes."""
+
+    url: str
+    key: str
+    index: int  # position in its shard
+    json_bytes: bytes | None
+    images: list[tuple[str, bytes]]  # (extension, bytes) in image order
+    error: str | None = None  # set when the sample is incomplete (truncated/corrupt shard)
+
+    @property
+    def image_bytes(self) -> list[bytes]:
+        return [b for _, b in self.images]
+
+    def record(self) -> Record:
+        """The stored record (image paths as they were written); RecordError when unusable."""
+        where = f"{self.url}, sample {self.key!r}"
+        if self.error is not None:
+            raise RecordError(self.error, path=where)
+        try:
+            obj = json.loads(self.json_bytes.decode("utf-8"))  # type: ignore[union-attr]
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise RecordError(f"bad JSON member ({exc})", path=where) from None
+        rec = validate_record(obj, path=where)
+        if len(rec.images) != len(self.images):
+            raise RecordError(f"{len(self.images)} image member(s) but the record lists {len(rec.images)}",
+                              record_id=rec.id, field="images", path=where)
+        return rec
+
+
+@dataclass
+class ShardLoss:
+    """A shard that gave fewer samples than its index says, or raised while being read."""
+
+    url: str
+    read: int  # samples that came out (complete or not)
+    expected: int | None  # from index.json; None when unknown (remote shard, no index)
+    errors: list[str] = field(default_factory=list)
+    mine: int | None = None  # lost samples that were this reader's (set by read_assigned)
+
+    @property
+    def lost(self) -> int | None:
+        return None if self.expected is None else max(0, self.expected - self.read)
+
+    def lost_for(self, part: int, parts: int, offset: int = 0) -> int | None:
+        """Lost samples that were reader `part`'s when readers take every `parts`-th sample
+        and this shard's first sample is number `offset` in the readers' common order."""
+        if self.expected is None:
+            return None
+        return sum(1 for i in range(self.read, self.expected) if (offset + i) % parts == part)
+
+    def describe(self) -> str:
+        what = (f"{self.lost} of {self.expected} samples lost" if self.expected is not None
+                else "samples lost (count unknown: no index.json for this shard)")
+        why = f": {self.errors[0]}" if self.errors else " (truncated: the tar ended early)"
+        return f"shard {self.url}: {what}{why}"
+
+
+def _one_line(exn: BaseException) -> str:
+    text = " ".join(str(exn.args[0] if exn.args else exn).split())
+    return f"{type(exn).__name__}: {text}"[:300]
+
+
+def read_shard(url: str, expected: int | None = None) -> Iterator[ShardSample | ShardLoss]:
+    """Every sample of one shard, then a ShardLoss if the shard was short or broken.
+
+    Uses webdataset's tar iterator with an exception handler that notes the
+    error and carries on (the `wds.warn_and_continue` mechanism, with our own
+    record of it): a truncated tar ends the shard early, sometimes silently,
+    which is why the sample count is compared with the index written at
+    shard time. A sample whose members were cut off comes out with `error` set.
+    """
+    if expected is None:
+        expected = expected_count(url)
+    errors: list[str] = []
+
+    def handler(exn: BaseException) -> bool:
+        errors.append(_one_line(exn))
+        return True
+
+    n = 0
+    for raw in wds.tarfile_samples([{"url": url}], handler=handler):
+        yield _to_sample(raw, url, n)
+        n += 1
+    if (expected is not None and n < expected) or (errors and expected is None):
+        yield ShardLoss(url, n, expected, errors)
+    elif errors:  # complete count, but something was broken inside: samples say what
+        log.warning("shard %s: read errors (%s); incomplete samples are skipped and counted", url, errors[0])
+
+
+def _to_sample(raw: dict[str, Any], url: str, index: int) -> ShardSample:
+    images: dict[int, tuple[str, bytes]] = {}
+    for name, value in raw.items():
+        m = _IMAGE_MEMBER.fullmatch(name)
+        if m:
+            images[int(m.group(1))] = (m.group(2), value)
+    error = None
+    if "json" not in raw:
+        error = "no .json member (truncated or corrupt shard)"
+    elif sorted(images) != list(range(len(images))):
+        error = f"image members {sorted(images)} are not 0..{len(images) - 1} (truncated or corrupt shard)"
+    return ShardSample(url, raw.get("__key__", "?"), index, raw.get("json"),
+                       [images[i] for i in sorted(images)], error)
+
+
+def epoch_shard_order(urls: Sequence[str], seed: int, epoch: int, shuffle: bool = True) -> list[str]:
+    """The shard order of one epoch: the same on every rank (so splits are disjoint), new each epoch."""
+    order = list(urls)
+    if shuffle:
+        random.Random(f"mmtune-shards:{seed}:{epoch}").shuffle(order)
+    return order
+
+
+def assign_shards(urls: Sequence[str], part: int, parts: int) -> tuple[list[str], bool]:
+    """The shards reader `part` of `parts` reads, and whether it must also split their samples.
+
+    With at least as many shards as readers this is `urls[part::parts]`, what
+    `wds.split_by_node` / `wds.split_by_worker` do; with fewer, every reader
+    reads every shard and keeps samples `i % parts == part`, so no reader is
+    left without data.
+    """
+    if not 0 <= part < parts:
+        raise MMTuneError(f"rank/worker {part} out of range for {parts} reader(s)")
+    if len(urls) >= parts:
+        return list(urls)[part::parts], False
+    return list(urls), parts > 1
+
+
+def read_assigned(urls: Sequence[str], part: int, parts: int, split_samples: bool) -> Iterator[ShardSample | ShardLoss]:
+    """Reader `part`'s samples of `urls` (see `assign_shards`), and the shards' losses.
+
+    When splitting samples, sample k of the shards' common order goes to reader
+    k % parts; a ShardLoss then carries in `mine` how many lost samples were
+    this reader's (otherwise `mine` is all of them).
+    """
+    offset = 0
+    for url in urls:
+        span = 0
+        for item in read_shard(url):
+            if isinstance(item, ShardLoss):
+                item.mine = item.lost_for(part, parts, offset) if split_samples else item.lost
+                span = max(span, item.expected or 0)
+                yield item
+                continue
+            span = max(span, item.index + 1)
+            if not split_samples or (offset + item.index) % parts == part:
+                yield item
+        offset += span
+
+
+def reader_info(rank: int | None = None, world_size: int | None = None) -> tuple[int, int, int, int]:
+    """(rank, world_size, worker, num_workers): explicit values win, the rest from
+    torch.distributed / RANK, WORLD_SIZE and the DataLoader worker (webdataset's rules)."""
+    r, ws, worker, nw = wds.utils.pytorch_worker_info()
+    return (r if rank is None else rank), (ws if world_size is None else world_size), worker, nw
+
+
+def _log_loss(loss: ShardLoss) -> None:
+    log.warning("%s", loss.describe())
+
+
+def stream_samples(
+    source: str | Sequence[str],
+    *,
+    seed: int = 0,
+    epoch: int = 0,
+    shuffle: bool = True,
+    shuffle_buffer: int = 1000,
+    rank: int | None = None,
+    world_size: int | None = None,
+    on_loss: Callable[[ShardLoss], None] | None = _log_loss,
+) -> Iterator[ShardSample]:
+    """One epoch of shard samples for this node and DataLoader worker, shuffled.
+
+    Shards are ordered per (seed, epoch), split across ranks and then workers,
+    read in turn and passed through a seeded `wds.shuffle` buffer, so the same
+    seed, epoch and split give the same sequence. Incomplete samples are not
+    yielded; they and lost samples reach `on_loss` (default: a warning naming
+    the shard).
+    """
+    rank, world_size, worker, num_workers = reader_info(rank, world_size)
+    part, parts = rank * num_workers + worker, world_size * num_workers
+    mine, split_samples = assign_shards(epoch_shard_order(expand_shards(source), seed, epoch, shuffle), part, parts)
+
+    def samples() -> Iterator[ShardSample]:
+        for item in read_assigned(mine, part, parts, split_samples):
+            if isinstance(item, ShardLoss):
+                if on_loss is not None:
+                    on_loss(item)
+            elif item.error is not None:
+                if on_loss is not None:
+                    on_loss(ShardLoss(item.url, item.index, item.index + 1, [f"sample {item.key!r}: {item.error}"], 1))
+            else:
+                yield item
+
+    if not shuffle or shuffle_buffer <= 1:
+        return samples()
+    rng = random.Random(f"mmtune-shard-buffer:{seed}:{epoch}:{part}")
+    return wds.shuffle(shuffle_buffer, initial=shuffle_buffer, rng=rng)(samples())
+
+
+def iter_records(
+    source: str | Sequence[str],
+    extract_images_to: str | Path | None = None,
+    *,
+    losses: list[ShardLoss] | None = None,
+) -> Iterator[Record]:
+    """The records stored in shards, in shard order.
+
+    Without `extract_images_to` the records come back exactly as written
+    (image paths as they were in the input). With it, each image's stored
+    bytes are written to `DIR/KEY.I.EXT` and the record's `images` point there.
+    Lost or unreadable samples are logged as warnings and appended to `losses`.
+    """
+    out = Path(extract_images_to) if extract_images_to is not None else None
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+    for url in expand_shards(source):
+        for item in read_shard(url):
+            if isinstance(item, ShardLoss):
+                _log_loss(item)
+                if losses is not None:
+                    losses.append(item)
+                continue
+            try:
+                rec = item.record()
+            except RecordError as exc:
+                loss = ShardLoss(url, item.index, item.index + 1, [exc.describe()])
+                _log_loss(loss)
+                if losses is not None:
+                    losses.append(loss)
+                continue
+            if out is not None:
+                paths = []
+                for i, (ext, data) in enumerate(item.images):
+                    target = out / f"{item.key}.{i}.{ext}"
+                    target.write_bytes(data)
+                    paths.append(str(target))
+                rec.images = paths
+            yield rec
+
+
+# --------------------------------------------------------------------------- #
+# CLI
+# --------------------------------------------------------------------------- #
+
+
+def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("records", nargs="+", metavar="RECORDS.jsonl", help="unified-record JSONL file(s)")
+    parser.add_argument("--out", required=True, metavar="DIR", help="folder for shard-NNNNNN.tar, index.json, rejects")
+    parser.add_argument("--max-count", type=int, default=10000, metavar="N", help="records per shard at most (default 10000)")
+    parser.add_argument("--max-size", default="1GB", metavar="BYTES",
+                        help="close a shard once it reaches this size: bytes or 500MB / 2G (default 1GB)")
+    parser.add_argument("--image-root", metavar="DIR", help="folder relative image paths start from (default: current folder)")
+    parser.add_argument("--rejects", metavar="PATH", help="where unwritable records go (default: DIR/rejects.jsonl)")
+    parser.add_argument("--overwrite", action="store_true", help="replace shards already in DIR")
+    parser.add_argument("--strict", action="store_true", help="exit 1 when any record is rejected")
+    parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                        help="progress bar (default: on a terminal only)")
+
+
+def cli_main(args: argparse.Namespace) -> int:
+    summary = write_shards(
+        args.records, args.out, max_count=args.max_count, max_size=parse_size(args.max_size),
+        image_root=args.image_root, rejects_path=args.rejects, overwrite=args.overwrite, progress=args.progress,
+    )
+    for name, count, size in summary.shards:
+        print(f"{Path(args.out) / name}: {count} records, {size / 1e6:.2f} MB")
+    print(summary.describe())
+    if args.strict and summary.rejects:
+        print(f"mmtune shard: --strict: first reject: {summary.first_reject}", file=sys.stderr)
+        return 1
+    return 0

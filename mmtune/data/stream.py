@@ -1,0 +1,438 @@
+"""Records -> tokenized training examples with their image tensors, as a resumable stream.
+
+`ExampleStream` reads unified-record JSONL files and/or webdataset shards
+(`mmtune shard` output), tokenizes each record with `tokenize_record`, decodes
+and transforms its images, and yields `(TokenizedExample, [Tensor[3,H,W], ...])`.
+
+Order. Each epoch has one deterministic item sequence per rank, a function of
+(sources, seed, epoch, shuffle settings, rank, world_size) only:
+  1. shards are ordered per (seed, epoch) identically on every rank and split
+     across ranks (`shards[rank::world_size]`, as `wds.split_by_node` does;
+     every rank reads all shards and keeps every world_size-th sample when
+     there are fewer shards than ranks); JSONL records are split by line
+     (`i % world_size == rank`) and permuted per (seed, epoch);
+  2. the rank's JSONL files and shards are visited in a seeded order;
+  3. everything passes one seeded `wds.shuffle` buffer of `shuffle_buffer`.
+DataLoader workers (`num_workers > 0`) do not change that sequence: worker w
+of n processes items w, w+n, w+2n, ... of it, the DataLoader's in-order
+round robin puts them back in sequence order, and skipped records come back
+as markers, so the stream is identical for any number of workers.
+
+Skips are never silent: every record that cannot be used is counted in
+`skip_counts[kind]` and logged with its id (the first few of each kind as
+warnings, the rest at INFO). Kinds: `invalid_record`, `holdout_task`,
+`images_in_llm_mode`, `image_error`, `shard_corrupt` (incomplete sample),
+`shard_lost` (samples a truncated shard never gave, from its index),
+`shard_error` (a shard broke and has no index to count by), and
+`tokenize_record`'s own `no_trainable_tokens`, `images_exceed_max_length`,
+`image_token_mismatch`.
+
+Resuming. `state_dict()` is (epoch, position in the epoch's item sequence,
+skip counts). `load_state_dict()` then `iter()` rebuilds that epoch's
+sequence and drops the first `position` items without tokenizing them or
+decoding their images (JSONL items are only file offsets until then; shard
+items are read from the tar but not decoded), so the next example is exactly
+the one an uninterrupted run would have produced.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+from array import array
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import webdataset as wds
+from PIL import Image
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from mmtune.config import DataConfig
+from mmtune.data.images import ImageError, load_image, resolve_image_path
+from mmtune.data.schema import Record, RecordError, validate_record
+from mmtune.data.shards import (
+    ShardLoss,
+    ShardSample,
+    assign_shards,
+    epoch_shard_order,
+    expand_shards,
+    is_shard_source,
+    read_assigned,
+    reader_info,
+)
+from mmtune.data.templates import Template, get_template
+from mmtune.data.tokenize import SkipRecord, TokenizedExample, tokenize_record
+from mmtune.errors import MMTuneError
+
+log = logging.getLogger(__name__)
+
+STATE_FORMAT = "mmtune.ExampleStream/1"
+WARN_PER_KIND = 10  # skipped ids logged as warnings per kind; the rest at INFO
+
+Example = tuple[TokenizedExample, list[torch.Tensor]]
+
+
+@dataclass(frozen=True)
+class _JsonlItem:
+    """A JSONL record not read yet: replaying a stream position never parses it."""
+
+    path: str
+    offset: int
+    line: int
+
+
+class _LineIndex:
+    """Byte offset and 1-based line number of every non-blank line of a JSONL file."""
+
+    def __init__(self, path: str) -> None:
+        self.offsets, self.lines = array("q"), array("q")
+        pos = 0
+        with open(path, "rb") as fh:
+            for lineno, raw in enumerate(fh, start=1):
+                if raw.strip():
+                    self.offsets.append(pos)
+                    self.lines.append(lineno)
+                pos += len(raw)
+
+    def __len__(self) -> int:
+        return len(self.offsets)
+
+
+class _JsonlUnit:
+    """Some lines of one JSONL file, in a given order, as items made on demand."""
+
+    def __init__(self, path: str, index: _LineIndex, order: list[int]) -> None:
+        self.path, self.index, self.order = path, index, order
+
+    def __iter__(self) -> Iterator[_JsonlItem]:
+        for k in self.order:
+            yield _JsonlItem(self.path, self.index.offsets[k], self.index.lines[k])
+
+
+@dataclass(frozen=True)
+class _Event:
+    """Samples lost inside the item sequence (a truncated shard): counted where it happens."""
+
+    kind: str
+    count: int
+    detail: str
+
+
+@dataclass(frozen=True)
+class _Skip:
+    kind: str
+    count: int
+    record_id: str | None
+    detail: str
+
+
+class ExampleStream:
+    """Tokenized examples (and image tensors) from JSONL files and/or webdataset shards.
+
+    Args:
+        sources: JSONL paths and/or shard sources (a `.tar`, a brace pattern,
+            a shard folder, `pipe:` / `http(s)://` URLs); see `is_shard_source`.
+        tokenizer, template: as for `tokenize_record` (template may be a name).
+        max_length, num_image_tokens: as for `tokenize_record` (0 = llm mode).
+        image_transform: PIL image -> Tensor[3, H, W]; required when
+            num_image_tokens > 0.
+        image_root: folder relative image paths in JSONL records start from.
+        shuffle, shuffle_buffer, seed: ordering (see the module docstring).
+        epochs: passes over the data; None streams forever.
+        holdout_tasks: records whose `task` is listed are skipped (and counted).
+        rank, world_size: this process's share; default from torch.distributed
+            or the RANK / WORLD_SIZE environment.
+        num_workers: DataLoader worker processes for tokenizing and decoding.
+
+    One iterator at a time: iterating continues from the current state.
+    """
+
+    def __init__(
+        self,
+        sources: str | Sequence[str],
+        tokenizer: Any,
+        template: Template | str,
+        *,
+        max_length: int = 512,
+        num_image_tokens: int = 0,
+        image_transform: Callable[[Image.Image], torch.Tensor] | None = None,
+        image_root: str | None = None,
+        shuffle: bool = True,
+        shuffle_buffer: int = 1000,
+        seed: int = 0,
+        epochs: int | None = 1,
+        holdout_tasks: Sequence[str] = (),
+        rank: int | None = None,
+        world_size: int | None = None,
+        num_workers: int = 0,
+    ) -> None:
+        self.sources = [os.fspath(sources)] if isinstance(sources, str | os.PathLike) else [os.fspath(s) for s in sources]
+        if not self.sources:
+            raise MMTuneError("data.train: no source given (JSONL files or shard patterns)")
+        self.tokenizer = tokenizer
+        self.template = get_template(template, tokenizer) if isinstance(template, str) else template
+        self.max_length = max_length
+        self.num_image_tokens = num_image_tokens
+        if num_image_tokens > 0 and image_transform is None:
+            raise MMTuneError("num_image_tokens > 0 (mllm mode) needs an image_transform")
+        self.image_transform = image_transform
+        self.image_root = image_root
+        self.shuffle = shuffle
+        self.shuffle_buffer = shuffle_buffer
+        self.seed = seed
+        if epochs is not None and epochs < 1:
+            raise MMTuneError(f"epochs must be >= 1 or None (endless), got {epochs}")
+        self.epochs = epochs
+        self.holdout_tasks = frozenset(holdout_tasks)
+        self.rank, self.world_size, _, _ = reader_info(rank, world_size)
+        if not 0 <= self.rank < self.world_size:
+            raise MMTuneError(f"rank {self.rank} out of range for world_size {self.world_size}")
+        if num_workers < 0:
+            raise MMTuneError(f"num_workers must be >= 0, got {num_workers}")
+        self.num_workers = num_workers
+
+        self._jsonl: list[str] = []
+        self._shards: list[str] = []
+        for src in self.sources:
+            if is_shard_source(src):
+                self._shards.extend(expand_shards(src))
+            elif os.path.isfile(src):
+                self._jsonl.append(src)
+            else:
+                raise MMTuneError(f"{src}: not found (expected a records .jsonl file or a shard pattern)")
+        self._index = {path: _LineIndex(path) for path in self._jsonl}
+        mine = sum(len(range(self.rank, len(ix), self.world_size)) for ix in self._index.values())
+        if not mine and not self._shards:
+            raise MMTuneError(f"rank {self.rank} of {self.world_size} gets no record from {', '.join(self.sources)}")
+        self._handles: dict[tuple[int, str], Any] = {}
+
+        # Progress: everything a resumed run needs (see state_dict).
+        self.skip_counts: dict[str, int] = {}
+        self.examples_yielded = 0
+        self._epoch = 0
+        self._position = 0
+        self._epoch_examples = 0
+        self._epoch_from_start = True
+        self._skips_logged: dict[str, int] = {}
+
+    @classmethod
+    def from_config(
+        cls,
+        cfg: DataConfig,
+        tokenizer: Any,
+        *,
+        num_image_tokens: int = 0,
+        image_transform: Callable[[Image.Image], torch.Tensor] | None = None,
+        seed: int = 0,
+        epochs: int | None = 1,
+        rank: int | None = None,
+        world_size: int | None = None,
+    ) -> ExampleStream:
+        """The stream a run's `data:` section describes (train sources, template, lengths, holdouts, workers)."""
+        return cls(
+            cfg.train, tokenizer, cfg.template, max_length=cfg.max_length, num_image_tokens=num_image_tokens,
+            image_transform=image_transform, image_root=cfg.image_root, shuffle_buffer=cfg.shuffle_buffer,
+            seed=seed, epochs=epochs, holdout_tasks=cfg.holdout_tasks, rank=rank, world_size=world_size,
+            num_workers=cfg.num_workers,
+        )
+
+    def __getstate__(self) -> dict[str, Any]:  # open files stay with the process that opened them
+        return {**self.__dict__, "_handles": {}}
+
+    # ----------------------------------------------------------------- state
+    @property
+    def epoch(self) -> int:
+        return self._epoch
+
+    @property
+    def skipped(self) -> int:
+        return sum(self.skip_counts.values())
+
+    def _order_key(self) -> dict[str, Any]:
+        return {"sources": list(self.sources), "seed": self.seed, "shuffle": self.shuffle,
+                "shuffle_buffer": self.shuffle_buffer, "rank": self.rank, "world_size": self.world_size}
+
+    def state_dict(self) -> dict[str, Any]:
+        """JSON-serialisable position: where the next example comes from, and the skip counts so far."""
+        return {"format": STATE_FORMAT, "epoch": self._epoch, "position": self._position,
+                "examples": self.examples_yielded, "skip_counts": dict(self.skip_counts), **self._order_key()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from `state`; the settings that decide the order must be the ones it was saved with."""
+        if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
+            raise MMTuneError(f"not an ExampleStream state (format {state.get('format') if isinstance(state, dict) else state!r})")
+        for key, now in self._order_key().items():
+            if state.get(key) != now:
+                raise MMTuneError(f"cannot resume the data stream: {key} was {state.get(key)!r} when saved, now {now!r}")
+        self._epoch = int(state["epoch"])
+        self._position = int(state["position"])
+        self.examples_yielded = int(state.get("examples", 0))
+        self.skip_counts = {str(k): int(v) for k, v in state.get("skip_counts", {}).items()}
+        self._epoch_examples = 0
+        self._epoch_from_start = self._position == 0
+
+    # ------------------------------------------------------------- iteration
+    def __iter__(self) -> Iterator[Example]:
+        start = (self._epoch, self._position)
+        outcomes = self._loader(start) if self.num_workers > 0 else self._outcomes(0, 1, start)
+        for epoch, position, outcome in outcomes:
+            if epoch != self._epoch:
+                self._end_epoch()
+                self._epoch, self._epoch_examples, self._epoch_from_start = epoch, 0, True
+            self._position = position
+            if isinstance(outcome, _Skip):
+                self._count_skip(outcome)
+                continue
+            self._epoch_examples += 1
+            self.examples_yielded += 1
+            yield outcome
+        self._end_epoch()
+        if self.epochs is not None:  # finished: a new iter() yields nothing instead of replaying
+            self._epoch, self._position, self._epoch_from_start = self.epochs, 0, True
+
+    def _end_epoch(self) -> None:
+        if self._epoch_from_start and self._epoch_examples == 0 and (self.epochs is None or self._epoch < self.epochs):
+            raise MMTuneError(
+                f"epoch {self._epoch} gave no usable example on rank {self.rank} "
+                f"(skipped: {self.skip_counts or 'nothing; the sources are empty'})"
+            )
+
+    def _count_skip(self, skip: _Skip) -> None:
+        self.skip_counts[skip.kind] = self.skip_counts.get(skip.kind, 0) + skip.count
+        n = self._skips_logged.get(skip.kind, 0)
+        self._skips_logged[skip.kind] = n + 1
+        level = logging.WARNING if n < WARN_PER_KIND else logging.INFO
+        who = f"record {skip.record_id!r}" if skip.record_id is not None else f"{skip.count} sample(s)"
+        log.log(level, "skipped %s [%s]: %s", who, skip.kind, skip.detail)
+        if n + 1 == WARN_PER_KIND:
+            log.warning("further %s skips are logged at INFO level (counts stay in skip_counts)", skip.kind)
+
+    def _loader(self, start: tuple[int, int]) -> Iterator[tuple[int, int, Example | _Skip]]:
+        loader = DataLoader(_WorkerItems(self, start), batch_size=None, num_workers=self.num_workers,
+                            collate_fn=_identity, in_order=True)
+        return iter(loader)
+
+    def _outcomes(self, worker: int, num_workers: int, start: tuple[int, int]) -> Iterator[tuple[int, int, Example | _Skip]]:
+        """(epoch, position after the item, example or skip) for this worker's share of the sequence."""
+        for g, (epoch, position, item) in enumerate(self._sequence(*start)):
+            if g % num_workers == worker:
+                yield epoch, position, self._process(item)
+
+    def _sequence(self, start_epoch: int, start_position: int) -> Iterator[tuple[int, int, Any]]:
+        epoch = start_epoch
+        while self.epochs is None or epoch < self.epochs:
+            n = 0
+            for n, item in enumerate(self._epoch_items(epoch), start=1):
+                if epoch == start_epoch and n <= start_position:
+                    continue  # replay: already consumed before the state was saved
+                yield epoch, n, item
+            if n == 0 and self.epochs is None:
+                raise MMTuneError(f"rank {self.rank}: the sources gave no sample in epoch {epoch}; cannot stream forever")
+            if epoch == start_epoch and n < start_position:
+                log.warning("resumed at item %d of epoch %d, which now has only %d: the data changed since the "
+                            "state was saved", start_position, epoch, n)
+            epoch += 1
+
+    def _epoch_items(self, epoch: int) -> Iterator[Any]:
+        """This rank's items for one epoch, in their final (shuffled) order."""
+        units: list[Any] = []
+        for i, path in enumerate(self._jsonl):
+            order = list(range(self.rank, len(self._index[path]), self.world_size))
+            if self.shuffle:
+                random.Random(f"mmtune-jsonl:{self.seed}:{epoch}:{i}:{self.rank}").shuffle(order)
+            units.append(_JsonlUnit(path, self._index[path], order))
+        order = epoch_shard_order(self._shards, self.seed, epoch, self.shuffle)
+        mine, split_samples = assign_shards(order, self.rank, self.world_size)
+        if split_samples:  # one unit: all ranks must walk the shards in the same order
+            units.append(_ShardUnit(mine, True, self.rank, self.world_size))
+        else:
+            units.extend(_ShardUnit([url], False, self.rank, self.world_size) for url in mine)
+        if self.shuffle:
+            random.Random(f"mmtune-units:{self.seed}:{epoch}:{self.rank}").shuffle(units)
+        items = (item for unit in units for item in unit)
+        if self.shuffle and self.shuffle_buffer > 1:
+            rng = random.Random(f"mmtune-buffer:{self.seed}:{epoch}:{self.rank}")
+            return wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer, rng=rng)(items)
+        return items
+
+    # ------------------------------------------------------------ processing
+    def _read_jsonl(self, item: _JsonlItem) -> Record:
+        key = (os.getpid(), item.path)  # forked workers must not share a file position
+        fh = self._handles.get(key)
+        if fh is None:
+            fh = self._handles[key] = open(item.path, "rb")  # noqa: SIM115 (kept open for the stream's life)
+        fh.seek(item.offset)
+        raw = fh.readline()
+        try:
+            obj = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise RecordError(f"bad JSON ({getattr(exc, 'msg', exc)})", path=item.path, line=item.line) from None
+        return validate_record(obj, line=item.line, path=item.path)
+
+    def _process(self, item: Any) -> Example | _Skip:
+        if isinstance(item, _Event):
+            return _Skip(item.kind, item.count, None, item.detail)
+        try:
+            record = item.record() if isinstance(item, ShardSample) else self._read_jsonl(item)
+        except RecordError as exc:
+            corrupt = isinstance(item, ShardSample) and item.error is not None
+            return _Skip("shard_corrupt" if corrupt else "invalid_record", 1, exc.record_id, exc.describe())
+        if record.task is not None and record.task in self.holdout_tasks:
+            return _Skip("holdout_task", 1, record.id, f"task {record.task!r} is held out")
+        if record.images and self.num_image_tokens <= 0:
+            return _Skip("images_in_llm_mode", 1, record.id, f"{len(record.images)} image(s) but the model takes none")
+        try:
+            example = tokenize_record(record, self.tokenizer, self.template,
+                                      max_length=self.max_length, num_image_tokens=self.num_image_tokens)
+        except SkipRecord as skip:
+            return _Skip(skip.kind, 1, record.id, str(skip))
+        images: list[torch.Tensor] = []
+        sources: list[Any] = (item.image_bytes if isinstance(item, ShardSample)
+                              else [resolve_image_path(p, self.image_root) for p in record.images])
+        for i, src in enumerate(sources):
+            try:
+                tensor = self.image_transform(load_image(src))  # type: ignore[misc]
+            except (ImageError, OSError, ValueError) as exc:
+                where = f"{item.url}, sample {item.key!r}" if isinstance(item, ShardSample) else record.images[i]
+                return _Skip("image_error", 1, record.id, f"images[{i}] ({where}): {exc}")
+            if not isinstance(tensor, torch.Tensor) or tensor.ndim != 3 or tensor.shape[0] != 3:
+                shape = tuple(tensor.shape) if isinstance(tensor, torch.Tensor) else type(tensor).__name__
+                raise MMTuneError(f"image_transform must return a [3, H, W] tensor, got {shape}")
+            images.append(tensor)
+        return example, images
+
+
+class _ShardUnit:
+    """Shards read in turn for one rank; reading them is what the iteration does."""
+
+    def __init__(self, urls: list[str], split_samples: bool, rank: int, world_size: int) -> None:
+        self.urls, self.split, self.rank, self.world_size = urls, split_samples, rank, world_size
+
+    def __iter__(self) -> Iterator[ShardSample | _Event]:
+        for item in read_assigned(self.urls, self.rank, self.world_size, self.split):
+            if not isinstance(item, ShardLoss):
+                yield item
+            elif item.mine is None:
+                yield _Event("shard_error", 1, item.describe())
+            elif item.mine:
+                yield _Event("shard_lost", item.mine, item.describe())
+
+
+class _WorkerItems(IterableDataset):
+    """A stream's outcomes for the DataLoader worker iterating it (see ExampleStream)."""
+
+    def __init__(self, stream: ExampleStream, start: tuple[int, int]) -> None:
+        self.stream, self.start = stream, start
+
+    def __iter__(self) -> Iterator[tuple[int, int, Example | _Skip]]:
+        info = get_worker_info()
+        worker, n = (info.id, info.num_workers) if info is not None else (0, 1)
+        return self.stream._outcomes(worker, n, self.start)
+
+
+def _identity(x: Any) -> Any:
+    return x
