@@ -1,0 +1,180 @@
+"""Saving and loading an MMTuneModel: config + tokenizer + the weights the config cannot rebuild.
+
+A saved model folder holds
+
+    model_config.yaml        the ModelConfig it was built from
+    model_parts.json         which weight files follow (and the image-token layout)
+    tokenizer/               the tokenizer (a trained byte-level BPE is saved, not re-trained)
+    projector.safetensors    always in mllm mode
+    lm/                      the full LM as a Hugging Face folder (config.json + safetensors),
+                             when it was random-init, fully trained, merged, or loaded that way
+    adapter/                 the peft LoRA adapter (adapter_config.json + adapter_model.safetensors)
+    vision.safetensors       the tower, when random-init or unfrozen
+
+Frozen pretrained parts are not copied: `load_model` rebuilds them from the
+config (the same hub id / folder), so an align-stage checkpoint of a 7B LLaVA
+is a few tens of MB. Everything is safetensors; nothing is unpickled.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mmtune.config import ModelConfig, load_config, save_config
+from mmtune.errors import MMTuneError
+from mmtune.model.build import ModelBundle, build_model
+
+MODEL_CONFIG_FILE = "model_config.yaml"
+PARTS_FILE = "model_parts.json"
+TOKENIZER_DIR = "tokenizer"
+PROJECTOR_FILE = "projector.safetensors"
+VISION_FILE = "vision.safetensors"
+LM_DIR = "lm"
+ADAPTER_DIR = "adapter"
+FORMAT_VERSION = 1
+
+_CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+
+
+def save_model(bundle: ModelBundle, folder: str | Path) -> None:
+    """Write `bundle` into the EXISTING folder `folder` (the caller makes it a temp folder and renames it)."""
+    from safetensors.torch import save_file
+    from safetensors.torch import save_model as save_module
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise MMTuneError(f"save_model: folder {folder} does not exist (create it, ideally as a temp folder)")
+    model = bundle.model
+    save_config(bundle.config, folder / MODEL_CONFIG_FILE)
+    bundle.tokenizer.save_pretrained(str(folder / TOKENIZER_DIR))
+    parts: dict[str, Any] = {
+        "format": FORMAT_VERSION,
+        "mode": bundle.config.mode,
+        "num_image_tokens": model.num_image_tokens,
+        "image_token_id": model.image_token_id,
+        "lm": False,
+        "adapter": False,
+        "vision": False,
+        "projector": False,
+    }
+    if model.projector is not None:
+        save_file(_cpu_state(model.projector), str(folder / PROJECTOR_FILE))
+        parts["projector"] = True
+    if model.vision is not None and "vision" in model.owned_parts:
+        save_module(model.vision, str(folder / VISION_FILE))  # handles tied/shared tensors
+        parts["vision"] = True
+    if model.has_lora:
+        model.lm.save_pretrained(str(folder / ADAPTER_DIR), save_embedding_layers=False)
+        parts["adapter"] = True
+        if "lm" in model.owned_parts:
+            base = model.base_lm()
+            base.save_pretrained(str(folder / LM_DIR), state_dict=_base_state_without_lora(base))
+            parts["lm"] = True
+    elif "lm" in model.owned_parts:
+        model.lm.save_pretrained(str(folder / LM_DIR))
+        parts["lm"] = True
+    (folder / PARTS_FILE).write_text(json.dumps(parts, indent=2) + "\n", encoding="utf-8")
+
+
+def _cpu_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().to("cpu").contiguous() for k, v in module.state_dict().items()}
+
+
+def _base_state_without_lora(base: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The LoRA-injected model's weights under the plain model's names (adapters left out)."""
+    out = {}
+    for key, value in base.state_dict().items():
+        if "lora_" in key:
+            continue
+        out[key.replace(".base_layer.", ".")] = value
+    return out
+
+
+def load_model(
+    folder: str | Path, *, device: str | torch.device | None = None, dtype: str | torch.dtype | None = None
+) -> ModelBundle:
+    """Rebuild a saved model (see module docstring); `folder` may also be a run folder (latest checkpoint).
+
+    `dtype` overrides the LM dtype the config names (e.g. "bfloat16" for inference on GPU).
+    """
+    from safetensors.torch import load_file
+    from transformers import AutoTokenizer
+
+    folder = resolve_checkpoint(folder)
+    cfg = load_config(folder / MODEL_CONFIG_FILE, ModelConfig)
+    parts = json.loads((folder / PARTS_FILE).read_text(encoding="utf-8")) if (folder / PARTS_FILE).is_file() else {}
+    if parts.get("format", FORMAT_VERSION) > FORMAT_VERSION:
+        raise MMTuneError(f"{folder}: saved by a newer mmtune (format {parts['format']})")
+    if dtype is not None:
+        cfg.lm.dtype = dtype if isinstance(dtype, str) else {v: k for k, v in _DTYPE_NAMES.items()}[dtype]
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(
+            str(folder / TOKENIZER_DIR), trust_remote_code=cfg.tokenizer.trust_remote_code
+        )
+    except (OSError, ValueError) as exc:
+        raise MMTuneError(f"{folder / TOKENIZER_DIR}: cannot load tokenizer ({str(exc).splitlines()[0]})") from None
+
+    def weights(name: str) -> dict[str, torch.Tensor] | None:
+        if not parts.get(name):
+            return None
+        path = folder / (PROJECTOR_FILE if name == "projector" else VISION_FILE)
+        if not path.is_file():
+            raise MMTuneError(f"{folder}: {path.name} is missing ({PARTS_FILE} lists it)")
+        return load_file(str(path))
+
+    lm_folder = None
+    if parts.get("lm"):
+        lm_folder = folder / LM_DIR
+        if not lm_folder.is_dir():
+            raise MMTuneError(f"{folder}: {LM_DIR}/ is missing ({PARTS_FILE} lists it)")
+    bundle = build_model(
+        cfg,
+        tokenizer=tokenizer,
+        lm_folder=lm_folder,
+        vision_state=weights("vision"),
+        projector_state=weights("projector"),
+    )
+    if parts.get("adapter"):
+        from peft import PeftModel
+
+        model = bundle.model
+        model.lm = PeftModel.from_pretrained(model.lm, str(folder / ADAPTER_DIR), is_trainable=False)
+    saved_n = parts.get("num_image_tokens")
+    if saved_n is not None and saved_n != bundle.num_image_tokens:
+        raise MMTuneError(
+            f"{folder}: saved with {saved_n} image tokens but the rebuilt tower gives {bundle.num_image_tokens}"
+        )
+    if device is not None:
+        bundle.model.to(device)
+    bundle.model.eval()
+    return bundle
+
+
+_DTYPE_NAMES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def is_model_folder(path: str | Path) -> bool:
+    return (Path(path) / MODEL_CONFIG_FILE).is_file()
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A saved model folder as is; a run folder -> its latest `checkpoint-STEP` (highest STEP)."""
+    path = Path(path)
+    if not path.exists():
+        raise MMTuneError(f"{path}: no such checkpoint or run folder")
+    if is_model_folder(path):
+        return path
+    if path.is_dir():
+        steps = []
+        for child in path.iterdir():
+            m = _CHECKPOINT_RE.match(child.name)
+            if m and child.is_dir() and is_model_folder(child):
+                steps.append((int(m.group(1)), child))
+        if steps:
+            return max(steps)[1]
+    raise MMTuneError(f"{path}: not a saved model ({MODEL_CONFIG_FILE} missing) and holds no checkpoint-* folder")

@@ -1,0 +1,212 @@
+"""mmtune.eval.generate: batched KV-cached generation and the `mmtune generate` CLI, on tiny models."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from mmtune.cli import main
+from mmtune.config import load_config, save_config
+from mmtune.data.collate import pad_sequences
+from mmtune.data.schema import Record, read_records
+from mmtune.data.templates import get_template
+from mmtune.data.tokenize import tokenize_prompt
+from mmtune.eval.generate import generate_answers
+from mmtune.model import build_model, load_model, save_model
+
+ROOT = Path(__file__).resolve().parents[1]
+FIX = ROOT / "tests" / "fixtures" / "train"
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def tiny(name: str, seed: int = 0):
+    """A tiny model whose random weights are large enough that greedy outputs vary by prompt."""
+    cfg = load_config(ROOT / "configs" / f"{name}.yaml")
+    cfg.model.tokenizer.train_files = [str(ROOT / p) for p in cfg.model.tokenizer.train_files]
+    cfg.model.lm.config["initializer_range"] = 0.5
+    torch.manual_seed(seed)
+    return build_model(cfg.model), cfg
+
+
+@pytest.fixture(scope="module")
+def mllm():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    bundle, cfg = tiny("tiny_mllm")
+    torch.set_num_threads(n)
+    return bundle, cfg
+
+
+def test_batched_greedy_equals_one_at_a_time(mllm):
+    bundle, _ = mllm
+    recs = read_records(FIX / "mixed.jsonl")
+    items = [recs[i] for i in (0, 1, 14, 15, 16, 20)] + ["Name a colour.", "What shape has three sides?"]
+    batched = generate_answers(bundle, items, "vicuna_v1", batch_size=8, max_new_tokens=8, image_root=FIX)
+    single = [
+        generate_answers(bundle, [it], "vicuna_v1", batch_size=1, max_new_tokens=8, image_root=FIX)[0] for it in items
+    ]
+    assert batched == single
+    assert len(set(batched)) > 2  # the prompts really lead to different answers
+
+    # and token for token at the model level, on left-padded prompts of different lengths
+    tok, tmpl = bundle.tokenizer, get_template("vicuna_v1")
+    prompts = [
+        [{"role": "user", "content": "<image>\nWhat colour is the shape?"}],
+        [{"role": "user", "content": "Mixing red and blue gives which colour, in one word please?"}],
+    ]
+    ids = [tokenize_prompt(m, tok, tmpl, num_image_tokens=bundle.num_image_tokens) for m in prompts]
+    assert len(ids[0]) != len(ids[1])
+    from mmtune.data.images import load_image
+
+    pix = bundle.image_transform(load_image(FIX / "images/blue_square.png")).unsqueeze(0)
+    model = bundle.model.eval()
+    kw = dict(max_new_tokens=6, eos_token_id=None, pad_token_id=tok.pad_token_id)
+    both = model.generate(
+        pad_sequences(ids, tok.pad_token_id, side="left"),
+        pad_sequences([[1] * len(i) for i in ids], 0, side="left"),
+        pixel_values=pix,
+        **kw,
+    )
+    one = model.generate(torch.tensor([ids[0]]), torch.ones(1, len(ids[0]), dtype=torch.long), pixel_values=pix, **kw)
+    two = model.generate(torch.tensor([ids[1]]), torch.ones(1, len(ids[1]), dtype=torch.long), **kw)
+    assert both.shape == (2, 6)  # new tokens only
+    assert torch.equal(both[0], one[0]) and torch.equal(both[1], two[0])
+    # KV-cached decoding gives what a full recomputation at every step gives
+    seq, mask = torch.tensor([ids[1]]), torch.ones(1, len(ids[1]), dtype=torch.long)
+    for _ in range(6):
+        with torch.no_grad():
+            nxt = model(seq, attention_mask=mask).logits[:, -1].argmax(-1, keepdim=True)
+        seq, mask = torch.cat([seq, nxt], 1), torch.cat([mask, torch.ones_like(nxt)], 1)
+    assert torch.equal(seq[0, len(ids[1]) :], two[0])
+
+
+def test_sampling_is_seeded_and_rejects_right_padding(mllm):
+    bundle, _ = mllm
+    kw = dict(do_sample=True, temperature=1.5, top_p=0.9, max_new_tokens=8, seed=123)
+    a = generate_answers(bundle, ["Name a colour.", "Name a shape."], "chatml", **kw)
+    b = generate_answers(bundle, ["Name a colour.", "Name a shape."], "chatml", **kw)
+    assert a == b
+    from mmtune.errors import MMTuneError
+
+    with pytest.raises(MMTuneError, match="left-padded"):
+        bundle.model.generate(torch.tensor([[5, 6, 0]]), torch.tensor([[1, 1, 0]]))
+    with pytest.raises(MMTuneError, match="nope.png"):
+        generate_answers(
+            bundle,
+            [Record("r1", [{"role": "user", "content": "<image>\nhi"}], ["nope.png"])],
+            "vicuna_v1",
+            image_root=FIX,
+        )
+
+
+def _save_run(tmp_path: Path, bundle, cfg, step: int, template: str) -> Path:
+    ckpt = tmp_path / "run" / f"checkpoint-{step}"
+    ckpt.mkdir(parents=True)
+    save_model(bundle, ckpt)
+    cfg.data.template = template
+    save_config(cfg, ckpt / "run_config.yaml")
+    return ckpt
+
+
+def test_generate_cli_end_to_end_with_image(tmp_path, capsys, mllm):
+    bundle, cfg = mllm
+    _save_run(tmp_path, bundle, cfg, 2, "vicuna_v1")
+    other, _ = tiny("tiny_mllm", seed=1)
+    latest = _save_run(tmp_path, other, cfg, 10, "chatml")
+    image = FIX / "images/green_triangle.png"
+    capsys.readouterr()
+    rc = main(
+        [
+            "generate",
+            str(tmp_path / "run"),
+            "--image",
+            str(image),
+            "--prompt",
+            "What shape is this?",
+            "--max-new-tokens",
+            "6",
+            "--device",
+            "cpu",
+        ]
+    )
+    assert rc == 0
+    captured = capsys.readouterr()
+    printed = captured.out.rstrip("\n").split("\n")[-1]
+    assert "checkpoint-10" in captured.err and "chatml" in captured.err
+    # the same answer generate_answers gives on the latest checkpoint with its trained template
+    rec = Record("x", [{"role": "user", "content": "<image>\nWhat shape is this?"}], [str(image)])
+    expected = generate_answers(load_model(latest), [rec], "chatml", max_new_tokens=6)[0]
+    assert printed == expected
+    # --template overrides the trained one; an explicit checkpoint folder works too
+    rc = main(
+        [
+            "generate",
+            str(latest),
+            "--image",
+            str(image),
+            "--prompt",
+            "What shape is this?",
+            "--max-new-tokens",
+            "6",
+            "--template",
+            "vicuna_v1",
+            "--device",
+            "cpu",
+        ]
+    )
+    assert rc == 0
+    out = capsys.readouterr().out.rstrip("\n").split("\n")[-1]
+    assert out == generate_answers(load_model(latest), [rec], "vicuna_v1", max_new_tokens=6)[0]
+
+
+def test_generate_cli_text_only_and_errors(tmp_path, capsys):
+    llm, cfg = tiny("tiny_llm")
+    ckpt = _save_run(tmp_path, llm, cfg, 3, "vicuna_v1")
+    capsys.readouterr()
+    assert (
+        main(["generate", str(ckpt), "--prompt", "What colour is grass?", "--max-new-tokens", "5", "--device", "cpu"])
+        == 0
+    )
+    printed = capsys.readouterr().out.rstrip("\n").split("\n")[-1]
+    assert printed == generate_answers(llm, ["What colour is grass?"], "vicuna_v1", max_new_tokens=5)[0]
+    image = str(FIX / "images/red_circle.png")
+    bad = [
+        ["generate", str(ckpt), "--prompt", "hi", "--image", image],  # text-only model
+        ["generate", str(tmp_path / "nowhere"), "--prompt", "hi"],
+        ["generate", str(ckpt), "--prompt", "hi", "--image", str(tmp_path / "missing.png")],
+        ["generate", str(ckpt), "--prompt", "<image> <image> two?", "--image", image],
+        ["generate", str(ckpt), "--prompt", "hi", "--template", "vicunaa"],
+    ]
+    for argv in bad:
+        assert main(argv + ["--device", "cpu"]) == 2, argv
+        err = capsys.readouterr().err.strip().splitlines()[-1]
+        assert err.startswith("mmtune generate: error:"), err
+
+
+def test_generation_through_a_lora_wrapped_lm_matches_merged():
+    from mmtune.config import LoraConfig
+    from mmtune.model import apply_lora, merge_lora
+
+    bundle, cfg = tiny("tiny_mllm", seed=2)
+    apply_lora(bundle.model, LoraConfig(enabled=True, r=4, alpha=8, dropout=0.0))
+    with torch.no_grad():  # give the adapter a visible effect (B starts at zero)
+        for n, p in bundle.model.lm.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.5)
+    recs = read_records(FIX / "mixed.jsonl")[:4] + ["Name a colour."]
+    wrapped = generate_answers(bundle, recs, "vicuna_v1", batch_size=5, max_new_tokens=6, image_root=FIX)
+    with bundle.model.lm.disable_adapter():
+        base = generate_answers(bundle, recs, "vicuna_v1", batch_size=5, max_new_tokens=6, image_root=FIX)
+    assert base != wrapped  # the adapter changes what is generated
+    merge_lora(bundle.model)
+    merged = generate_answers(bundle, recs, "vicuna_v1", batch_size=5, max_new_tokens=6, image_root=FIX)
+    assert wrapped == merged
