@@ -1,0 +1,771 @@
+"""Export a checkpoint to Hugging Face formats that load with no mmtune installed.
+
+    mmtune export runs/tiny_mllm --format hf-llava --out exported/tiny_llava
+    mmtune export runs/tiny_llm  --format hf       --out exported/tiny_llm
+
+`hf-llava` (MLLM checkpoints) writes a `LlavaForConditionalGeneration` folder:
+weights (LoRA merged first), `config.json`, `generation_config.json`, the
+tokenizer, a `LlavaImageProcessor` with the tower's size/mean/std and
+LLaVA's pad-to-square (`do_pad`), and a `LlavaProcessor` whose chat template
+renders exactly the prompt mmtune trained with and which expands `<image>`
+into the same number of image tokens. `hf` (LLM checkpoints) writes the
+(merged) causal LM with its tokenizer and chat template.
+
+Weights are mapped onto the transformers model *in memory* and written with
+its own `save_pretrained`, so the on-disk names are whatever this transformers
+version writes. Nothing is trusted blindly: before the output folder appears
+the export reloads it with `from_pretrained(..., output_loading_info=True)`
+and fails (MMTuneError) on any missing, unexpected or mismatched weight, on a
+reloaded tensor that differs from the exported one (per-tensor hashes), on a
+processor that expands `<image>` differently, or on a chat template that
+renders differently from mmtune's. Open_clip towers are converted to a
+`CLIPVisionModel` and the conversion is checked numerically on an image.
+Output is written to a temp folder next to `--out` and renamed into place.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import gc
+import hashlib
+import os
+import shutil
+import sys
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from mmtune.data.schema import IMAGE_PLACEHOLDER
+from mmtune.data.templates import Template, get_template
+from mmtune.errors import MMTuneError
+from mmtune.model.build import ModelBundle, resolve_dtype
+from mmtune.model.mllm import MMTuneModel
+from mmtune.model.vision import (
+    HFVisionTower,
+    OpenClipTower,
+    VisionTower,
+    open_clip_to_hf_clip,
+)
+
+FORMATS = ("hf-llava", "hf")
+RUN_CONFIG_FILE = "run_config.yaml"
+
+# The LLaVA chat templates take message contents as a list of parts
+# ({"type": "image"} / {"type": "text", "text": ...}), the way processors are
+# called. mmtune's templates render string contents in which "<image>\n" stands
+# for each image (that is how mmtune trains and how `mmtune generate` prompts),
+# so this prelude turns every list content into that string first; string
+# contents pass through unchanged. Jinja scoping needs the namespace objects.
+CONTENT_PRELUDE = (
+    "{%- set mmtune_ns = namespace(messages=[]) -%}"
+    "{%- for message in messages -%}"
+    "{%- set mmtune_part = namespace(text='') -%}"
+    "{%- if message['content'] is string -%}{%- set mmtune_part.text = message['content'] -%}"
+    "{%- else -%}{%- for item in message['content'] -%}"
+    "{%- if item['type'] == 'image' -%}{%- set mmtune_part.text = mmtune_part.text + '"
+    + IMAGE_PLACEHOLDER
+    + "\\n' -%}"
+    "{%- elif item['type'] == 'text' -%}{%- set mmtune_part.text = mmtune_part.text + item['text'] -%}"
+    "{%- endif -%}{%- endfor -%}{%- endif -%}"
+    "{%- set mmtune_ns.messages = mmtune_ns.messages + [{'role': message['role'], 'content': mmtune_part.text}] -%}"
+    "{%- endfor -%}"
+    "{%- set messages = mmtune_ns.messages -%}"
+)
+
+PROBE_PROMPT = "Describe the picture in one word."
+
+
+class ExportError(MMTuneError):
+    """A checkpoint that cannot be exported to the asked format (one-line message)."""
+
+
+@dataclass
+class ExportResult:
+    """What `export_checkpoint` wrote."""
+
+    out: Path
+    format: str
+    template: str
+    num_parameters: int
+    files: list[str] = field(default_factory=list)
+    # The image-processor backend that reproduces mmtune's pixels exactly (hf-llava only).
+    image_backend: str | None = None
+
+
+# --------------------------------------------------------------------------- #
+# Chat template
+# --------------------------------------------------------------------------- #
+
+
+def export_chat_template(template: Template) -> str:
+    """The Jinja chat template of `template`, accepting list-of-parts contents too."""
+    return CONTENT_PRELUDE + template.chat_template()
+
+
+def checkpoint_template(checkpoint: Path) -> str | None:
+    """`data.template` of the run_config.yaml in `checkpoint` or its run folder, if any.
+
+    (Same lookup as `mmtune generate`; repeated here because mmtune.model must not import mmtune.eval.)
+    """
+    from mmtune.config import load_yaml
+
+    for folder in (checkpoint, checkpoint.parent):
+        path = folder / RUN_CONFIG_FILE
+        if path.is_file():
+            template = (load_yaml(path).get("data") or {}).get("template")
+            if isinstance(template, str) and template:
+                return template
+    return None
+
+
+def probe_messages(with_image: bool, prompt: str = PROBE_PROMPT) -> tuple[list[dict[str, Any]], list[dict[str, str]]]:
+    """One user turn as a processor takes it (list of parts) and as mmtune renders it (string)."""
+    parts: list[dict[str, str]] = ([{"type": "image"}] if with_image else []) + [{"type": "text", "text": prompt}]
+    text = (f"{IMAGE_PLACEHOLDER}\n" if with_image else "") + prompt
+    return [{"role": "user", "content": parts}], [{"role": "user", "content": text}]
+
+
+# --------------------------------------------------------------------------- #
+# Vision tower -> transformers vision model
+# --------------------------------------------------------------------------- #
+
+
+def _check_open_clip_convertible(tower: OpenClipTower) -> None:
+    """Name the first feature of this open_clip ViT that a plain `CLIPVisionModel` cannot express."""
+    from open_clip.transformer import (
+        LayerNorm,
+        LayerNormFp32,
+        QuickGELU,
+        ResidualAttentionBlock,
+    )
+
+    v = tower.visual
+    where = "open_clip tower"
+    if getattr(v, "class_embedding", None) is None:
+        raise ExportError(f"{where} has no class token; HF CLIPVisionModel always has one")
+    if not isinstance(v.ln_pre, nn.LayerNorm):
+        raise ExportError(f"{where} has no pre-layernorm (no_ln_pre); HF CLIPVisionModel always applies one")
+    if v.conv1.bias is not None:
+        raise ExportError(f"{where} has a patch-embedding bias; HF CLIPVisionModel's patch embedding has none")
+    if v.grid_size[0] != v.grid_size[1] or v.patch_size[0] != v.patch_size[1]:
+        raise ExportError(f"{where} has a non-square grid or patch; HF CLIPVisionModel needs square ones")
+    norms = [v.ln_pre]
+    acts = set()
+    for i, blk in enumerate(v.transformer.resblocks):
+        here = f"{where} block {i}"
+        if type(blk) is not ResidualAttentionBlock:
+            raise ExportError(
+                f"{here} is a {type(blk).__name__} (qk-norm / scaled-cosine / extra-norm attention); "
+                "only plain ResidualAttentionBlock ViTs convert to HF CLIPVisionModel"
+            )
+        if not (isinstance(blk.ls_1, nn.Identity) and isinstance(blk.ls_2, nn.Identity)):
+            raise ExportError(f"{here} uses LayerScale, which HF CLIPVisionModel does not have")
+        if hasattr(blk, "ln_1_kv"):
+            raise ExportError(f"{here} is a cross-attention block")
+        attn = blk.attn
+        if not isinstance(attn, nn.MultiheadAttention) or attn.in_proj_weight is None or attn.in_proj_bias is None:
+            raise ExportError(f"{here}: attention is not a biased nn.MultiheadAttention with packed q/k/v")
+        if list(dict(blk.mlp.named_children())) != ["c_fc", "gelu", "c_proj"]:
+            raise ExportError(f"{here}: MLP is not c_fc -> act -> c_proj")
+        act = blk.mlp.gelu
+        if isinstance(act, QuickGELU):
+            acts.add("quick_gelu")
+        elif isinstance(act, nn.GELU) and act.approximate == "none":
+            acts.add("gelu")
+        else:
+            raise ExportError(f"{here}: activation {act!r} has no HF CLIP equivalent (gelu or quick_gelu)")
+        norms += [blk.ln_1, blk.ln_2]
+    if len(acts) > 1:
+        raise ExportError(f"{where} mixes activations {sorted(acts)} across blocks")
+    for norm in norms:
+        if not isinstance(norm, LayerNorm | LayerNormFp32 | nn.LayerNorm) or not norm.elementwise_affine:
+            raise ExportError(f"{where}: norm {type(norm).__name__} is not an affine LayerNorm")
+    if len({n.eps for n in norms}) != 1:
+        raise ExportError(f"{where}: its LayerNorms use different eps; HF CLIP has one layer_norm_eps")
+
+
+@torch.no_grad()
+def _check_tower_conversion(tower: VisionTower, hf_model: nn.Module) -> None:
+    """Run both towers (float32 copies) on a random image; the selected hidden state must agree."""
+    size = int(hf_model.config.image_size)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 3, size, size, generator=gen)
+    ours = copy.deepcopy(tower).float().eval().to("cpu")
+    theirs = hf_model.float().eval().to("cpu")
+    a = ours.hidden_states(x, upto=ours.layer_index)[ours.layer_index]
+    b = theirs(pixel_values=x, output_hidden_states=True).hidden_states[tower.feature_layer]
+    err = float((a - b).abs().max())
+    scale = max(float(a.abs().max()), 1.0)
+    if not err <= 1e-4 * scale:
+        raise ExportError(
+            f"converted vision tower does not reproduce the open_clip features (max abs diff {err:.3g}); "
+            "this open_clip ViT variant has no exact HF CLIPVisionModel equivalent"
+        )
+
+
+def hf_vision(tower: VisionTower, *, check: bool = True) -> tuple[Any, dict[str, torch.Tensor]]:
+    """The tower as a transformers vision config + that model's state dict (tensors shared, not copied).
+
+    HF towers are CLIP/SigLIP vision models already; open_clip ViTs are converted to
+    `CLIPVisionModel` (checked structurally and, with `check`, numerically).
+    """
+    if isinstance(tower, HFVisionTower):
+        return copy.deepcopy(tower.model.config), dict(tower.model.state_dict())
+    if isinstance(tower, OpenClipTower):
+        _check_open_clip_convertible(tower)
+        try:
+            conf, state = open_clip_to_hf_clip(tower)
+        except MMTuneError as exc:
+            raise ExportError(str(exc)) from None
+        if check:
+            from transformers import CLIPVisionModel
+
+            hf_model = CLIPVisionModel(conf)
+            _load_exact(hf_model, {k: v.float() for k, v in state.items()}, what="converted vision tower")
+            _check_tower_conversion(tower, hf_model)
+            del hf_model
+        return conf, state
+    raise ExportError(f"vision tower {type(tower).__name__} has no Hugging Face equivalent")
+
+
+def hf_feature_layer(tower: VisionTower) -> int:
+    """`feature_layer` as a negative hidden-state index (same state; both index hidden states alike).
+
+    Negative because transformers' LLaVA passes the index on as `output_hidden_states`,
+    and index 0 (the embedding output) would read as False there and capture nothing.
+    """
+    return tower.layer_index - (tower.num_layers + 1)
+
+
+def hf_select_strategy(tower: VisionTower) -> str:
+    """mmtune's select_strategy as LLaVA's: 'default' drops the first (CLS) token, 'full' keeps all."""
+    return "default" if (tower.has_cls and tower.select_strategy == "patch") else "full"
+
+
+# --------------------------------------------------------------------------- #
+# LLaVA config and weights
+# --------------------------------------------------------------------------- #
+
+
+def _plain_lm(model: MMTuneModel) -> nn.Module:
+    if model.has_lora:
+        raise ExportError("merge the LoRA adapter first (mmtune.model.merge_lora)")
+    return model.lm
+
+
+def llava_config(bundle: ModelBundle, *, check: bool = True) -> tuple[Any, dict[str, torch.Tensor]]:
+    """A `LlavaConfig` equivalent to `bundle`'s model, and the state dict of
+    `LlavaForConditionalGeneration` holding its weights (shared tensors, in-memory names).
+
+    Raises ExportError for what HF LLaVA cannot express (text-only model, linear
+    projector, a tower with no HF equivalent).
+    """
+    from transformers import LlavaConfig
+
+    model = bundle.model
+    if model.vision is None or model.projector is None:
+        raise ExportError("format hf-llava needs an MLLM checkpoint (model.mode mllm); use --format hf for an LLM")
+    if model.projector.kind != "mlp2x_gelu":
+        raise ExportError(
+            f"projector type {model.projector.kind!r} cannot be exported: transformers' LLaVA projector is always "
+            "linear_1 -> GELU -> linear_2 (mmtune's mlp2x_gelu); train with model.projector.type: mlp2x_gelu"
+        )
+    if not isinstance(model.projector.act, nn.GELU) or model.projector.act.approximate != "none":
+        raise ExportError(f"projector activation {model.projector.act!r} is not exact GELU")
+    tower = model.vision
+    vision_config, vision_state = hf_vision(tower, check=check)
+    lm = _plain_lm(model)
+    text_config = copy.deepcopy(lm.config.get_text_config())
+    config = LlavaConfig(
+        vision_config=vision_config,
+        text_config=text_config,
+        image_token_index=model.image_token_id,
+        image_seq_length=model.num_image_tokens,
+        projector_hidden_act="gelu",
+        vision_feature_select_strategy=hf_select_strategy(tower),
+        vision_feature_layer=hf_feature_layer(tower),
+        multimodal_projector_bias=True,
+    )
+    state: dict[str, torch.Tensor] = {f"model.vision_tower.{k}": v for k, v in vision_state.items()}
+    state.update({f"model.multi_modal_projector.{k}": v for k, v in model.projector.state_dict().items()})
+    prefix = lm.base_model_prefix + "."
+    for key, value in lm.state_dict().items():
+        if key.startswith(prefix):
+            state["model.language_model." + key[len(prefix) :]] = value
+        else:  # the output head (lm_head.weight)
+            state[key] = value
+    return config, state
+
+
+def _load_exact(module: nn.Module, state: dict[str, torch.Tensor], *, what: str, assign: bool = False) -> None:
+    """load_state_dict that names missing / unexpected / mis-shaped weights in one line."""
+    expected = module.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    shapes = sorted(k for k in set(state) & set(expected) if tuple(state[k].shape) != tuple(expected[k].shape))
+    problems = []
+    for label, keys in (("missing", missing), ("unexpected", unexpected), ("shape-mismatched", shapes)):
+        if keys:
+            problems.append(f"{len(keys)} {label} (e.g. {keys[0]})")
+    if problems:
+        raise ExportError(f"{what}: the weights do not map onto the transformers model: {'; '.join(problems)}")
+    module.load_state_dict(state, strict=True, assign=assign)
+
+
+def _cast(state: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    return {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in state.items()}
+
+
+def hf_llava_model(
+    bundle: ModelBundle,
+    *,
+    dtype: torch.dtype | None = None,
+    device: str | torch.device | None = None,
+    share_weights: bool = False,
+    check: bool = True,
+) -> nn.Module:
+    """`bundle`'s MLLM as a transformers `LlavaForConditionalGeneration` with the same weights.
+
+    `share_weights=True` builds it on the meta device and assigns mmtune's
+    tensors (no copy, for saving only: non-persistent buffers stay on meta).
+    Otherwise a runnable copy is made on `device` (what the throughput benchmark uses).
+    `dtype`: cast every floating tensor (default: the LM's dtype).
+    """
+    from transformers import LlavaForConditionalGeneration
+
+    config, state = llava_config(bundle, check=check)
+    lm = _plain_lm(bundle.model)
+    dtype = dtype or next(lm.parameters()).dtype
+    state = _cast(state, dtype)
+    config.dtype = dtype
+    attn = getattr(lm.config, "_attn_implementation", None)
+    if share_weights:
+        with torch.device("meta"):
+            hf = LlavaForConditionalGeneration(config)
+        _load_exact(hf, state, what="LLaVA export", assign=True)
+    else:
+        kwargs = {"attn_implementation": attn} if attn else {}
+        hf = LlavaForConditionalGeneration._from_config(config, dtype=dtype, **kwargs)
+        _load_exact(hf, state, what="LLaVA export")
+        if device is not None:
+            hf = hf.to(device)
+    hf.tie_weights()
+    hf.generation_config = _generation_config(lm, bundle.tokenizer)
+    return hf
+
+
+def _generation_config(lm: nn.Module, tokenizer: Any) -> Any:
+    """The LM's generation config, stopping and padding the way `mmtune generate` does."""
+    from transformers import GenerationConfig
+
+    gen = copy.deepcopy(getattr(lm, "generation_config", None) or GenerationConfig())
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    gen.eos_token_id = tokenizer.eos_token_id
+    gen.pad_token_id = pad
+    if tokenizer.bos_token_id is not None:
+        gen.bos_token_id = tokenizer.bos_token_id
+    return gen
+
+
+# --------------------------------------------------------------------------- #
+# Image processor and LlavaProcessor
+# --------------------------------------------------------------------------- #
+
+_RESAMPLE = {"nearest": 0, "bilinear": 2, "bicubic": 3, "lanczos": 1, "box": 4, "hamming": 5}
+
+
+def image_processor_kwargs(tower: VisionTower, pad_to_square: bool) -> dict[str, Any]:
+    """`LlavaImageProcessor` settings equivalent to the tower's mmtune image transform.
+
+    LLaVA's pad-to-square is `do_pad` (same centring and mean-colour fill as
+    mmtune's `expand_to_square`). The PIL backend (`backend="pil"`) reproduces
+    mmtune's pixels exactly; the default torchvision backend resizes with a
+    slightly different bicubic kernel (see docs/export.md).
+    """
+    if isinstance(tower, OpenClipTower):
+        pre = tower.preprocess
+        size = pre.get("size", tower.visual.image_size)
+        h, w = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+        mode = pre.get("resize_mode", "shortest")
+        interp = str(pre.get("interpolation", "bicubic"))
+        if interp not in _RESAMPLE:
+            raise ExportError(f"open_clip interpolation {interp!r} has no PIL equivalent")
+        kwargs: dict[str, Any] = {
+            "do_resize": True,
+            "resample": _RESAMPLE[interp],
+            "image_mean": [float(x) for x in pre.get("mean", tower.image_mean)],
+            "image_std": [float(x) for x in pre["std"]],
+            "do_rescale": True,
+            "rescale_factor": 1 / 255,
+            "do_normalize": True,
+            "do_convert_rgb": True,
+        }
+        if mode == "shortest":
+            if h != w:
+                raise ExportError(f"open_clip resize_mode 'shortest' with a non-square size {(h, w)}")
+            kwargs.update(size={"shortest_edge": h}, do_center_crop=True, crop_size={"height": h, "width": w})
+        elif mode == "squash":
+            kwargs.update(size={"height": h, "width": w}, do_center_crop=False)
+        else:
+            raise ExportError(f"open_clip resize_mode {mode!r} has no LlavaImageProcessor equivalent")
+    elif isinstance(tower, HFVisionTower):
+        proc = tower.image_transform(pad_to_square=False).processor
+        kwargs = {}
+        for key in (
+            "do_resize", "size", "resample", "do_center_crop", "crop_size", "do_rescale", "rescale_factor",
+            "do_normalize", "image_mean", "image_std", "do_convert_rgb",
+        ):
+            value = getattr(proc, key, None)
+            if value is None:
+                continue
+            if hasattr(value, "keys"):
+                value = {k: v for k, v in dict(value).items() if v is not None}
+            elif hasattr(value, "value"):  # an enum (resample)
+                value = int(value.value)
+            elif isinstance(value, tuple):
+                value = list(value)
+            kwargs[key] = value
+        kwargs.setdefault("do_center_crop", False)
+    else:
+        raise ExportError(f"vision tower {type(tower).__name__} has no Hugging Face image processor")
+    kwargs["do_pad"] = bool(pad_to_square)
+    return kwargs
+
+
+def image_backend(tower: VisionTower) -> str:
+    """The `AutoProcessor.from_pretrained(..., backend=...)` that reproduces mmtune's pixels exactly.
+
+    open_clip transforms resize with PIL, so the PIL backend matches them; mmtune's
+    HF towers run transformers' default (torchvision) image processors.
+    """
+    return "pil" if isinstance(tower, OpenClipTower) else "torchvision"
+
+
+def build_processor(bundle: ModelBundle, template: Template) -> Any:
+    """The `LlavaProcessor` (tokenizer + image processor + chat template) for `bundle`."""
+    from transformers import LlavaImageProcessor, LlavaProcessor
+
+    tower = bundle.model.vision
+    tokenizer = copy.deepcopy(bundle.tokenizer)
+    chat = export_chat_template(template)
+    tokenizer.chat_template = chat
+    image_processor = LlavaImageProcessor(**image_processor_kwargs(tower, bundle.config.vision.pad_to_square))
+    return LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=int(_patch_size(tower)),
+        vision_feature_select_strategy=hf_select_strategy(tower),
+        chat_template=chat,
+        image_token=bundle.config.image_token,
+        num_additional_image_tokens=1 if tower.has_cls else 0,
+    )
+
+
+def _patch_size(tower: VisionTower) -> int:
+    if isinstance(tower, OpenClipTower):
+        return int(tower.visual.patch_size[0])
+    return int(tower.model.config.patch_size)
+
+
+# --------------------------------------------------------------------------- #
+# Writing and verifying
+# --------------------------------------------------------------------------- #
+
+
+def _digest(t: torch.Tensor) -> str:
+    flat = t.detach().to("cpu").contiguous().reshape(-1)
+    return hashlib.sha1(flat.view(torch.uint8).numpy().tobytes()).hexdigest() + str(t.dtype)
+
+
+def _digests(module: nn.Module) -> dict[str, str]:
+    return {k: _digest(v) for k, v in module.state_dict().items()}
+
+
+def _check_loaded(loaded: nn.Module, info: dict[str, Any], expected: dict[str, str], what: str) -> None:
+    for key in ("missing_keys", "unexpected_keys", "mismatched_keys"):
+        bad = sorted(map(str, info.get(key) or ()))
+        if bad:
+            label = key.replace("_keys", "")
+            raise ExportError(
+                f"{what}: transformers reports {len(bad)} {label} weight(s) when loading the export (e.g. {bad[0]})"
+            )
+    if info.get("error_msgs"):
+        raise ExportError(f"{what}: transformers reports errors loading the export: {info['error_msgs'][0]}")
+    got = _digests(loaded)
+    if set(got) != set(expected):
+        diff = sorted(set(got) ^ set(expected))
+        raise ExportError(f"{what}: reloaded model has different weight names (e.g. {diff[0]})")
+    changed = sorted(k for k in expected if got[k] != expected[k])
+    if changed:
+        raise ExportError(f"{what}: {len(changed)} reloaded weight(s) differ from the exported ones (e.g. {changed[0]})")
+
+
+def _check_chat_template(render: Any, template: Template, tokenizer: Any, with_image: bool, what: str) -> None:
+    parts, plain = probe_messages(with_image)
+    got = render(parts, add_generation_prompt=True, tokenize=False)
+    want = template.render_text(plain, add_generation_prompt=True, eos_token=tokenizer.eos_token or "")
+    if got != want:
+        raise ExportError(f"{what}: the exported chat template renders {got!r}, mmtune renders {want!r}")
+
+
+def _write_hf_llava(bundle: ModelBundle, template: Template, folder: Path, dtype: torch.dtype | None) -> dict[str, str]:
+    hf = hf_llava_model(bundle, dtype=dtype, share_weights=True)
+    expected = _digests(hf)
+    hf.save_pretrained(str(folder))
+    build_processor(bundle, template).save_pretrained(str(folder))
+    del hf
+    return expected
+
+
+def _verify_hf_llava(folder: Path, expected: dict[str, str], template: Template, num_image_tokens: int) -> int:
+    from PIL import Image
+    from transformers import (
+        AutoProcessor,
+        LlavaForConditionalGeneration,
+        LlavaProcessor,
+    )
+
+    loaded, info = LlavaForConditionalGeneration.from_pretrained(str(folder), output_loading_info=True, dtype="auto")
+    _check_loaded(loaded, info, expected, "hf-llava export")
+    n_params = sum(p.numel() for p in loaded.parameters())
+    del loaded
+    processor = AutoProcessor.from_pretrained(str(folder))
+    if not isinstance(processor, LlavaProcessor):
+        raise ExportError(f"hf-llava export: AutoProcessor loads a {type(processor).__name__}, not a LlavaProcessor")
+    _check_chat_template(processor.apply_chat_template, template, processor.tokenizer, True, "hf-llava export")
+    image = Image.new("RGB", (48, 40), (120, 30, 200))
+    out = processor(text=IMAGE_PLACEHOLDER, images=[image], return_tensors="pt")
+    n = int((out["input_ids"] == processor.image_token_id).sum())
+    if n != num_image_tokens:
+        raise ExportError(
+            f"hf-llava export: the processor expands {IMAGE_PLACEHOLDER} into {n} tokens, the model takes {num_image_tokens}"
+        )
+    return n_params
+
+
+def _write_hf_causal_lm(bundle: ModelBundle, template: Template, folder: Path, dtype: torch.dtype | None) -> dict[str, str]:
+    lm = _plain_lm(bundle.model)
+    if dtype is not None and dtype != next(lm.parameters()).dtype:
+        lm = lm.to(dtype)
+    lm.generation_config = _generation_config(lm, bundle.tokenizer)
+    expected = _digests(lm)
+    lm.save_pretrained(str(folder))
+    tokenizer = copy.deepcopy(bundle.tokenizer)
+    tokenizer.chat_template = export_chat_template(template)
+    tokenizer.save_pretrained(str(folder))
+    return expected
+
+
+def _verify_hf_causal_lm(folder: Path, expected: dict[str, str], template: Template, trust_remote_code: bool) -> int:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    extra = {"trust_remote_code": True} if trust_remote_code else {}
+    loaded, info = AutoModelForCausalLM.from_pretrained(
+        str(folder), output_loading_info=True, dtype="auto", **extra
+    )
+    _check_loaded(loaded, info, expected, "hf export")
+    n_params = sum(p.numel() for p in loaded.parameters())
+    del loaded
+    tokenizer = AutoTokenizer.from_pretrained(str(folder), **extra)
+    _check_chat_template(tokenizer.apply_chat_template, template, tokenizer, False, "hf export")
+    return n_params
+
+
+def _replace_dir(tmp: Path, out: Path, overwrite: bool) -> None:
+    """Rename `tmp` to `out`; an existing `out` (only with overwrite) is moved aside first, then deleted."""
+    old = None
+    if out.exists():
+        if not overwrite:
+            raise ExportError(f"{out} already exists (pass --overwrite to replace it)")
+        old = out.parent / f".old-{out.name}-{os.getpid()}"
+        os.replace(out, old)
+    os.replace(tmp, out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def export_bundle(
+    bundle: ModelBundle,
+    out: str | Path,
+    *,
+    template: str | Template,
+    fmt: str = "hf-llava",
+    dtype: str | torch.dtype | None = None,
+    overwrite: bool = False,
+) -> ExportResult:
+    """Export an in-memory model to `out`, atomically and verified.
+
+    The model is changed in place: a LoRA adapter is merged, and for `hf`
+    a `dtype` other than the LM's casts the LM.
+    """
+    return _export(lambda: bundle, out, template=template, fmt=fmt, dtype=dtype, overwrite=overwrite)
+
+
+def _export(
+    get_bundle: Any,
+    out: str | Path,
+    *,
+    template: str | Template,
+    fmt: str,
+    dtype: str | torch.dtype | None,
+    overwrite: bool,
+) -> ExportResult:
+    """Write, then verify. `get_bundle()` is called once; when the caller holds no other
+    reference (export_checkpoint), the mmtune model is freed before the export is reloaded,
+    so peak memory is one copy of the weights, not two."""
+    from mmtune.model.lora import merge_lora
+
+    if fmt not in FORMATS:
+        raise ExportError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise ExportError(f"{out} already exists (pass --overwrite to replace it)")
+    torch_dtype = resolve_dtype(dtype) if dtype is not None else None
+    if torch_dtype == "auto":
+        torch_dtype = None
+    bundle = get_bundle()
+    tmpl = template if isinstance(template, Template) else get_template(template, bundle.tokenizer)
+    export_chat_template(tmpl)  # fails early when the template has no Jinja form
+    model = bundle.model
+    mllm = model.vision is not None
+    if fmt == "hf-llava" and not mllm:
+        raise ExportError("format hf-llava needs an MLLM checkpoint (model.mode mllm); use --format hf for an LLM")
+    if fmt == "hf" and mllm:
+        raise ExportError("format hf exports text-only (model.mode llm) checkpoints; use --format hf-llava for an MLLM")
+    if model.has_lora:
+        merge_lora(model)
+    model.eval()
+    num_image_tokens = model.num_image_tokens
+    backend = image_backend(model.vision) if mllm else None
+    trust = bool(bundle.config.lm.trust_remote_code)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".tmp-export-{out.name}-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    try:
+        with torch.no_grad():
+            if fmt == "hf-llava":
+                expected = _write_hf_llava(bundle, tmpl, tmp, torch_dtype)
+            else:
+                expected = _write_hf_causal_lm(bundle, tmpl, tmp, torch_dtype)
+        del bundle, model
+        gc.collect()
+        if fmt == "hf-llava":
+            n_params = _verify_hf_llava(tmp, expected, tmpl, num_image_tokens)
+        else:
+            n_params = _verify_hf_causal_lm(tmp, expected, tmpl, trust)
+        _check_no_pickles(tmp)
+        files = sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file())
+        _replace_dir(tmp, out, overwrite)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return ExportResult(
+        out=out, format=fmt, template=tmpl.name, num_parameters=n_params, files=files, image_backend=backend
+    )
+
+
+def _check_no_pickles(folder: Path) -> None:
+    bad = [p.name for p in folder.rglob("*") if p.suffix in (".bin", ".pt", ".pth", ".pkl", ".ckpt")]
+    if bad:
+        raise ExportError(f"export wrote pickled weight files ({bad[0]}); only safetensors are allowed")
+
+
+def export_checkpoint(
+    source: str | Path,
+    out: str | Path,
+    *,
+    fmt: str | None = None,
+    template: str | None = None,
+    dtype: str | None = None,
+    overwrite: bool = False,
+) -> ExportResult:
+    """Export a saved model / checkpoint folder (a run folder means its latest checkpoint-*).
+
+    `fmt`: hf-llava (MLLM) or hf (LLM); None picks by the checkpoint's mode.
+    `template`: the chat template to ship (default: data.template of the run's run_config.yaml).
+    """
+    from mmtune.config import ModelConfig, load_config
+    from mmtune.model.io import MODEL_CONFIG_FILE, load_model, resolve_checkpoint
+
+    if fmt is not None and fmt not in FORMATS:
+        raise ExportError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
+    ckpt = resolve_checkpoint(source)
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise ExportError(f"{out} already exists (pass --overwrite to replace it)")
+    if out.resolve() == ckpt.resolve() or ckpt.resolve() in out.resolve().parents:
+        raise ExportError(f"--out {out} is inside the checkpoint {ckpt}; export somewhere else")
+    name = template or checkpoint_template(ckpt)
+    if name is None:
+        raise ExportError(
+            f"{ckpt}: no {RUN_CONFIG_FILE} with data.template here or in its run folder; "
+            "pass --template (the template the model was trained with)"
+        )
+    if name != "tokenizer":
+        get_template(name)  # one-line error on an unknown name before loading any weights
+    mode = load_config(ckpt / MODEL_CONFIG_FILE, ModelConfig).mode
+    fmt = fmt or ("hf-llava" if mode == "mllm" else "hf")
+    if (fmt == "hf-llava") != (mode == "mllm"):
+        want = "hf-llava" if mode == "mllm" else "hf"
+        raise ExportError(f"{ckpt} is a model.mode {mode} checkpoint: export it with --format {want}")
+    # No local reference to the loaded model: _export frees it before reloading the export.
+    return _export(
+        lambda: load_model(ckpt, device="cpu"), out, template=name, fmt=fmt, dtype=dtype, overwrite=overwrite
+    )
+
+
+# --------------------------------------------------------------------------- #
+# CLI
+# --------------------------------------------------------------------------- #
+
+
+def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("checkpoint", help="a saved model / checkpoint folder, or a run folder (latest checkpoint-*)")
+    parser.add_argument("--out", required=True, help="output folder (must not exist unless --overwrite)")
+    parser.add_argument(
+        "--format",
+        choices=FORMATS,
+        default=None,
+        help="hf-llava: LlavaForConditionalGeneration + LlavaProcessor (MLLM); hf: AutoModelForCausalLM + "
+        "tokenizer (LLM). Default: by the checkpoint's model.mode",
+    )
+    parser.add_argument(
+        "--template", default=None, help="chat template to ship (default: data.template the run trained with)"
+    )
+    parser.add_argument(
+        "--dtype", choices=["float32", "bfloat16", "float16"], default=None, help="cast weights (default: the LM's)"
+    )
+    parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+
+
+def cli_main(args: argparse.Namespace) -> int:
+    result = export_checkpoint(
+        args.checkpoint, args.out, fmt=args.format, template=args.template, dtype=args.dtype, overwrite=args.overwrite
+    )
+    print(
+        f"exported {args.checkpoint} as {result.format} (template {result.template}, "
+        f"{result.num_parameters:,} parameters) to {result.out}",
+        file=sys.stderr,
+    )
+    for line in _usage(result):
+        print(line, file=sys.stderr)
+    print(result.out)
+    return 0
+
+
+def _usage(result: ExportResult) -> Iterable[str]:
+    if result.format == "hf-llava":
+        yield "  from transformers import AutoProcessor, LlavaForConditionalGeneration"
+        yield f"  model = LlavaForConditionalGeneration.from_pretrained({str(result.out)!r})"
+        yield f"  processor = AutoProcessor.from_pretrained({str(result.out)!r}, backend={result.image_backend!r})"
+    else:
+        yield "  from transformers import AutoModelForCausalLM, AutoTokenizer"
+        yield f"  model = AutoModelForCausalLM.from_pretrained({str(result.out)!r})"
+        yield f"  tokenizer = AutoTokenizer.from_pretrained({str(result.out)!r})"
