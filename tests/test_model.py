@@ -399,7 +399,7 @@ def test_open_clip_hidden_states_match_open_clip_and_hf_indexing():
 
     conf, sd = open_clip_to_hf_clip(tower)
     hf = CLIPVisionModel(conf).eval()
-    hf.load_state_dict(sd, strict=False)
+    hf.load_state_dict(sd, strict=True)
     with torch.no_grad():
         theirs = hf(pixel_values=x, output_hidden_states=True).hidden_states
     assert len(theirs) == len(mine)

@@ -30,6 +30,7 @@ from mmtune.data.templates import Template, get_template, prompt_messages
 from mmtune.data.tokenize import tokenize_prompt
 from mmtune.errors import MMTuneError
 from mmtune.model.build import ModelBundle
+from mmtune.model.io import checkpoint_template
 
 DEFAULT_TEMPLATE = "vicuna_v1"
 
@@ -147,18 +148,7 @@ def generate_answers(
 # --------------------------------------------------------------------------- #
 
 
-def trained_template(checkpoint: Path) -> str | None:
-    """`data.template` from the run_config.yaml in the checkpoint (or its run folder), if any."""
-    from mmtune.config import load_yaml
-
-    for folder in (checkpoint, checkpoint.parent):
-        path = folder / "run_config.yaml"
-        if path.is_file():
-            data = load_yaml(path)
-            template = (data.get("data") or {}).get("template")
-            if isinstance(template, str) and template:
-                return template
-    return None
+trained_template = checkpoint_template  # the template a checkpoint was trained with
 
 
 def add_cli_arguments(parser: argparse.ArgumentParser) -> None:

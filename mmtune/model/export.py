@@ -44,6 +44,7 @@ from mmtune.data.schema import IMAGE_PLACEHOLDER
 from mmtune.data.templates import Template, get_template
 from mmtune.errors import MMTuneError
 from mmtune.model.build import ModelBundle, resolve_dtype
+from mmtune.model.io import checkpoint_template
 from mmtune.model.mllm import MMTuneModel
 from mmtune.model.vision import (
     HFVisionTower,
@@ -107,22 +108,6 @@ def export_chat_template(template: Template) -> str:
     return CONTENT_PRELUDE + template.chat_template()
 
 
-def checkpoint_template(checkpoint: Path) -> str | None:
-    """`data.template` of the run_config.yaml in `checkpoint` or its run folder, if any.
-
-    (Same lookup as `mmtune generate`; repeated here because mmtune.model must not import mmtune.eval.)
-    """
-    from mmtune.config import load_yaml
-
-    for folder in (checkpoint, checkpoint.parent):
-        path = folder / RUN_CONFIG_FILE
-        if path.is_file():
-            template = (load_yaml(path).get("data") or {}).get("template")
-            if isinstance(template, str) and template:
-                return template
-    return None
-
-
 def probe_messages(with_image: bool, prompt: str = PROBE_PROMPT) -> tuple[list[dict[str, Any]], list[dict[str, str]]]:
     """One user turn as a processor takes it (list of parts) and as mmtune renders it (string)."""
     parts: list[dict[str, str]] = ([{"type": "image"}] if with_image else []) + [{"type": "text", "text": prompt}]
@@ -133,60 +118,6 @@ def probe_messages(with_image: bool, prompt: str = PROBE_PROMPT) -> tuple[list[d
 # --------------------------------------------------------------------------- #
 # Vision tower -> transformers vision model
 # --------------------------------------------------------------------------- #
-
-
-def _check_open_clip_convertible(tower: OpenClipTower) -> None:
-    """Name the first feature of this open_clip ViT that a plain `CLIPVisionModel` cannot express."""
-    from open_clip.transformer import (
-        LayerNorm,
-        LayerNormFp32,
-        QuickGELU,
-        ResidualAttentionBlock,
-    )
-
-    v = tower.visual
-    where = "open_clip tower"
-    if getattr(v, "class_embedding", None) is None:
-        raise ExportError(f"{where} has no class token; HF CLIPVisionModel always has one")
-    if not isinstance(v.ln_pre, nn.LayerNorm):
-        raise ExportError(f"{where} has no pre-layernorm (no_ln_pre); HF CLIPVisionModel always applies one")
-    if v.conv1.bias is not None:
-        raise ExportError(f"{where} has a patch-embedding bias; HF CLIPVisionModel's patch embedding has none")
-    if v.grid_size[0] != v.grid_size[1] or v.patch_size[0] != v.patch_size[1]:
-        raise ExportError(f"{where} has a non-square grid or patch; HF CLIPVisionModel needs square ones")
-    norms = [v.ln_pre]
-    acts = set()
-    for i, blk in enumerate(v.transformer.resblocks):
-        here = f"{where} block {i}"
-        if type(blk) is not ResidualAttentionBlock:
-            raise ExportError(
-                f"{here} is a {type(blk).__name__} (qk-norm / scaled-cosine / extra-norm attention); "
-                "only plain ResidualAttentionBlock ViTs convert to HF CLIPVisionModel"
-            )
-        if not (isinstance(blk.ls_1, nn.Identity) and isinstance(blk.ls_2, nn.Identity)):
-            raise ExportError(f"{here} uses LayerScale, which HF CLIPVisionModel does not have")
-        if hasattr(blk, "ln_1_kv"):
-            raise ExportError(f"{here} is a cross-attention block")
-        attn = blk.attn
-        if not isinstance(attn, nn.MultiheadAttention) or attn.in_proj_weight is None or attn.in_proj_bias is None:
-            raise ExportError(f"{here}: attention is not a biased nn.MultiheadAttention with packed q/k/v")
-        if list(dict(blk.mlp.named_children())) != ["c_fc", "gelu", "c_proj"]:
-            raise ExportError(f"{here}: MLP is not c_fc -> act -> c_proj")
-        act = blk.mlp.gelu
-        if isinstance(act, QuickGELU):
-            acts.add("quick_gelu")
-        elif isinstance(act, nn.GELU) and act.approximate == "none":
-            acts.add("gelu")
-        else:
-            raise ExportError(f"{here}: activation {act!r} has no HF CLIP equivalent (gelu or quick_gelu)")
-        norms += [blk.ln_1, blk.ln_2]
-    if len(acts) > 1:
-        raise ExportError(f"{where} mixes activations {sorted(acts)} across blocks")
-    for norm in norms:
-        if not isinstance(norm, LayerNorm | LayerNormFp32 | nn.LayerNorm) or not norm.elementwise_affine:
-            raise ExportError(f"{where}: norm {type(norm).__name__} is not an affine LayerNorm")
-    if len({n.eps for n in norms}) != 1:
-        raise ExportError(f"{where}: its LayerNorms use different eps; HF CLIP has one layer_norm_eps")
 
 
 @torch.no_grad()
@@ -217,7 +148,6 @@ def hf_vision(tower: VisionTower, *, check: bool = True) -> tuple[Any, dict[str,
     if isinstance(tower, HFVisionTower):
         return copy.deepcopy(tower.model.config), dict(tower.model.state_dict())
     if isinstance(tower, OpenClipTower):
-        _check_open_clip_convertible(tower)
         try:
             conf, state = open_clip_to_hf_clip(tower)
         except MMTuneError as exc:

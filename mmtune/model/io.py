@@ -178,3 +178,16 @@ def resolve_checkpoint(path: str | Path) -> Path:
         if steps:
             return max(steps)[1]
     raise MMTuneError(f"{path}: not a saved model ({MODEL_CONFIG_FILE} missing) and holds no checkpoint-* folder")
+
+
+def checkpoint_template(checkpoint: Path) -> str | None:
+    """`data.template` of the run_config.yaml in `checkpoint` or its run folder, if any."""
+    from mmtune.config import load_yaml
+
+    for folder in (checkpoint, checkpoint.parent):
+        path = folder / "run_config.yaml"
+        if path.is_file():
+            template = (load_yaml(path).get("data") or {}).get("template")
+            if isinstance(template, str) and template:
+                return template
+    return None

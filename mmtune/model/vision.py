@@ -405,6 +405,61 @@ def _pretrained_processor_cfg(name: str) -> dict[str, Any] | None:
     return out
 
 
+def check_open_clip_convertible(tower: OpenClipTower) -> None:
+    """Name the first feature of this open_clip ViT that a plain `CLIPVisionModel` cannot express."""
+    from open_clip.transformer import (
+        LayerNorm,
+        LayerNormFp32,
+        QuickGELU,
+        ResidualAttentionBlock,
+    )
+
+    v = tower.visual
+    where = "open_clip tower"
+    if getattr(v, "class_embedding", None) is None:
+        raise MMTuneError(f"{where} has no class token; HF CLIPVisionModel always has one")
+    if not isinstance(v.ln_pre, nn.LayerNorm):
+        raise MMTuneError(f"{where} has no pre-layernorm (no_ln_pre); HF CLIPVisionModel always applies one")
+    if v.conv1.bias is not None:
+        raise MMTuneError(f"{where} has a patch-embedding bias; HF CLIPVisionModel's patch embedding has none")
+    if v.grid_size[0] != v.grid_size[1] or v.patch_size[0] != v.patch_size[1]:
+        raise MMTuneError(f"{where} has a non-square grid or patch; HF CLIPVisionModel needs square ones")
+    norms = [v.ln_pre]
+    acts = set()
+    for i, blk in enumerate(v.transformer.resblocks):
+        here = f"{where} block {i}"
+        if type(blk) is not ResidualAttentionBlock:
+            raise MMTuneError(
+                f"{here} is a {type(blk).__name__} (qk-norm / scaled-cosine / extra-norm attention); "
+                "only plain ResidualAttentionBlock ViTs convert to HF CLIPVisionModel"
+            )
+        if not (isinstance(blk.ls_1, nn.Identity) and isinstance(blk.ls_2, nn.Identity)):
+            raise MMTuneError(f"{here} uses LayerScale, which HF CLIPVisionModel does not have")
+        if hasattr(blk, "ln_1_kv"):
+            raise MMTuneError(f"{here} is a cross-attention block")
+        attn = blk.attn
+        if not isinstance(attn, nn.MultiheadAttention) or attn.in_proj_weight is None or attn.in_proj_bias is None:
+            raise MMTuneError(f"{here}: attention is not a biased nn.MultiheadAttention with packed q/k/v")
+        if list(dict(blk.mlp.named_children())) != ["c_fc", "gelu", "c_proj"]:
+            raise MMTuneError(f"{here}: MLP is not c_fc -> act -> c_proj")
+        act = blk.mlp.gelu
+        if isinstance(act, QuickGELU):
+            acts.add("quick_gelu")
+        elif isinstance(act, nn.GELU) and act.approximate == "none":
+            acts.add("gelu")
+        else:
+            raise MMTuneError(f"{here}: activation {act!r} has no HF CLIP equivalent (gelu or quick_gelu)")
+        norms += [blk.ln_1, blk.ln_2]
+    if len(acts) > 1:
+        raise MMTuneError(f"{where} mixes activations {sorted(acts)} across blocks")
+    for norm in norms:
+        if not isinstance(norm, LayerNorm | LayerNormFp32 | nn.LayerNorm) or not norm.elementwise_affine:
+            raise MMTuneError(f"{where}: norm {type(norm).__name__} is not an affine LayerNorm")
+    if len({n.eps for n in norms}) != 1:
+        raise MMTuneError(f"{where}: its LayerNorms use different eps; HF CLIP has one layer_norm_eps")
+
+
+
 def open_clip_to_hf_clip(tower: OpenClipTower) -> tuple[Any, dict[str, torch.Tensor]]:
     """A `CLIPVisionConfig` and `CLIPVisionModel` state dict holding the same ViT.
 
@@ -414,14 +469,9 @@ def open_clip_to_hf_clip(tower: OpenClipTower) -> tuple[Any, dict[str, torch.Ten
     """
     from transformers import CLIPVisionConfig, CLIPVisionModel
 
+    check_open_clip_convertible(tower)
     v = tower.visual
     blk0 = v.transformer.resblocks[0]
-    if not hasattr(blk0, "attn") or not hasattr(blk0.attn, "in_proj_weight") or not isinstance(blk0.ls_1, nn.Identity):
-        raise MMTuneError("only plain open_clip ViT blocks (nn.MultiheadAttention, no layer scale) convert to HF CLIP")
-    if v.conv1.bias is not None or v.grid_size[0] != v.grid_size[1]:
-        raise MMTuneError(
-            "open_clip tower with a patch-embedding bias or a non-square grid does not convert to HF CLIP"
-        )
     act = blk0.mlp.gelu
     hidden_act = "quick_gelu" if type(act).__name__ == "QuickGELU" else "gelu"
     width = tower.hidden_size
