@@ -1,0 +1,303 @@
+"""Checkpoint folders on disk: atomic writes, rotation, `latest`, RNG and optimizer state.
+
+A checkpoint is `OUT/checkpoint-STEP/`. It is written as `OUT/.tmp-checkpoint-STEP/`
+and renamed only once every file is in place, so a crash (or `kill -9`) in the
+middle of a save leaves the previous checkpoints untouched and at worst a
+`.tmp-*` folder that the next run removes. A folder counts as a checkpoint only
+when it holds `trainer_state.json`, the last file written before the rename.
+
+This module knows nothing about models; the trainer hands it callables that
+write the model files (through `mmtune.model.io`). Optimizer, scheduler and RNG
+states are `torch.save`d dicts of tensors and plain Python values and are read
+back with `torch.load(weights_only=True)`, which refuses arbitrary pickles.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from mmtune.errors import MMTuneError
+
+CHECKPOINT_PREFIX = "checkpoint-"
+TMP_PREFIX = ".tmp-checkpoint-"
+OLD_PREFIX = ".old-checkpoint-"
+STATE_FILE = "trainer_state.json"
+OPTIMIZER_FILE = "optimizer.pt"
+SCHEDULER_FILE = "scheduler.pt"
+RNG_FILE = "rng.pt"
+RUN_CONFIG_FILE = "run_config.yaml"
+
+_CKPT_RE = re.compile(r"^checkpoint-(\d+)$")
+
+
+class CheckpointError(MMTuneError):
+    """A checkpoint that cannot be found or read (one line naming the folder)."""
+
+
+# --------------------------------------------------------------------------- #
+# Finding checkpoints
+# --------------------------------------------------------------------------- #
+
+
+def is_checkpoint(folder: str | os.PathLike[str]) -> bool:
+    """True for a complete checkpoint folder (its state file is the last thing written)."""
+    return (Path(folder) / STATE_FILE).is_file()
+
+
+def list_checkpoints(output_dir: str | os.PathLike[str]) -> list[tuple[int, Path]]:
+    """Complete `checkpoint-STEP` folders of a run, oldest step first."""
+    root = Path(output_dir)
+    if not root.is_dir():
+        return []
+    found = []
+    for child in root.iterdir():
+        m = _CKPT_RE.match(child.name)
+        if m and child.is_dir() and is_checkpoint(child):
+            found.append((int(m.group(1)), child))
+    return sorted(found)
+
+
+def latest_checkpoint(output_dir: str | os.PathLike[str]) -> Path | None:
+    """The complete checkpoint with the highest step, or None."""
+    ckpts = list_checkpoints(output_dir)
+    return ckpts[-1][1] if ckpts else None
+
+
+def resolve_checkpoint(path: str | os.PathLike[str]) -> Path:
+    """A checkpoint folder, or a run folder meaning its latest checkpoint."""
+    p = Path(path).expanduser()
+    if is_checkpoint(p):
+        return p
+    if p.is_dir():
+        latest = latest_checkpoint(p)
+        if latest is not None:
+            return latest
+        raise CheckpointError(f"{p}: neither a checkpoint folder (no {STATE_FILE}) nor a run folder with checkpoint-* inside")
+    raise CheckpointError(f"{p}: checkpoint folder not found")
+
+
+def resolve_resume(resume_from: str | None, output_dir: str | os.PathLike[str]) -> Path | None:
+    """Where to resume from: None (fresh run), `latest` in `output_dir`, or a given folder.
+
+    `latest` with no checkpoint yet is a fresh start, so the same command can be
+    used to start a job and to restart it after preemption.
+    """
+    if not resume_from:
+        return None
+    if resume_from == "latest":
+        return latest_checkpoint(output_dir)
+    return resolve_checkpoint(resume_from)
+
+
+def step_of(folder: str | os.PathLike[str]) -> int:
+    state = read_trainer_state(folder)
+    return int(state["step"])
+
+
+# --------------------------------------------------------------------------- #
+# Atomic write, rotation, clean-up
+# --------------------------------------------------------------------------- #
+
+
+def checkpoint_path(output_dir: str | os.PathLike[str], step: int) -> Path:
+    return Path(output_dir) / f"{CHECKPOINT_PREFIX}{step}"
+
+
+def temp_path(output_dir: str | os.PathLike[str], step: int) -> Path:
+    return Path(output_dir) / f"{TMP_PREFIX}{step}"
+
+
+def begin_checkpoint(output_dir: str | os.PathLike[str], step: int) -> Path:
+    """Create an empty temp folder for checkpoint `step` (removing a stale one)."""
+    tmp = temp_path(output_dir, step)
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    return tmp
+
+
+def _fsync_tree(folder: Path) -> None:
+    # Data must be on disk before the rename makes the folder visible as complete.
+    for path in sorted(folder.rglob("*")):
+        if path.is_file():
+            with open(path, "rb") as fh:
+                os.fsync(fh.fileno())
+    _fsync_dir(folder)
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def commit_checkpoint(output_dir: str | os.PathLike[str], step: int, state: dict[str, Any]) -> Path:
+    """Write the state file last, fsync, and rename the temp folder into place.
+
+    An existing `checkpoint-STEP` (a re-save of the same step) is moved aside
+    first and deleted only after the new one is in place.
+    """
+    tmp = temp_path(output_dir, step)
+    write_json_atomic(tmp / STATE_FILE, state)
+    _fsync_tree(tmp)
+    final = checkpoint_path(output_dir, step)
+    old = None
+    if final.exists():
+        old = Path(output_dir) / f"{OLD_PREFIX}{step}"
+        if old.exists():
+            shutil.rmtree(old)
+        os.replace(final, old)
+    os.replace(tmp, final)
+    _fsync_dir(Path(output_dir))
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def write_checkpoint(
+    output_dir: str | os.PathLike[str], step: int, write_files: Callable[[Path], None], state: dict[str, Any]
+) -> Path:
+    """Single-process convenience: temp folder, `write_files(tmp)`, state file, rename."""
+    tmp = begin_checkpoint(output_dir, step)
+    write_files(tmp)
+    return commit_checkpoint(output_dir, step, state)
+
+
+def rotate_checkpoints(output_dir: str | os.PathLike[str], keep: int, protect: Path | None = None) -> list[Path]:
+    """Delete the oldest checkpoints so at most `keep` remain (`keep <= 0`: keep all).
+
+    `protect` (the checkpoint a run resumed from) is never deleted.
+    """
+    if keep <= 0:
+        return []
+    ckpts = list_checkpoints(output_dir)
+    removed = []
+    excess = len(ckpts) - keep
+    for _, path in ckpts:
+        if excess <= 0:
+            break
+        if protect is not None and path.resolve() == Path(protect).resolve():
+            continue
+        shutil.rmtree(path, ignore_errors=True)
+        removed.append(path)
+        excess -= 1
+    return removed
+
+
+def remove_stale_temps(output_dir: str | os.PathLike[str]) -> list[Path]:
+    """Remove half-written `.tmp-checkpoint-*` / `.old-checkpoint-*` folders of crashed saves.
+
+    An `.old-` folder whose `checkpoint-STEP` is missing (a crash between the two
+    renames) is put back instead of being deleted.
+    """
+    root = Path(output_dir)
+    if not root.is_dir():
+        return []
+    removed = []
+    for child in root.iterdir():
+        if child.name.startswith(OLD_PREFIX):
+            final = root / (CHECKPOINT_PREFIX + child.name[len(OLD_PREFIX):])
+            if not final.exists() and is_checkpoint(child):
+                os.replace(child, final)
+                continue
+        if child.name.startswith((TMP_PREFIX, OLD_PREFIX)) and child.is_dir():
+            shutil.rmtree(child, ignore_errors=True)
+            removed.append(child)
+    return removed
+
+
+def write_json_atomic(path: str | os.PathLike[str], obj: Any) -> None:
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w", encoding="utf-8") as fh:
+        json.dump(obj, fh, indent=1, sort_keys=True)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def read_trainer_state(folder: str | os.PathLike[str]) -> dict[str, Any]:
+    path = Path(folder) / STATE_FILE
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise CheckpointError(f"{folder}: not a checkpoint (no {STATE_FILE})") from None
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{path}: unreadable ({exc})") from None
+
+
+# --------------------------------------------------------------------------- #
+# Tensor state files (optimizer, scheduler, RNG)
+# --------------------------------------------------------------------------- #
+
+
+def save_state_file(obj: Any, path: str | os.PathLike[str]) -> None:
+    torch.save(obj, str(path))
+
+
+def load_state_file(path: str | os.PathLike[str]) -> Any:
+    """`torch.load(weights_only=True)`: tensors and plain values only, never arbitrary code."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: missing from the checkpoint")
+    try:
+        return torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any unpickling failure is a corrupt file
+        raise CheckpointError(f"{path}: cannot be read ({type(exc).__name__}: {exc})".splitlines()[0]) from None
+
+
+def capture_rng_state() -> dict[str, Any]:
+    """Python, NumPy, torch (and CUDA) generator states, as weights_only-loadable values."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state(legacy=True)
+    state: dict[str, Any] = {
+        "python": random.getstate(),
+        "numpy": {
+            "kind": str(kind),
+            "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(cached),
+        },
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng_state(state: dict[str, Any]) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    npst = state["numpy"]
+    np.random.set_state(
+        (npst["kind"], npst["keys"].numpy().astype(np.uint32), npst["pos"], npst["has_gauss"], npst["cached_gaussian"])
+    )
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        cuda_states = state["cuda"]
+        if len(cuda_states) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(cuda_states)
+        else:  # a different GPU count: at least this process's device continues its stream
+            torch.cuda.set_rng_state(cuda_states[min(torch.cuda.current_device(), len(cuda_states) - 1)])
+
+
+def rng_file(rank: int) -> str:
+    """`rng.pt` for process 0 (the contract's name), `rng-rank{r}.pt` for the others."""
+    return RNG_FILE if rank == 0 else f"rng-rank{rank}.pt"

@@ -1,0 +1,782 @@
+"""`mmtune train`: the training recipe (align / instruct stages) on accelerate.
+
+    mmtune train CONFIG.yaml [--output-dir DIR] [--max-steps N] [--resume-from latest|PATH] [key.sub=value ...]
+
+One process on CPU or one GPU as is; several through `accelerate launch` (or
+`torchrun`), each process reading its own share of the data. The recipe:
+
+1. config -> `DIR/run_config.yaml`; a resumed run picks its checkpoint
+   (`latest` = the highest complete `DIR/checkpoint-STEP`).
+2. model: `build_model` (or `load_model` of the checkpoint), LoRA if asked,
+   `set_trainable(stage)`; what trains is printed with parameter counts.
+3. data: `ExampleStream` (JSONL and/or webdataset shards, split by rank) ->
+   `Batcher` (length grouping / packing), streamed endlessly over epochs; the
+   number of steps is `train.max_steps`, or `num_epochs` worth of batches
+   counted in one pass before training.
+4. loop: gradient accumulation through `accelerator.accumulate`, clipping,
+   AdamW + cosine/constant schedule with warmup, one metrics row per
+   `log_every` steps, checkpoints every `save_every` steps and at the end.
+
+What stops a run, and what it leaves: SIGTERM/SIGINT -> a checkpoint of the
+step just finished, exit code 143; NaN/inf loss -> `NonFiniteLossError`
+naming the step, nothing saved for it (the last good checkpoint stays
+`latest`); CUDA out of memory -> `TrainingOOMError` naming the batch and the
+settings to lower, after saving the last completed step. Resuming restores
+weights, optimizer, scheduler, RNG and the data position, so the losses of an
+interrupted-and-resumed run equal those of an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import gc
+import logging
+import math
+import os
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mmtune.config import RunConfig, load_config, save_config, to_dict
+from mmtune.errors import MMTuneError
+from mmtune.train import checkpoint as ckpt
+from mmtune.train.metrics import (
+    LOSS_PNG,
+    METRICS_FILE,
+    BatchTrace,
+    MetricsLogger,
+    plot_loss_curve,
+)
+from mmtune.train.trainer import (
+    FaultInjector,
+    NonFiniteLossError,
+    StopSignal,
+    TrainingOOMError,
+    build_optimizer,
+    build_scheduler,
+    describe_batch,
+    free_accelerator_memory,
+    oom_message,
+    resolve_mixed_precision,
+)
+
+log = logging.getLogger("mmtune.train")
+
+STATE_FORMAT = "mmtune.trainer/1"
+LOG_FILE = "train.log"
+EXIT_STOPPED = 143  # 128 + SIGTERM: stopped on request, checkpoint saved
+
+
+@dataclass
+class TrainResult:
+    """What a finished (or cleanly stopped) run leaves behind."""
+
+    output_dir: Path
+    step: int
+    total_steps: int
+    last_checkpoint: Path | None
+    stopped_by: str | None = None  # "SIGTERM" / "SIGINT" when stopped early
+    last_loss: float | None = None
+    skip_counts: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def completed(self) -> bool:
+        return self.stopped_by is None and self.step >= self.total_steps
+
+
+# --------------------------------------------------------------------------- #
+# Entry points
+# --------------------------------------------------------------------------- #
+
+
+def train(cfg: RunConfig) -> TrainResult:
+    """Run (or resume) training as `cfg` says; see the module docstring."""
+    from accelerate import Accelerator
+
+    _check_config(cfg)
+    precision = resolve_mixed_precision(cfg.train.mixed_precision)
+    # Several processes without CUDA (torchrun / accelerate on CPU): accelerate
+    # only sets up its gloo process group when told the run is on CPU.
+    multi_cpu = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
+    accelerator = Accelerator(
+        cpu=multi_cpu,
+        gradient_accumulation_steps=cfg.train.grad_accum,
+        mixed_precision=precision,
+        # The schedule is stepped here once per optimizer step, not by accelerate
+        # (which would step it once per process).
+        step_scheduler_with_optimizer=False,
+    )
+    recipe = _Recipe(cfg, accelerator)
+    try:
+        return recipe.run()
+    finally:
+        recipe.close()
+        _release_accelerator(accelerator)
+
+
+def _check_config(cfg: RunConfig) -> None:
+    tc = cfg.train
+    if tc.stage not in ("align", "instruct"):
+        raise MMTuneError(f"train.stage must be align or instruct, got {tc.stage!r}")
+    if tc.lora.enabled and tc.stage != "instruct":
+        raise MMTuneError("train.lora applies to stage instruct (stage align trains the projector only)")
+    if tc.batch_size < 1:
+        raise MMTuneError(f"train.batch_size must be >= 1, got {tc.batch_size}")
+    if tc.grad_accum < 1:
+        raise MMTuneError(f"train.grad_accum must be >= 1, got {tc.grad_accum}")
+    if tc.max_steps == 0 or tc.max_steps < -1:
+        raise MMTuneError(f"train.max_steps must be > 0 (or -1 for num_epochs), got {tc.max_steps}")
+    if tc.max_steps < 0 and not tc.num_epochs > 0:
+        raise MMTuneError(f"train.num_epochs must be > 0 when train.max_steps is -1, got {tc.num_epochs}")
+    if tc.log_every < 1:
+        raise MMTuneError(f"train.log_every must be >= 1, got {tc.log_every}")
+    if tc.save_every < 0:
+        raise MMTuneError(f"train.save_every must be >= 0, got {tc.save_every}")
+    if not cfg.data.train:
+        raise MMTuneError("data.train is empty: give unified-record JSONL files or shard patterns")
+
+
+def _release_accelerator(accelerator: Any) -> None:
+    """End the process group and forget accelerate's singletons (so a second run in-process works)."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    # DDP's reducer (and its gloo work) must be gone before the process group is
+    # destroyed, or the interpreter can abort at exit: drop accelerate's references too.
+    accelerator.free_memory()
+    gc.collect()
+    try:
+        if accelerator.num_processes > 1:
+            accelerator.wait_for_everyone()
+        accelerator.end_training()
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
+        GradientState._reset_state()
+
+
+# --------------------------------------------------------------------------- #
+# The recipe
+# --------------------------------------------------------------------------- #
+
+
+class _Recipe:
+    def __init__(self, cfg: RunConfig, accelerator: Any) -> None:
+        self.cfg = cfg
+        self.tc = cfg.train
+        self.acc = accelerator
+        self.rank = accelerator.process_index
+        self.world = accelerator.num_processes
+        self.main = accelerator.is_main_process
+        self.out = Path(self.tc.output_dir)
+        self.faults = FaultInjector(rank=self.rank)
+        self.metrics: MetricsLogger | None = None
+        self.trace: BatchTrace | None = None
+        self._log_handlers: list[logging.Handler] = []
+        self._log_level = logging.NOTSET
+        self.model: Any = None
+        self.ddp_model: Any = None
+        self.batcher: Any = None
+        self._rng_to_restore: dict[str, Any] | None = None
+        self.optimizer: Any = None
+        self.scheduler: Any = None
+        self.bundle: Any = None
+        self.step = 0
+        self.total_steps = 0
+        self.tokens = 0
+        self.examples = 0
+        self.last_saved_step: int | None = None
+        self.last_checkpoint: Path | None = None
+        self.resumed_from: Path | None = None
+        self.last_loss: float | None = None
+        self.skip_counts: dict[str, int] = {}
+
+    # ------------------------------------------------------------------ setup
+    def run(self) -> TrainResult:
+        from accelerate.utils import DistributedType
+
+        if self.acc.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+            raise MMTuneError(
+                f"accelerate config uses {self.acc.distributed_type.value}; mmtune's checkpoints support one "
+                "process or DDP (multi-GPU / multi-CPU) for now: choose 'multi-GPU' in `accelerate config`"
+            )
+        self._prepare_output_dir()
+        self._setup_logging()
+        self.resumed_from = ckpt.resolve_resume(self.tc.resume_from, self.out)
+        state = ckpt.read_trainer_state(self.resumed_from) if self.resumed_from else None
+        if state is not None and int(state.get("world_size", 1)) != self.world:
+            raise MMTuneError(
+                f"{self.resumed_from} was written by {state.get('world_size')} process(es), this run has "
+                f"{self.world}: resume with the same number of processes (the data split depends on it)"
+            )
+        if state is not None and state.get("stage", self.tc.stage) != self.tc.stage:
+            raise MMTuneError(
+                f"{self.resumed_from} is a stage {state.get('stage')} checkpoint and this run is stage {self.tc.stage}: "
+                f"to start {self.tc.stage} from it, set model.projector.checkpoint={self.resumed_from} instead of "
+                "resume_from"
+            )
+        if self.resumed_from is None and self.tc.resume_from == "latest":
+            log.info("resume_from=latest: no checkpoint in %s yet, starting fresh", self.out)
+
+        self._build_model()
+        self._build_data()
+        self.total_steps = self._count_total_steps()
+        self.optimizer = build_optimizer(self.model.named_parameters(), self.tc)
+        self.scheduler = build_scheduler(self.optimizer, self.tc, self.total_steps)
+        self.ddp_model, self.optimizer = self.acc.prepare(self.model, self.optimizer)
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        if state is not None:
+            self._load_training_state(self.resumed_from, state)
+        resume_step = self.step if state is not None else None
+        self.metrics = MetricsLogger(self.out, enabled=self.main, resume_step=resume_step)
+        self.trace = BatchTrace(self.out, self.rank, resume_step=resume_step)
+        self._announce()
+        with StopSignal() as stop:
+            return self._loop(stop)
+
+    def _prepare_output_dir(self) -> None:
+        if self.main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            for stale in ckpt.remove_stale_temps(self.out):
+                print(f"mmtune train: removed the unfinished checkpoint {stale} of an interrupted save", file=sys.stderr)
+            tmp = self.out / f".{ckpt.RUN_CONFIG_FILE}.tmp"
+            save_config(self.cfg, tmp)
+            os.replace(tmp, self.out / ckpt.RUN_CONFIG_FILE)
+        self.acc.wait_for_everyone()
+
+    def _setup_logging(self) -> None:
+        """mmtune's log (skipped record ids, checkpoints, stops) goes to DIR/train.log (+ warnings on stderr)."""
+        root = logging.getLogger("mmtune")
+        self._log_level = root.level
+        root.setLevel(logging.INFO)
+        name = LOG_FILE if self.rank == 0 else f"train-rank{self.rank}.log"
+        fh = logging.FileHandler(self.out / name, encoding="utf-8")
+        fh.setLevel(logging.INFO)
+        fh.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        handlers: list[logging.Handler] = [fh]
+        if self.main:
+            handlers.append(_TqdmHandler(logging.WARNING))
+        for h in handlers:
+            root.addHandler(h)
+        self._log_handlers = handlers
+
+    def _build_model(self) -> None:
+        from accelerate.utils import set_seed
+
+        from mmtune.model.build import build_model
+        from mmtune.model.io import load_model
+        from mmtune.model.lora import apply_lora
+
+        set_seed(self.tc.seed)  # random-init parts are seeded by the caller
+        if self.resumed_from is not None:
+            bundle = load_model(self.resumed_from)
+            if to_dict(bundle.config) != to_dict(self.cfg.model):
+                diff = _dict_diff(to_dict(self.cfg.model), to_dict(bundle.config), "model")
+                raise MMTuneError(f"cannot resume from {self.resumed_from}: the model config changed ({diff})")
+        else:
+            bundle = build_model(self.cfg.model, corpus=self._tokenizer_corpus())
+            if self.cfg.model.projector.checkpoint:
+                log.info("projector initialised from %s", self.cfg.model.projector.checkpoint)
+        model = bundle.model
+        if self.tc.lora.enabled and not model.has_lora:
+            apply_lora(model, self.tc.lora)
+        model.set_trainable(self.tc.stage, self.tc.unfreeze_vision)
+        if self.tc.gradient_checkpointing:
+            model.gradient_checkpointing_enable()
+        model.train()
+        self.bundle, self.model = bundle, model
+
+    def _tokenizer_corpus(self) -> list[str] | None:
+        """Texts for a byte-level BPE trained at build time (when no train_files are named)."""
+        tok = self.cfg.model.tokenizer
+        if tok.name_or_path or not tok.train_vocab_size or tok.train_files:
+            return None
+        from mmtune.data.schema import read_records
+        from mmtune.data.shards import is_shard_source, iter_records
+        from mmtune.data.tokenizer import record_texts
+
+        texts: list[str] = []
+        for src in self.cfg.data.train:
+            records = iter_records(src) if is_shard_source(src) else read_records(src, strict=False)
+            texts.extend(record_texts(records))
+        return texts
+
+    def _make_batcher(self, epochs: int | None) -> Any:
+        from mmtune.data.batching import Batcher
+        from mmtune.data.stream import ExampleStream
+
+        dc = self.cfg.data
+        stream = ExampleStream(
+            dc.train, self.bundle.tokenizer, dc.template,
+            max_length=dc.max_length, num_image_tokens=self.bundle.num_image_tokens,
+            image_transform=self.bundle.image_transform, image_root=dc.image_root,
+            shuffle=True, shuffle_buffer=dc.shuffle_buffer, seed=self.tc.seed, epochs=epochs,
+            holdout_tasks=dc.holdout_tasks, rank=self.rank, world_size=self.world, num_workers=dc.num_workers,
+        )
+        return Batcher(stream, batch_size=self.tc.batch_size, pad_token_id=self.bundle.tokenizer.pad_token_id,
+                       group_by_length=dc.group_by_length, packing=dc.packing, seed=self.tc.seed)
+
+    def _build_data(self) -> None:
+        # Endless: epochs follow one another inside the stream, and every rank
+        # runs the same number of steps, so no rank ever waits for one that ran dry.
+        self.batcher = self._make_batcher(epochs=None)
+
+    def _count_total_steps(self) -> int:
+        if self.tc.max_steps > 0:
+            return self.tc.max_steps
+        from accelerate.utils import gather_object
+
+        counter = self._make_batcher(epochs=1)
+        quiet = logging.getLogger("mmtune.data")
+        level = quiet.level
+        quiet.setLevel(logging.ERROR)  # skips are logged once, during training
+        try:
+            from tqdm.auto import tqdm
+
+            n = 0
+            for _ in tqdm(counter, desc="counting batches", unit="batch", disable=not (self.main and self.tc.progress),
+                          leave=False):
+                n += 1
+        finally:
+            quiet.setLevel(level)
+        per_rank = gather_object([n])
+        steps = math.floor(min(per_rank) * self.tc.num_epochs / self.tc.grad_accum)
+        if steps < 1:
+            raise MMTuneError(f"{min(per_rank)} batch(es) per process x {self.tc.num_epochs} epoch(s) / grad_accum "
+                              f"{self.tc.grad_accum} is less than one step; add data or set train.max_steps")
+        log.info("num_epochs=%s: %s batches per process per epoch -> %d steps", self.tc.num_epochs, per_rank, steps)
+        return steps
+
+    def _load_training_state(self, folder: Path, state: dict[str, Any]) -> None:
+        try:
+            self.optimizer.load_state_dict(ckpt.load_state_file(folder / ckpt.OPTIMIZER_FILE))
+        except ValueError as exc:  # torch's "parameter group doesn't match the size of optimizer's group"
+            raise MMTuneError(f"{folder}: the optimizer state does not fit this run's trainable parameters "
+                              f"(train.stage / train.lora / unfreeze_vision changed?): {exc}") from None
+        self.scheduler.load_state_dict(ckpt.load_state_file(folder / ckpt.SCHEDULER_FILE))
+        data_states = state.get("data_state") or []
+        if len(data_states) != self.world:
+            raise MMTuneError(f"{folder}: data position saved for {len(data_states)} process(es), this run has {self.world}")
+        self._load_data_state(data_states[self.rank])
+        self._rng_to_restore = ckpt.load_state_file(folder / ckpt.rng_file(self.rank))
+        self.step = int(state["step"])
+        self.tokens = int(state.get("tokens", 0))
+        self.examples = int(state.get("examples", 0))
+        self.skip_counts = {str(k): int(v) for k, v in state.get("skip_counts", {}).items()}
+        self.last_saved_step = self.step
+        self.last_checkpoint = folder
+        log.info("resumed from %s at step %d", folder, self.step)
+
+    def _load_data_state(self, data_state: dict[str, Any]) -> None:
+        try:
+            self.batcher.load_state_dict(data_state)
+        except MMTuneError as exc:
+            if "cannot resume batching" not in str(exc):
+                raise
+            # Batch size / grouping changed (e.g. lowered after an OOM): continue from
+            # the start of the interrupted buffer; its examples may be seen again.
+            self.batcher.stream.load_state_dict(data_state["stream"])
+            log.warning("batching settings changed since the checkpoint; the data resumes at the start of the "
+                        "interrupted buffer (up to %d examples are seen a second time)", self.batcher.buffer_size)
+
+    def _announce(self) -> None:
+        if not self.main:
+            return
+        tc = self.tc
+        tower = self.model.vision is not None and any(p.requires_grad for p in self.model.vision.parameters())
+        what = f"stage {tc.stage}" + (", LoRA" if self.model.has_lora else "") + (", vision tower unfrozen" if tower else "")
+        lines = [
+            f"mmtune train: {self.cfg.model.mode} model, {what}; trainable parameters:",
+            self.model.trainable_summary(),
+            (f"  steps {self.step} -> {self.total_steps}, {self.world} process(es) x batch {tc.batch_size} "
+             f"x grad_accum {tc.grad_accum}, mixed precision {self.acc.mixed_precision}, device {self.acc.device}"),
+            f"  output: {self.out}" + (f" (resumed from {self.resumed_from.name})" if self.resumed_from else ""),
+        ]
+        print("\n".join(lines), flush=True)
+        log.info("\n".join(lines))
+
+    # ------------------------------------------------------------------- loop
+    def _loop(self, stop: StopSignal) -> TrainResult:
+        from tqdm.auto import tqdm
+
+        tc = self.tc
+        if self.step >= self.total_steps:
+            if self.main:
+                print(f"mmtune train: already at step {self.step} >= {self.total_steps} steps; nothing to do")
+            return self._result()
+        if self._rng_to_restore is not None:  # last: building and wrapping the model drew random numbers
+            ckpt.restore_rng_state(self._rng_to_restore)
+        batches = iter(self.batcher)
+        bar = tqdm(total=self.total_steps, initial=self.step, desc=f"train ({tc.stage})", unit="step",
+                   disable=not (self.main and tc.progress), dynamic_ncols=True)
+        window = _Window()
+        stop_reason: str | None = None
+        try:
+            while self.step < self.total_steps:
+                out = self._step(self.step + 1, batches, stop)
+                self.step += 1
+                self.tokens += int(out.tokens)
+                self.examples += int(out.examples)
+                self.last_loss = out.loss_sum / max(out.n_micro, 1.0)
+                window.add(out)
+                bar.update(1)
+                if self.step % tc.log_every == 0 or self.step == self.total_steps or out.stop:
+                    self._log_row(window, bar)
+                    window = _Window()
+                if out.stop:
+                    stop_reason = stop.name or "a signal to another process"
+                    self._save()
+                    log.warning("stopped by %s at step %d; checkpoint %s; continue with --resume-from latest",
+                                stop_reason, self.step, self.last_checkpoint)
+                    break
+                if tc.save_every and self.step % tc.save_every == 0 and self.step < self.total_steps:
+                    self._save()
+            else:
+                if self.last_saved_step != self.step:
+                    self._save()
+        finally:
+            bar.close()
+        self.acc.wait_for_everyone()
+        if self.main:
+            png = plot_loss_curve(self.out / METRICS_FILE, self.out / LOSS_PNG, title=f"mmtune train ({tc.stage})")
+            if png is not None:
+                log.info("loss curve: %s", png)
+        return self._result(stop_reason)
+
+    def _step(self, step_no: int, batches: Iterator[dict[str, Any]], stop: StopSignal) -> _StepStats:
+        """One optimizer step over grad_accum micro-batches; raises on OOM / non-finite loss.
+
+        Losses stay on the device until one all-reduce per step (sums over
+        processes and micro-batches, the stop flag included), so a GPU
+        synchronises once per step rather than once per micro-batch.
+        """
+        tc, device = self.tc, self.acc.device
+        # Where this step started, for the checkpoint a one-process run writes after an OOM.
+        start_data = self.batcher.state_dict() if self.world == 1 else None
+        start_rng = ckpt.capture_rng_state() if self.world == 1 else None
+        losses: list[torch.Tensor] = []
+        seen: list[dict[str, Any]] = []
+        counts = [0.0, 0.0, 0.0, 0.0]  # tokens, slots, examples, images (known on the host)
+        for micro in range(tc.grad_accum):
+            batch = next(batches)
+            seen.append(batch)
+            if self.trace is not None:
+                self.trace.log(step_no, micro, batch)
+            oom: str | None = None
+            inputs: dict[str, Any] | None = None
+            loss: torch.Tensor | None = None
+            try:
+                with self.acc.accumulate(self.ddp_model):
+                    inputs = _to_device(batch, device)
+                    self.faults.maybe_oom(step_no)
+                    loss = self.ddp_model(**inputs).loss
+                    if loss is None:
+                        raise MMTuneError("the model returned no loss (are labels missing from the batch?)")
+                    loss = self.faults.maybe_nan(step_no, loss)
+                    self.acc.backward(loss)
+            except torch.OutOfMemoryError:
+                oom = oom_message(step_no, micro + 1, tc.grad_accum, batch, tc, self.cfg.data)
+            if oom is not None:
+                # Outside the except block, so the traceback (and the activations its
+                # frames hold) is gone before memory is freed and the checkpoint written.
+                inputs = loss = None
+                self._handle_oom(oom, start_data, start_rng)  # raises
+            losses.append(loss.detach().float())  # type: ignore[union-attr]
+            mask = batch["attention_mask"]
+            counts = [counts[0] + float(mask.sum()), counts[1] + mask.numel(),
+                      counts[2] + len(batch["ids"]), counts[3] + sum(batch["num_images"])]
+        self.faults.maybe_sigterm(step_no)
+        stacked = torch.stack(losses)
+        finite = torch.isfinite(stacked)
+        local = torch.cat([
+            torch.where(finite, stacked, torch.zeros_like(stacked)).sum().reshape(1).double(),
+            torch.tensor([float(len(losses)), *counts, 1.0 if stop.requested else 0.0], device=stacked.device,
+                         dtype=torch.float64),
+            (~finite).sum().reshape(1).double(),
+        ])
+        loss_sum, n_micro, tokens, slots, n_ex, n_img, stop_flag, nonfinite = \
+            self.acc.reduce(local.to(device), reduction="sum").cpu().tolist()
+        if nonfinite:
+            bad = [b for b, ok in zip(seen, finite.cpu().tolist(), strict=True) if not ok]
+            here = f" on batch {describe_batch(bad[0])}" if bad else " on another process"
+            raise NonFiniteLossError(
+                f"loss is NaN/inf at step {step_no}{here}; stopped without saving this step. "
+                f"Last good checkpoint: {self._last_good()}. Lower train.lr or check those records, "
+                "then resume with --resume-from latest"
+            )
+        lr = float(self.scheduler.get_last_lr()[0])
+        try:
+            grad_norm = self._clip()
+            if grad_norm is not None and not math.isfinite(grad_norm) and self.acc.mixed_precision != "fp16":
+                raise NonFiniteLossError(
+                    f"gradient norm is {grad_norm} at step {step_no}; stopped without saving this step. "
+                    f"Last good checkpoint: {self._last_good()}. Lower train.lr or train.max_grad_norm"
+                )
+            self.optimizer.step()
+        except torch.OutOfMemoryError:
+            # AdamW allocates its two moment buffers at the first step: 2 x the trainable parameters.
+            n = sum(p.numel() for p in self.params)
+            raise TrainingOOMError(
+                f"out of memory in the optimizer step of step {step_no} (AdamW keeps 2 x {n:,} trainable "
+                f"parameters in float32); train fewer parameters (train.lora.enabled=true, train.stage=align) "
+                f"or use a larger device. Last checkpoint: {self._last_good()}"
+            ) from None
+        if not self.acc.optimizer_step_was_skipped:  # fp16 overflow: the scaler skipped the step
+            self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return _StepStats(loss_sum, n_micro, tokens, slots, n_ex, n_img, bool(stop_flag), grad_norm, lr)
+
+    def _clip(self) -> float | None:
+        if self.tc.max_grad_norm and self.tc.max_grad_norm > 0:
+            norm = self.acc.clip_grad_norm_(self.params, self.tc.max_grad_norm)
+            return float(norm) if norm is not None else None
+        return None
+
+    def _log_row(self, window: _Window, bar: Any) -> None:
+        from accelerate.utils import gather_object
+
+        # Skip counts live in each process's stream; the row reports the sum.
+        per_rank = gather_object([dict(self.batcher.stream.skip_counts)])
+        skips: dict[str, int] = {}
+        for counts in per_rank:
+            for kind, n in counts.items():
+                skips[kind] = skips.get(kind, 0) + int(n)
+        self.skip_counts = skips
+        elapsed = max(time.perf_counter() - window.started, 1e-9)
+        row = {
+            "step": self.step,
+            "loss": window.loss_sum / max(window.n_micro, 1.0),
+            "lr": window.lr,
+            "tokens": self.tokens,
+            "tokens_per_s": window.tokens / elapsed,
+            "padding_share": 1.0 - window.tokens / window.slots if window.slots else 0.0,
+            "skipped": sum(skips.values()),
+            "skips": skips,
+            "examples": self.examples,
+            "images": int(window.images),
+            "grad_norm": window.grad_norm,
+        }
+        if self.metrics is not None:
+            self.metrics.log(row)
+        bar.set_postfix(loss=f"{row['loss']:.4f}", tok_s=f"{row['tokens_per_s']:.0f}", lr=f"{window.lr:.2e}",
+                        refresh=False)
+
+    # ------------------------------------------------------------ checkpoints
+    def _last_good(self) -> str:
+        latest = ckpt.latest_checkpoint(self.out)
+        return str(latest) if latest is not None else "none (no checkpoint was saved yet)"
+
+    def _save(self, data_state: dict[str, Any] | None = None, rng_state: dict[str, Any] | None = None) -> Path:
+        """Write DIR/checkpoint-STEP atomically: temp folder, every file, state file, rename."""
+        from accelerate.utils import gather_object
+
+        from mmtune.model.io import save_model
+
+        step = self.step
+        self.acc.wait_for_everyone()
+        if self.main:
+            ckpt.begin_checkpoint(self.out, step)
+        self.acc.wait_for_everyone()
+        tmp = ckpt.temp_path(self.out, step)
+        ckpt.save_state_file(rng_state or ckpt.capture_rng_state(), tmp / ckpt.rng_file(self.rank))
+        data_states = gather_object([data_state or self.batcher.state_dict()])
+        skips = gather_object([dict(self.batcher.stream.skip_counts)])
+        if self.main:
+            with _quiet_hf_progress():
+                save_model(self.bundle, tmp)
+            self.faults.maybe_kill_during_save(step)
+            ckpt.save_state_file(self.optimizer.state_dict(), tmp / ckpt.OPTIMIZER_FILE)
+            ckpt.save_state_file(self.scheduler.state_dict(), tmp / ckpt.SCHEDULER_FILE)
+            save_config(self.cfg, tmp / ckpt.RUN_CONFIG_FILE)
+        self.acc.wait_for_everyone()
+        final = ckpt.checkpoint_path(self.out, step)
+        if self.main:
+            total: dict[str, int] = {}
+            for counts in skips:
+                for kind, n in counts.items():
+                    total[kind] = total.get(kind, 0) + int(n)
+            state = {
+                "format": STATE_FORMAT, "step": step, "total_steps": self.total_steps, "stage": self.tc.stage,
+                "world_size": self.world, "tokens": self.tokens, "examples": self.examples,
+                "skip_counts": total, "data_state": data_states, "last_loss": self.last_loss,
+            }
+            ckpt.commit_checkpoint(self.out, step, state)
+            for old in ckpt.rotate_checkpoints(self.out, self.tc.save_total_limit):
+                log.info("removed old checkpoint %s (save_total_limit=%d)", old, self.tc.save_total_limit)
+            log.info("saved %s", final)
+        self.acc.wait_for_everyone()
+        self.last_saved_step = step
+        self.last_checkpoint = final
+        return final
+
+    def _handle_oom(self, message: str, start_data: dict[str, Any] | None, start_rng: dict[str, Any] | None) -> None:
+        """Free memory, save the last completed step (one process), raise a TrainingOOMError."""
+        self.optimizer.zero_grad(set_to_none=True)
+        free_accelerator_memory()
+        saved = ""
+        if self.world == 1 and self.step > 0 and self.last_saved_step != self.step:
+            try:
+                path = self._save(data_state=start_data, rng_state=start_rng)
+                saved = f"; saved {path} (the last completed step), resume it with --resume-from latest"
+            except Exception as exc:  # noqa: BLE001 - saving is best effort after an OOM
+                saved = f"; could not save a checkpoint ({type(exc).__name__}: {exc})"
+        elif self.last_checkpoint is not None:
+            saved = f"; last checkpoint: {self.last_checkpoint}"
+        log.error("%s%s", message, saved)
+        raise TrainingOOMError(message + saved)
+
+    def _result(self, stopped_by: str | None = None) -> TrainResult:
+        return TrainResult(self.out, self.step, self.total_steps, self.last_checkpoint, stopped_by,
+                           self.last_loss, dict(self.skip_counts))
+
+    def close(self) -> None:
+        if self.metrics is not None:
+            self.metrics.close()
+        if self.trace is not None:
+            self.trace.close()
+        root = logging.getLogger("mmtune")
+        for h in self._log_handlers:
+            root.removeHandler(h)
+            h.close()
+        if self._log_handlers:
+            root.setLevel(self._log_level)
+        self._log_handlers = []
+        # Drop references so DDP's reducer and gloo threads go away before the group does.
+        self.ddp_model = self.model = self.optimizer = self.scheduler = self.bundle = None
+        self.batcher = None
+
+
+@dataclass
+class _StepStats:
+    """One optimizer step, summed over micro-batches and processes."""
+
+    loss_sum: float
+    n_micro: float
+    tokens: float
+    slots: float
+    examples: float
+    images: float
+    stop: bool
+    grad_norm: float | None
+    lr: float
+
+
+@dataclass
+class _Window:
+    """Sums over the steps since the last metrics row."""
+
+    loss_sum: float = 0.0
+    n_micro: float = 0.0
+    tokens: float = 0.0
+    slots: float = 0.0
+    images: float = 0.0
+    grad_norm: float | None = None
+    lr: float = 0.0
+    started: float = dataclasses.field(default_factory=time.perf_counter)
+
+    def add(self, step: _StepStats) -> None:
+        self.loss_sum += step.loss_sum
+        self.n_micro += step.n_micro
+        self.tokens += step.tokens
+        self.slots += step.slots
+        self.images += step.images
+        self.grad_norm = step.grad_norm  # the latest step's
+        self.lr = step.lr  # the rate the latest step used
+
+
+class _TqdmHandler(logging.Handler):
+    """Warnings printed above the progress bar instead of through it."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            from tqdm.auto import tqdm
+
+            tqdm.write(f"mmtune train: {record.levelname.lower()}: {record.getMessage()}", file=sys.stderr)
+        except Exception:  # noqa: BLE001 - logging must never raise
+            self.handleError(record)
+
+
+@contextlib.contextmanager
+def _quiet_hf_progress() -> Iterator[None]:
+    """No "Writing model shards" bar from transformers in the middle of the training bar."""
+    from transformers.utils import logging as hf_logging
+
+    was = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was:
+            hf_logging.enable_progress_bar()
+
+
+def _to_device(batch: dict[str, Any], device: Any) -> dict[str, Any]:
+    from mmtune.data.batching import model_inputs
+
+    return {k: (v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v)
+            for k, v in model_inputs(batch).items()}
+
+
+def _dict_diff(a: dict[str, Any], b: dict[str, Any], where: str) -> str:
+    diffs = []
+    for key in sorted(set(a) | set(b)):
+        va, vb = a.get(key), b.get(key)
+        if isinstance(va, dict) and isinstance(vb, dict):
+            sub = _dict_diff(va, vb, f"{where}.{key}")
+            if sub:
+                diffs.append(sub)
+        elif va != vb:
+            diffs.append(f"{where}.{key}: {vb!r} in the checkpoint, {va!r} now")
+    return "; ".join(diffs)
+
+
+# --------------------------------------------------------------------------- #
+# CLI
+# --------------------------------------------------------------------------- #
+
+
+def _option_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
+    p = parser or argparse.ArgumentParser(prog="mmtune train", add_help=False)
+    p.add_argument("--output-dir", metavar="DIR", help="run folder (train.output_dir)")
+    p.add_argument("--max-steps", type=int, metavar="N", help="optimizer steps (train.max_steps)")
+    p.add_argument("--resume-from", metavar="latest|PATH",
+                   help="continue from DIR's latest checkpoint or a checkpoint folder (train.resume_from)")
+    return p
+
+
+def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("config", metavar="CONFIG.yaml", help="run config (see configs/tiny_mllm.yaml)")
+    _option_parser(parser)
+    # REMAINDER so overrides and options may be mixed in any order; cli_main sorts them out.
+    parser.add_argument("overrides", nargs=argparse.REMAINDER, metavar="key.sub=value",
+                        help="config overrides, e.g. train.lr=1e-4 data.max_length=1024")
+
+
+def cli_main(args: argparse.Namespace) -> int:
+    inner = _option_parser()
+    inner.add_argument("overrides", nargs="*")
+    rest = inner.parse_intermixed_args(list(args.overrides or []))
+    for key in ("output_dir", "max_steps", "resume_from"):
+        if getattr(rest, key) is not None:
+            setattr(args, key, getattr(rest, key))
+    cfg = load_config(args.config, RunConfig, rest.overrides)
+    if args.output_dir is not None:
+        cfg.train.output_dir = args.output_dir
+    if args.max_steps is not None:
+        cfg.train.max_steps = args.max_steps
+    if args.resume_from is not None:
+        cfg.train.resume_from = args.resume_from
+    result = train(cfg)
+    if result.stopped_by:
+        print(f"mmtune train: stopped by {result.stopped_by} at step {result.step}/{result.total_steps}; "
+              f"checkpoint {result.last_checkpoint}; continue with --resume-from latest", file=sys.stderr)
+        return EXIT_STOPPED
+    if int(os.environ.get("RANK", "0")) == 0:
+        loss = f", last loss {result.last_loss:.4f}" if result.last_loss is not None else ""
+        print(f"mmtune train: done, step {result.step}/{result.total_steps}{loss}; checkpoint {result.last_checkpoint}")
+    return 0

@@ -1,0 +1,230 @@
+"""Training components: optimizer, LR schedule, precision, guards, signals, fault hooks.
+
+The recipe (`mmtune.train.run.train`) strings these together; each piece here
+does one job and is tested on its own: what to train with (`build_optimizer`,
+`build_scheduler`, `resolve_mixed_precision`), what stops a run cleanly
+(`StopSignal` for SIGTERM/SIGINT, `NonFiniteLossError`, `TrainingOOMError`
+with `oom_message`), and `FaultInjector`, which lets tests provoke the rare
+events (a kill in the middle of a checkpoint save, an out-of-memory error, a
+NaN loss, a SIGTERM) at a chosen step through the `MMTUNE_FAULT_INJECT`
+environment variable.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import signal
+import sys
+import threading
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import torch
+
+from mmtune.config import DataConfig, TrainConfig
+from mmtune.errors import MMTuneError
+
+log = logging.getLogger("mmtune.train")
+
+FAULT_ENV = "MMTUNE_FAULT_INJECT"
+FAULT_KINDS = ("sigterm", "kill_during_save", "oom", "nan")
+
+
+class NonFiniteLossError(MMTuneError):
+    """The loss (or gradient norm) became NaN/inf; the run stopped without saving that step."""
+
+
+class TrainingOOMError(MMTuneError):
+    """Out of memory at a step; the message names the batch and what to lower."""
+
+
+# --------------------------------------------------------------------------- #
+# Precision, optimizer, schedule
+# --------------------------------------------------------------------------- #
+
+
+def resolve_mixed_precision(name: str) -> str:
+    """`auto` -> bf16 on a CUDA GPU that supports it, else no; fp16 needs CUDA."""
+    name = str(name).lower()
+    cuda = torch.cuda.is_available()
+    if name == "auto":
+        return "bf16" if cuda and torch.cuda.is_bf16_supported() else "no"
+    if name not in ("no", "bf16", "fp16"):
+        raise MMTuneError(f"train.mixed_precision must be auto, no, bf16 or fp16; got {name!r}")
+    if name == "fp16" and not cuda:
+        raise MMTuneError("train.mixed_precision fp16 needs a CUDA GPU; use bf16 or no on CPU")
+    return name
+
+
+def build_optimizer(params: Iterable[tuple[str, torch.nn.Parameter]], cfg: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW over the trainable parameters; weight decay on matrices only (nanoGPT's rule).
+
+    Biases and norm gains (1-D tensors) are not decayed: shrinking them towards
+    zero is not regularisation, it only changes the scale of activations.
+    """
+    decay, no_decay = [], []
+    for _, p in params:
+        if not p.requires_grad:
+            continue
+        (decay if p.ndim >= 2 else no_decay).append(p)
+    if not decay and not no_decay:
+        raise MMTuneError("nothing to train: every parameter is frozen (check train.stage / train.lora)")
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    groups = [g for g in groups if g["params"]]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8)
+
+
+def warmup_steps(cfg: TrainConfig, total_steps: int) -> int:
+    return math.ceil(max(0.0, cfg.warmup_ratio) * total_steps)
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, total_steps: int) -> Any:
+    """transformers' cosine (or constant) schedule with linear warmup over `warmup_ratio` of the steps."""
+    from transformers import (
+        get_constant_schedule_with_warmup,
+        get_cosine_schedule_with_warmup,
+    )
+
+    warm = warmup_steps(cfg, total_steps)
+    if cfg.lr_schedule == "cosine":
+        return get_cosine_schedule_with_warmup(optimizer, num_warmup_steps=warm, num_training_steps=total_steps)
+    if cfg.lr_schedule == "constant":
+        return get_constant_schedule_with_warmup(optimizer, num_warmup_steps=warm)
+    raise MMTuneError(f"train.lr_schedule must be cosine or constant, got {cfg.lr_schedule!r}")
+
+
+# --------------------------------------------------------------------------- #
+# Signals
+# --------------------------------------------------------------------------- #
+
+
+class StopSignal:
+    """Turns SIGTERM (and SIGINT) into a flag the loop checks after each step.
+
+    The loop then saves a checkpoint and exits; a second SIGINT interrupts at
+    once. Handlers are installed only in the main thread (Python's rule) and
+    the previous ones are restored on exit.
+    """
+
+    def __init__(self, signals: Sequence[int] = (signal.SIGTERM, signal.SIGINT)) -> None:
+        self.signals = tuple(signals)
+        self.received: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    @property
+    def requested(self) -> bool:
+        return self.received is not None
+
+    @property
+    def name(self) -> str:
+        return signal.Signals(self.received).name if self.received is not None else ""
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.received == signal.SIGINT and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.received = signum
+        log.warning("received %s: saving a checkpoint after this step, then stopping", signal.Signals(signum).name)
+
+    def __enter__(self) -> StopSignal:  # noqa: PYI034 - not subclassed
+        if threading.current_thread() is threading.main_thread():
+            for s in self.signals:
+                self._previous[s] = signal.signal(s, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for s, prev in self._previous.items():
+            signal.signal(s, prev)
+        self._previous.clear()
+
+
+# --------------------------------------------------------------------------- #
+# Fault injection (tests)
+# --------------------------------------------------------------------------- #
+
+
+class FaultInjector:
+    """Provoke rare events at a given step: `MMTUNE_FAULT_INJECT="kind@step[,kind@step...]"`.
+
+    Kinds: `sigterm` (send SIGTERM to this process after the step),
+    `kill_during_save` (SIGKILL this process halfway through writing that
+    step's checkpoint), `oom` (raise torch.OutOfMemoryError in that step's
+    forward), `nan` (make that step's loss NaN). An optional `:rank` suffix
+    limits a fault to one process, e.g. `sigterm@3:1`.
+    """
+
+    def __init__(self, spec: str | None = None, rank: int = 0) -> None:
+        spec = os.environ.get(FAULT_ENV, "") if spec is None else spec
+        self.faults: dict[str, set[int]] = {}
+        for part in filter(None, (p.strip() for p in spec.split(","))):
+            try:
+                kind, rest = part.split("@", 1)
+                step_text, _, rank_text = rest.partition(":")
+                step = int(step_text)
+                only_rank = int(rank_text) if rank_text else None
+            except ValueError:
+                raise MMTuneError(f"{FAULT_ENV}: cannot parse {part!r} (want kind@step or kind@step:rank)") from None
+            if kind not in FAULT_KINDS:
+                raise MMTuneError(f"{FAULT_ENV}: unknown fault {kind!r} (have: {', '.join(FAULT_KINDS)})")
+            if only_rank is None or only_rank == rank:
+                self.faults.setdefault(kind, set()).add(step)
+
+    def __bool__(self) -> bool:
+        return bool(self.faults)
+
+    def at(self, kind: str, step: int) -> bool:
+        return step in self.faults.get(kind, ())
+
+    def maybe_oom(self, step: int) -> None:
+        if self.at("oom", step):
+            raise torch.OutOfMemoryError(f"CUDA out of memory (injected by {FAULT_ENV} at step {step})")
+
+    def maybe_nan(self, step: int, loss: torch.Tensor) -> torch.Tensor:
+        return loss * float("nan") if self.at("nan", step) else loss
+
+    def maybe_sigterm(self, step: int) -> None:
+        if self.at("sigterm", step):
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    def maybe_kill_during_save(self, step: int) -> None:
+        if self.at("kill_during_save", step):
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+# --------------------------------------------------------------------------- #
+# Messages
+# --------------------------------------------------------------------------- #
+
+
+def describe_batch(batch: dict[str, Any], max_ids: int = 8) -> str:
+    """`ids [...] (lengths [...], padded to T tokens, N images)` for error messages."""
+    ids = list(batch.get("ids") or [])
+    mask = batch.get("attention_mask")
+    lengths = [int(x) for x in mask.sum(dim=1).tolist()] if isinstance(mask, torch.Tensor) else []
+    width = int(batch["input_ids"].shape[1]) if isinstance(batch.get("input_ids"), torch.Tensor) else 0
+    n_img = sum(batch.get("num_images") or [])
+    shown = ids[:max_ids] + ([f"... {len(ids) - max_ids} more"] if len(ids) > max_ids else [])
+    return f"ids {shown} (row lengths {lengths[:max_ids]}, padded to {width} tokens, {n_img} image(s))"
+
+
+def oom_message(step: int, micro: int, grad_accum: int, batch: dict[str, Any], tc: TrainConfig, dc: DataConfig) -> str:
+    """What ran out of memory and which knobs to turn, in one line."""
+    where = f"step {step}" + (f" (micro-batch {micro}/{grad_accum})" if grad_accum > 1 else "")
+    tips = [f"train.batch_size (now {tc.batch_size}; raise train.grad_accum to keep the effective batch)",
+            f"data.max_length (now {dc.max_length})"]
+    if not tc.gradient_checkpointing:
+        tips.append("or set train.gradient_checkpointing=true")
+    if tc.mixed_precision in ("no",) and torch.cuda.is_available():
+        tips.append("or use train.mixed_precision=bf16")
+    return f"out of memory at {where} on batch {describe_batch(batch)}; lower " + ", ".join(tips)
+
+
+def free_accelerator_memory() -> None:
+    import gc
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
