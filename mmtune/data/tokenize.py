@@ -158,6 +158,18 @@ def tokenize_record(
     return TokenizedExample(record.id, ids, labels, spans, cut)
 
 
+def stop_token_ids(tokenizer: Any, template: Template) -> list[int]:
+    """Token ids that end an answer: EOS plus the template's stop strings that are single special tokens."""
+    ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    special = set(getattr(tokenizer, "all_special_tokens", []))
+    for s in template.stop_strings:
+        if s in special:
+            tid = tokenizer.convert_tokens_to_ids(s)
+            if tid is not None and tid not in ids:
+                ids.append(int(tid))
+    return ids
+
+
 def tokenize_prompt(
     messages: Sequence[dict[str, str]],
     tokenizer: Any,

@@ -18,6 +18,9 @@ from mmtune.data.schema import IMAGE_PLACEHOLDER, Record
 from mmtune.errors import MMTuneError
 
 SPECIAL_TOKENS = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "pad_token": "<pad>"}
+# Turn markers of the chatml template: single tokens, so an answer ends in one
+# trained token and generation can stop on it.
+TEMPLATE_TOKENS = ("<|im_start|>", "<|im_end|>")
 
 
 def build_byte_bpe_tokenizer(
@@ -33,6 +36,7 @@ def build_byte_bpe_tokenizer(
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
+    extra_special_tokens = [*TEMPLATE_TOKENS, *extra_special_tokens]
     specials = [*SPECIAL_TOKENS.values(), IMAGE_PLACEHOLDER, *extra_special_tokens]
     specials = list(dict.fromkeys(specials))
     byte_alphabet = pre_tokenizers.ByteLevel.alphabet()

@@ -27,7 +27,7 @@ from mmtune.data.collate import pad_sequences
 from mmtune.data.images import load_image, resolve_image_path
 from mmtune.data.schema import IMAGE_PLACEHOLDER, Record, count_placeholders
 from mmtune.data.templates import Template, get_template, prompt_messages
-from mmtune.data.tokenize import tokenize_prompt
+from mmtune.data.tokenize import stop_token_ids, tokenize_prompt
 from mmtune.errors import MMTuneError
 from mmtune.model.build import ModelBundle
 from mmtune.model.io import checkpoint_template
@@ -108,6 +108,7 @@ def generate_answers(
             raise MMTuneError(f"record {rid!r}: {exc}") from None
 
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    stops = stop_token_ids(tok, tmpl)
     order = sorted(range(len(prepared)), key=lambda i: len(prepared[i][1]))  # less padding per batch
     answers: list[str] = [""] * len(prepared)
     was_training = model.training
@@ -129,13 +130,14 @@ def generate_answers(
                 do_sample=do_sample,
                 temperature=temperature,
                 top_p=top_p,
-                eos_token_id=tok.eos_token_id,
+                eos_token_id=stops or None,
                 pad_token_id=pad_id,
             )
             for row, i in enumerate(idx):
                 new = out[row].tolist()
-                if tok.eos_token_id is not None and tok.eos_token_id in new:
-                    new = new[: new.index(tok.eos_token_id)]
+                ends = [new.index(t) for t in stops if t in new]
+                if ends:
+                    new = new[: min(ends)]
                 text = tok.decode(new, skip_special_tokens=True)
                 answers[i] = _trim(text, tmpl.stop_strings)
     finally:
