@@ -17,3 +17,17 @@ SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 @pytest.fixture
 def fixtures_dir() -> Path:
     return FIXTURES
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models run fastest single-threaded, and the test machine's cores are shared.
+
+    Use per module with `pytestmark = pytest.mark.usefixtures("one_thread")`.
+    """
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -64,9 +64,10 @@ def test_shared_real_files(capsys, tmp_path, rel, fmt, n):
     if fmt == "messages":
         assert sum(len(r.images) for r in records) == 8  # two chats show their image twice
     if fmt == "alpaca":
-        from mmtune.data.templates import _alpaca_user
+        from mmtune.data.templates import alpaca_user
 
-        assert all(r.messages[0]["content"] == _alpaca_user(r.meta) for r in records)
+        assert all(r.messages[0]["content"] == alpaca_user(r.meta["instruction"], r.meta.get("input"))
+                   for r in records)
     assert not default_rejects_path(out).exists()
 
 

@@ -6,11 +6,10 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
+from helpers import build_tiny
 
 from mmtune.cli import main
-from mmtune.config import load_config
 from mmtune.data.schema import Record, read_records, write_records
 from mmtune.data.synthetic import make_pool
 from mmtune.eval import run
@@ -22,21 +21,16 @@ from mmtune.eval.tasks import (
     parse_mode,
     resolve_images,
 )
-from mmtune.model import build_model, load_model, save_model
-
-ROOT = Path(__file__).resolve().parents[1]
+from mmtune.model import load_model, save_model
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     """A tiny random MLLM saved as a model folder, and a synthetic pool of 5 tasks x 4 records."""
     d = tmp_path_factory.mktemp("eval")
-    cfg = load_config(ROOT / "configs" / "tiny_mllm.yaml")
-    cfg.model.tokenizer.train_files = [str(ROOT / p) for p in cfg.model.tokenizer.train_files]
-    cfg.model.lm.config["initializer_range"] = 0.3  # varied (not constant) random outputs
-    torch.manual_seed(0)
+    bundle, _ = build_tiny("tiny_mllm", initializer_range=0.3)  # varied (not constant) random outputs
     (d / "model").mkdir()
-    save_model(build_model(cfg.model), d / "model")
+    save_model(bundle, d / "model")
     recs = make_pool(d / "pool", per_task=4, tasks=("colour", "shape", "count", "exists", "add"), seed=0)
     write_records(recs, d / "pool.jsonl")
     return d

@@ -13,16 +13,18 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import HF_CLIP, ROOT, TINY_VIT, build_tiny, make_batch, mixed_records, save_run, tiny_cfg
+from helpers import TRAIN_FIX as FIX
 
 from mmtune.cli import main
-from mmtune.config import LoraConfig, VisionConfig, load_config, save_config
-from mmtune.data.collate import collate_examples, pad_sequences
+from mmtune.config import LoraConfig, VisionConfig
+from mmtune.data.collate import pad_sequences
 from mmtune.data.images import load_image
 from mmtune.data.schema import read_records
 from mmtune.data.templates import get_template
-from mmtune.data.tokenize import tokenize_prompt, tokenize_record
+from mmtune.data.tokenize import tokenize_prompt
 from mmtune.eval.generate import generate_answers
-from mmtune.model import apply_lora, build_model, load_model, save_model
+from mmtune.model import apply_lora, build_model, load_model
 from mmtune.model.export import (
     ExportError,
     _check_loaded,
@@ -32,55 +34,13 @@ from mmtune.model.export import (
     hf_llava_model,
 )
 
-ROOT = Path(__file__).resolve().parents[1]
-FIX = ROOT / "tests" / "fixtures" / "train"
 SQUARE = FIX / "images" / "blue_circle.png"  # 48x48
 WIDE = FIX / "images" / "blue_triangle.png"  # 64x40: exercises pad-to-square
-TINY_VIT = {
-    "embed_dim": 32,
-    "vision_cfg": {"image_size": 32, "patch_size": 8, "width": 64, "layers": 2, "head_width": 32, "mlp_ratio": 2.0},
-}
-HF_CLIP = {
-    "hidden_size": 48,
-    "intermediate_size": 96,
-    "num_hidden_layers": 3,
-    "num_attention_heads": 2,
-    "image_size": 32,
-    "patch_size": 8,
-}
 ATOL = 1e-4
+# Larger random weights than the default 0.02, so greedy answers differ by prompt and image.
+WIDE_INIT = {"initializer_range": 0.2}
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def tiny_cfg(name: str):
-    cfg = load_config(ROOT / "configs" / f"{name}.yaml")
-    cfg.model.tokenizer.train_files = [str(ROOT / p) for p in cfg.model.tokenizer.train_files]
-    cfg.data.train = [str(ROOT / p) for p in cfg.data.train]
-    # Larger random weights than the default 0.02, so greedy answers differ by prompt and image.
-    cfg.model.lm.config["initializer_range"] = 0.2
-    return cfg
-
-
-def mixed_records():
-    recs = {r.id: r for r in read_records(FIX / "mixed.jsonl")}
-    return [recs["mix-0"], recs["colour-0"], recs["pair-0"], recs["shape-1"]]  # text, 1 image, 2 images, 1 image
-
-
-def make_batch(bundle, records):
-    tmpl = get_template("vicuna_v1")
-    exs = [
-        tokenize_record(r, bundle.tokenizer, tmpl, max_length=256, num_image_tokens=bundle.num_image_tokens)
-        for r in records
-    ]
-    pix = [bundle.image_transform(load_image(FIX / p)) for r in records for p in r.images]
-    return collate_examples(exs, bundle.tokenizer.pad_token_id, pixel_values=pix or None)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def train_step(bundle, batch, lora: bool = False) -> None:
@@ -94,14 +54,6 @@ def train_step(bundle, batch, lora: bool = False) -> None:
     model(**batch).loss.backward()
     opt.step()
     model.eval()
-
-
-def save_run(bundle, cfg, run: Path, step: int = 1) -> Path:
-    ckpt = run / f"checkpoint-{step}"
-    ckpt.mkdir(parents=True)
-    save_model(bundle, ckpt)
-    save_config(cfg, ckpt / "run_config.yaml")
-    return ckpt
 
 
 def model_batch(batch):
@@ -144,10 +96,8 @@ def load_llava(folder: Path):
 def test_hf_llava_export_matches_mmtune(tmp_path, capsys, lora):
     from transformers import AutoProcessor, LlavaProcessor
 
-    cfg = tiny_cfg("tiny_mllm")
-    torch.manual_seed(0)
-    bundle = build_model(cfg.model)
-    batch = make_batch(bundle, mixed_records())
+    bundle, cfg = build_tiny("tiny_mllm", **WIDE_INIT)
+    batch, _ = make_batch(bundle, mixed_records())
     base_logits = bundle.model.eval()(**model_batch(batch)).logits.detach()
     train_step(bundle, batch, lora=lora)
     save_run(bundle, cfg, tmp_path / "run")
@@ -222,11 +172,11 @@ def test_hf_llava_export_matches_mmtune(tmp_path, capsys, lora):
 def test_towers_export_with_the_same_features(tmp_path, vision, strategy):
     from transformers import AutoProcessor
 
-    cfg = tiny_cfg("tiny_mllm")
+    cfg = tiny_cfg("tiny_mllm", **WIDE_INIT)
     cfg.model.vision = vision
     torch.manual_seed(1)
     bundle = build_model(cfg.model)
-    batch = make_batch(bundle, mixed_records())
+    batch, _ = make_batch(bundle, mixed_records())
     result = export_bundle(bundle, tmp_path / "hf", template="vicuna_v1", fmt="hf-llava")
     hf = load_llava(tmp_path / "hf")
     assert hf.config.vision_feature_select_strategy == strategy
@@ -247,10 +197,8 @@ def test_towers_export_with_the_same_features(tmp_path, vision, strategy):
 
 def test_in_memory_llava_model_is_a_runnable_copy():
     """What the throughput benchmark builds: same weights, independent tensors."""
-    cfg = tiny_cfg("tiny_mllm")
-    torch.manual_seed(0)
-    bundle = build_model(cfg.model)
-    batch = make_batch(bundle, mixed_records())
+    bundle, _ = build_tiny("tiny_mllm", **WIDE_INIT)
+    batch, _ = make_batch(bundle, mixed_records())
     hf = hf_llava_model(bundle)
     assert_same_logits(bundle.model, hf, batch)
     with torch.no_grad():
@@ -267,10 +215,8 @@ def test_in_memory_llava_model_is_a_runnable_copy():
 def test_dtype_cast_export_loads_in_that_dtype(tmp_path):
     from transformers import LlavaForConditionalGeneration
 
-    cfg = tiny_cfg("tiny_mllm")
-    torch.manual_seed(0)
-    bundle = build_model(cfg.model)
-    batch = make_batch(bundle, mixed_records())
+    bundle, _ = build_tiny("tiny_mllm", **WIDE_INIT)
+    batch, _ = make_batch(bundle, mixed_records())
     with torch.no_grad():
         want = bundle.model(**model_batch(batch)).logits
     export_bundle(bundle, tmp_path / "bf16", template="vicuna_v1", dtype="bfloat16")
@@ -293,9 +239,7 @@ def test_dtype_cast_export_loads_in_that_dtype(tmp_path):
 def test_processor_chat_template_renders_mmtunes_prompt(tmp_path, name):
     from transformers import AutoProcessor
 
-    cfg = tiny_cfg("tiny_mllm")
-    torch.manual_seed(0)
-    bundle = build_model(cfg.model)
+    bundle, _ = build_tiny("tiny_mllm", **WIDE_INIT)
     build_processor(bundle, get_template(name)).save_pretrained(str(tmp_path))
     processor = AutoProcessor.from_pretrained(str(tmp_path))
     tmpl = get_template(name)
@@ -326,11 +270,9 @@ def test_processor_chat_template_renders_mmtunes_prompt(tmp_path, name):
 def test_hf_causal_lm_export_matches_mmtune(tmp_path, capsys, lora):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    cfg = tiny_cfg("tiny_llm")
-    torch.manual_seed(0)
-    bundle = build_model(cfg.model)
+    bundle, cfg = build_tiny("tiny_llm", **WIDE_INIT)
     recs = read_records(FIX / "text.jsonl")[:4]
-    batch = make_batch(bundle, recs)
+    batch, _ = make_batch(bundle, recs)
     train_step(bundle, batch, lora=lora)
     save_run(bundle, cfg, tmp_path / "run", step=3)
     out = tmp_path / "hf"
@@ -384,7 +326,7 @@ def test_hf_causal_lm_export_matches_mmtune(tmp_path, capsys, lora):
     ids=["linear-projector", "layer-scale", "qk-norm", "no-ln-pre", "tanh-gelu"],
 )
 def test_unsupported_models_fail_with_one_line_errors(tmp_path, capsys, change, message):
-    cfg = tiny_cfg("tiny_mllm")
+    cfg = tiny_cfg("tiny_mllm", **WIDE_INIT)
     if "projector" in change:
         cfg.model.projector.type = change["projector"]
     else:
@@ -413,9 +355,7 @@ def test_a_wrong_tower_conversion_is_caught_numerically(tmp_path, monkeypatch):
         return conf, state
 
     monkeypatch.setattr(export, "open_clip_to_hf_clip", corrupted)
-    cfg = tiny_cfg("tiny_mllm")
-    torch.manual_seed(0)
-    bundle = build_model(cfg.model)
+    bundle, _ = build_tiny("tiny_mllm", **WIDE_INIT)
     with pytest.raises(ExportError, match="does not reproduce the open_clip features"):
         export_bundle(bundle, tmp_path / "hf", template="vicuna_v1")
     assert not (tmp_path / "hf").exists()
@@ -439,9 +379,7 @@ def test_load_check_fails_on_missing_or_changed_weights():
 
 
 def test_bad_requests_fail_cleanly(tmp_path, capsys):
-    cfg = tiny_cfg("tiny_llm")
-    torch.manual_seed(0)
-    bundle = build_model(cfg.model)
+    bundle, cfg = build_tiny("tiny_llm", **WIDE_INIT)
     ckpt = save_run(bundle, cfg, tmp_path / "run")
 
     def run(*argv: str) -> str:

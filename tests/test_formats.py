@@ -15,7 +15,6 @@ from mmtune.data.formats import (
     FORMATS,
     FormatError,
     RowError,
-    alpaca_user_content,
     detect_format,
     read_input,
     vqa_image_name,
@@ -30,7 +29,7 @@ from mmtune.data.images import (
     resolve_image_path,
 )
 from mmtune.data.schema import validate_record
-from mmtune.data.templates import ALPACA_PROMPT_INPUT, ALPACA_PROMPT_NO_INPUT, _alpaca_user, get_template
+from mmtune.data.templates import ALPACA_PROMPT_INPUT, ALPACA_PROMPT_NO_INPUT, alpaca_user, get_template
 
 FIX = Path(__file__).parent / "fixtures" / "data"
 COCO = FIX / "images" / "vqav2" / "COCO_train2014_000000458752.jpg"
@@ -230,8 +229,8 @@ def test_alpaca_rows_render_exactly_like_alpaca():
     for row in rows:
         rec = validate_record({**FORMATS["alpaca"].map_row(row), "id": "x"})
         user, assistant = rec.messages
-        assert user == {"role": "user", "content": _alpaca_user(rec.meta)}
-        assert user["content"] == alpaca_user_content(row["instruction"], row["input"])
+        assert user == {"role": "user", "content": alpaca_user(rec.meta["instruction"], rec.meta["input"])}
+        assert user["content"] == (f"{row['instruction']}\n\n{row['input']}" if row["input"] else row["instruction"])
         assert assistant == {"role": "assistant", "content": row["output"]}
         assert rec.meta == {"instruction": row["instruction"], "input": row["input"], "output": row["output"]}
         prompt = (ALPACA_PROMPT_INPUT if row["input"] else ALPACA_PROMPT_NO_INPUT).format(**row)
@@ -263,7 +262,7 @@ def test_dolly_rows():
         assert rec.task == row["category"]
         assert rec.meta == {"instruction": row["instruction"], "input": row["context"],
                             "output": row["response"], "category": row["category"]}
-        assert rec.messages[0]["content"] == _alpaca_user(rec.meta)
+        assert rec.messages[0]["content"] == alpaca_user(rec.meta["instruction"], rec.meta["input"])
         assert rec.messages[1]["content"] == row["response"]
     assert rows[0]["context"] and "\n\nVirgin Australia" in FORMATS["dolly"].map_row(rows[0])["messages"][0]["content"]
 

@@ -2,39 +2,25 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
+from helpers import TRAIN_FIX as FIX
+from helpers import build_tiny, save_run
 
 from mmtune.cli import main
-from mmtune.config import load_config, save_config
 from mmtune.data.collate import pad_sequences
 from mmtune.data.schema import Record, read_records
 from mmtune.data.templates import get_template
 from mmtune.data.tokenize import tokenize_prompt
 from mmtune.eval.generate import generate_answers
-from mmtune.model import build_model, load_model, save_model
+from mmtune.model import load_model
 
-ROOT = Path(__file__).resolve().parents[1]
-FIX = ROOT / "tests" / "fixtures" / "train"
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny(name: str, seed: int = 0):
     """A tiny model whose random weights are large enough that greedy outputs vary by prompt."""
-    cfg = load_config(ROOT / "configs" / f"{name}.yaml")
-    cfg.model.tokenizer.train_files = [str(ROOT / p) for p in cfg.model.tokenizer.train_files]
-    cfg.model.lm.config["initializer_range"] = 0.5
-    torch.manual_seed(seed)
-    return build_model(cfg.model), cfg
+    return build_tiny(name, seed, initializer_range=0.5)
 
 
 @pytest.fixture(scope="module")
@@ -108,37 +94,15 @@ def test_sampling_is_seeded_and_rejects_right_padding(mllm):
         )
 
 
-def _save_run(tmp_path: Path, bundle, cfg, step: int, template: str) -> Path:
-    ckpt = tmp_path / "run" / f"checkpoint-{step}"
-    ckpt.mkdir(parents=True)
-    save_model(bundle, ckpt)
-    cfg.data.template = template
-    save_config(cfg, ckpt / "run_config.yaml")
-    return ckpt
-
-
 def test_generate_cli_end_to_end_with_image(tmp_path, capsys, mllm):
     bundle, cfg = mllm
-    _save_run(tmp_path, bundle, cfg, 2, "vicuna_v1")
+    save_run(bundle, cfg, tmp_path / "run", 2, "vicuna_v1")
     other, _ = tiny("tiny_mllm", seed=1)
-    latest = _save_run(tmp_path, other, cfg, 10, "chatml")
+    latest = save_run(other, cfg, tmp_path / "run", 10, "chatml")
     image = FIX / "images/green_triangle.png"
+    request = ["--image", str(image), "--prompt", "What shape is this?", "--max-new-tokens", "6", "--device", "cpu"]
     capsys.readouterr()
-    rc = main(
-        [
-            "generate",
-            str(tmp_path / "run"),
-            "--image",
-            str(image),
-            "--prompt",
-            "What shape is this?",
-            "--max-new-tokens",
-            "6",
-            "--device",
-            "cpu",
-        ]
-    )
-    assert rc == 0
+    assert main(["generate", str(tmp_path / "run"), *request]) == 0
     captured = capsys.readouterr()
     printed = captured.out.rstrip("\n").split("\n")[-1]
     assert "checkpoint-10" in captured.err and "chatml" in captured.err
@@ -147,30 +111,14 @@ def test_generate_cli_end_to_end_with_image(tmp_path, capsys, mllm):
     expected = generate_answers(load_model(latest), [rec], "chatml", max_new_tokens=6)[0]
     assert printed == expected
     # --template overrides the trained one; an explicit checkpoint folder works too
-    rc = main(
-        [
-            "generate",
-            str(latest),
-            "--image",
-            str(image),
-            "--prompt",
-            "What shape is this?",
-            "--max-new-tokens",
-            "6",
-            "--template",
-            "vicuna_v1",
-            "--device",
-            "cpu",
-        ]
-    )
-    assert rc == 0
+    assert main(["generate", str(latest), *request, "--template", "vicuna_v1"]) == 0
     out = capsys.readouterr().out.rstrip("\n").split("\n")[-1]
     assert out == generate_answers(load_model(latest), [rec], "vicuna_v1", max_new_tokens=6)[0]
 
 
 def test_generate_cli_text_only_and_errors(tmp_path, capsys):
     llm, cfg = tiny("tiny_llm")
-    ckpt = _save_run(tmp_path, llm, cfg, 3, "vicuna_v1")
+    ckpt = save_run(llm, cfg, tmp_path / "run", 3, "vicuna_v1")
     capsys.readouterr()
     assert (
         main(["generate", str(ckpt), "--prompt", "What colour is grass?", "--max-new-tokens", "5", "--device", "cpu"])

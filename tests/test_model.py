@@ -4,74 +4,21 @@ from __future__ import annotations
 
 import copy
 import json
-from pathlib import Path
 
 import pytest
 import torch
+from helpers import HF_CLIP, ROOT, TINY_VIT, build_tiny, make_batch, mixed_records, tiny_cfg
+from helpers import TRAIN_FIX as FIX
 
-from mmtune.config import LoraConfig, ModelConfig, RunConfig, VisionConfig, load_config
-from mmtune.data.collate import collate_examples
+from mmtune.config import LoraConfig, ModelConfig, VisionConfig, load_config
 from mmtune.data.images import load_image
 from mmtune.data.schema import read_records
-from mmtune.data.templates import get_template
-from mmtune.data.tokenize import IGNORE_INDEX, tokenize_record
+from mmtune.data.tokenize import IGNORE_INDEX
 from mmtune.errors import MMTuneError
 from mmtune.model import apply_lora, build_model, load_model, merge_lora, save_model
 from mmtune.model.vision import build_vision_tower, open_clip_to_hf_clip
 
-ROOT = Path(__file__).resolve().parents[1]
-FIX = ROOT / "tests" / "fixtures" / "train"
-TINY_VIT = {
-    "embed_dim": 32,
-    "vision_cfg": {"image_size": 32, "patch_size": 8, "width": 64, "layers": 2, "head_width": 32, "mlp_ratio": 2.0},
-}
-HF_CLIP = {
-    "hidden_size": 48,
-    "intermediate_size": 96,
-    "num_hidden_layers": 3,
-    "num_attention_heads": 2,
-    "image_size": 32,
-    "patch_size": 8,
-}
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models run fastest single-threaded, and the test machine's cores are shared."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def tiny_cfg(name: str) -> RunConfig:
-    cfg = load_config(ROOT / "configs" / f"{name}.yaml")
-    cfg.model.tokenizer.train_files = [str(ROOT / p) for p in cfg.model.tokenizer.train_files]
-    cfg.data.train = [str(ROOT / p) for p in cfg.data.train]
-    return cfg
-
-
-def build(name: str, seed: int = 0, **lm_overrides):
-    cfg = tiny_cfg(name)
-    cfg.model.lm.config.update(lm_overrides)
-    torch.manual_seed(seed)
-    return build_model(cfg.model), cfg
-
-
-def make_batch(bundle, records, max_length: int = 256):
-    tmpl = get_template("vicuna_v1")
-    exs = [
-        tokenize_record(r, bundle.tokenizer, tmpl, max_length=max_length, num_image_tokens=bundle.num_image_tokens)
-        for r in records
-    ]
-    pix = [bundle.image_transform(load_image(FIX / p)) for r in records for p in r.images]
-    return collate_examples(exs, bundle.tokenizer.pad_token_id, pixel_values=pix or None), exs
-
-
-def mixed_records():
-    recs = {r.id: r for r in read_records(FIX / "mixed.jsonl")}
-    # text-only, one image, two images, one image: a mixed batch in a known order
-    return [recs["mix-0"], recs["colour-0"], recs["pair-0"], recs["shape-1"]]
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # --------------------------------------------------------------------------- #
@@ -99,8 +46,8 @@ def test_every_config_in_configs_loads():
 
 
 def test_tiny_configs_build_small_models_without_download():
-    llm, _ = build("tiny_llm")
-    mllm, _ = build("tiny_mllm")
+    llm, _ = build_tiny("tiny_llm")
+    mllm, _ = build_tiny("tiny_mllm")
     assert llm.model.vision is None and llm.num_image_tokens == 0 and llm.image_transform is None
     assert mllm.num_image_tokens == 16  # 32px / patch 8 = 4x4 patches, CLS dropped
     for b in (llm, mllm):
@@ -141,7 +88,7 @@ def test_bad_model_configs_fail_with_one_line_errors():
 
 
 def test_splice_puts_each_image_on_its_run_by_hand():
-    b, _ = build("tiny_mllm")
+    b, _ = build_tiny("tiny_mllm")
     model = b.model.eval()
     n, img = b.num_image_tokens, model.image_token_id
     # row 0: text only; row 1: two images; row 2: one image after some text; right padding
@@ -176,7 +123,7 @@ def test_splice_puts_each_image_on_its_run_by_hand():
 
 
 def test_splice_on_tokenized_mixed_batch_and_loss_masks_images():
-    b, _ = build("tiny_mllm")
+    b, _ = build_tiny("tiny_mllm")
     model = b.model.eval()
     recs = mixed_records()
     batch, exs = make_batch(b, recs)
@@ -200,14 +147,14 @@ def test_splice_on_tokenized_mixed_batch_and_loss_masks_images():
 
 
 def test_splice_rejects_mismatched_images_and_tokens():
-    b, _ = build("tiny_mllm")
+    b, _ = build_tiny("tiny_mllm")
     batch, _ = make_batch(b, mixed_records())
     with pytest.raises(MMTuneError, match="image token"):
         b.model(**{**batch, "pixel_values": batch["pixel_values"][:3]})
     no_pix = {k: v for k, v in batch.items() if k != "pixel_values"}
     with pytest.raises(MMTuneError, match="no pixel_values"):
         b.model(**no_pix)
-    llm, _ = build("tiny_llm")
+    llm, _ = build_tiny("tiny_llm")
     ids = torch.tensor([[5, 6, 7]])
     with pytest.raises(MMTuneError, match="llm"):
         llm.model(ids, pixel_values=torch.zeros(1, 3, 32, 32))
@@ -245,7 +192,7 @@ STAGE_CASES = [
 
 @pytest.mark.parametrize(("name", "stage", "lora", "unfreeze"), STAGE_CASES)
 def test_one_step_changes_exactly_the_stage_parameters(name, stage, lora, unfreeze):
-    b, cfg = build(name)
+    b, cfg = build_tiny(name)
     model = b.model
     if lora:
         apply_lora(model, LoraConfig(enabled=True, r=4, alpha=8, dropout=0.0))
@@ -274,12 +221,12 @@ def test_one_step_changes_exactly_the_stage_parameters(name, stage, lora, unfree
 
 
 def test_stage_errors():
-    llm, _ = build("tiny_llm")
+    llm, _ = build_tiny("tiny_llm")
     with pytest.raises(MMTuneError, match="align"):
         llm.model.set_trainable("align")
     with pytest.raises(MMTuneError, match="llm"):
         llm.model.set_trainable("instruct", unfreeze_vision=True)
-    mllm, _ = build("tiny_mllm")
+    mllm, _ = build_tiny("tiny_mllm")
     with pytest.raises(MMTuneError):
         mllm.model.set_trainable("align", unfreeze_vision=True)
     with pytest.raises(MMTuneError, match="stage"):
@@ -287,7 +234,7 @@ def test_stage_errors():
 
 
 def test_text_only_batch_touches_trainable_vision_params_with_zero_gradient():
-    b, _ = build("tiny_mllm")
+    b, _ = build_tiny("tiny_mllm")
     model = b.model
     model.set_trainable("instruct", unfreeze_vision=True)
     model.train()
@@ -313,7 +260,7 @@ def test_text_only_batch_touches_trainable_vision_params_with_zero_gradient():
 
 @pytest.mark.parametrize(("stage", "lora"), [("align", False), ("instruct", True)])
 def test_gradient_checkpointing_passes_through_to_lm(stage, lora):
-    b, _ = build("tiny_mllm")
+    b, _ = build_tiny("tiny_mllm")
     model = b.model
     if lora:
         apply_lora(model, LoraConfig(enabled=True, r=4, alpha=8, dropout=0.0))
@@ -453,7 +400,7 @@ def _train_step(bundle, batch):
     ],
 )
 def test_save_load_round_trip_gives_identical_logits(tmp_path, name, variant):
-    b, _ = build(name)
+    b, _ = build_tiny(name)
     recs = mixed_records() if name == "tiny_mllm" else read_records(FIX / "text.jsonl")[:4]
     batch, _ = make_batch(b, recs)
     if variant in ("lora", "merged"):
@@ -529,7 +476,7 @@ def test_frozen_pretrained_lm_is_rebuilt_not_copied(tmp_path):
 
 
 def test_save_model_needs_an_existing_folder_and_load_names_bad_folders(tmp_path):
-    b, _ = build("tiny_llm")
+    b, _ = build_tiny("tiny_llm")
     with pytest.raises(MMTuneError, match="does not exist"):
         save_model(b, tmp_path / "missing")
     with pytest.raises(MMTuneError, match="checkpoint"):
@@ -574,7 +521,7 @@ def test_tiny_configs_learn_on_cpu(name, records):
     """30 plain AdamW steps on the fixture records at the config's lr lower the loss clearly."""
     import random
 
-    b, cfg = build(name)
+    b, cfg = build_tiny(name)
     recs = read_records(FIX / records)
     b.model.set_trainable(cfg.train.stage)
     b.model.train()

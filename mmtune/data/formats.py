@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from mmtune.data.schema import IMAGE_PLACEHOLDER, OPTIONAL_KEYS
+from mmtune.data.templates import alpaca_user
 from mmtune.errors import MMTuneError
 
 UNIFIED_KEYS = frozenset({"id", "messages", "images", *OPTIONAL_KEYS})
@@ -370,15 +371,6 @@ def register(name: str, description: str, *, container: bool = False) -> Callabl
     return deco
 
 
-def alpaca_user_content(instruction: str, input_text: str | None) -> str:
-    """The user turn of an Alpaca row: instruction, a blank line, then the input if any.
-
-    `templates.alpaca` recognizes exactly this text (with `meta`) and renders
-    the original Alpaca prompt, with or without its "### Input:" section.
-    """
-    return f"{instruction}\n\n{input_text}" if input_text else instruction
-
-
 def _history(row: dict[str, Any]) -> list[dict[str, str]]:
     """LLaMA-Factory's Alpaca `history`: [[user, assistant], ...] before the instruction."""
     history = row.get("history")
@@ -407,7 +399,7 @@ def _instruction_record(
     messages = [
         *_system(row),
         *_history(row),
-        {"role": "user", "content": alpaca_user_content(instruction, inp)},
+        {"role": "user", "content": alpaca_user(instruction, inp)},
         {"role": "assistant", "content": output},
     ]
     return messages, {"instruction": instruction, "input": inp, "output": output}

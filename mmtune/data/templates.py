@@ -65,7 +65,7 @@ def _render_alpaca(messages: Messages, add_generation_prompt: bool, eos: str, me
             if first:
                 instruction, inp = msg["content"], ""
                 # Alpaca records keep instruction/input apart in meta; render them exactly.
-                if "instruction" in meta and _alpaca_user(meta) == msg["content"]:
+                if "instruction" in meta and alpaca_user(meta["instruction"], meta.get("input")) == msg["content"]:
                     instruction, inp = meta["instruction"], meta.get("input") or ""
                 tmpl = ALPACA_PROMPT_INPUT if inp else ALPACA_PROMPT_NO_INPUT
                 segs.append(Segment(tmpl.format(instruction=instruction, input=inp)))
@@ -79,10 +79,15 @@ def _render_alpaca(messages: Messages, add_generation_prompt: bool, eos: str, me
     return segs
 
 
-def _alpaca_user(meta: dict[str, Any]) -> str:
-    """The user turn an Alpaca row becomes in the unified schema (see data.formats)."""
-    inp = meta.get("input") or ""
-    return f"{meta['instruction']}\n\n{inp}" if inp else meta["instruction"]
+def alpaca_user(instruction: str, input_text: str | None = None) -> str:
+    """The user turn of an Alpaca row: instruction, a blank line, then the input if any.
+
+    `data.formats` writes Alpaca rows' user turns with this, keeping
+    instruction and input in `meta`; the alpaca template recognizes exactly
+    this text (with that meta) and renders the original Alpaca prompt, with or
+    without its "### Input:" section.
+    """
+    return f"{instruction}\n\n{input_text}" if input_text else instruction
 
 
 ALPACA_JINJA = (

@@ -1,11 +1,14 @@
 """Generation from a trained (or freshly built) model: batched, left-padded, KV-cached.
 
-`generate_answers` is what evaluation calls: records (or plain prompts) in,
-answer strings out, in the same order. Prompts are rendered with the
-training template up to the assistant turn, image placeholders are expanded
-to the model's image-token runs, rows are sorted by length and left-padded so
-every row's new tokens start at the same position, and the LM decodes with
-its KV cache (transformers' `generate` on the spliced embeddings).
+`generate_answers` takes records (or plain prompts) and returns answer
+strings in the same order, prompting each record with its turns up to its
+first assistant turn; `mmtune eval` prompts with whole conversations instead
+(`mmtune.eval.run.generate_prompts`). Both tokenize their prompts into
+`TokenizedPrompt`s and decode them with one core, `generate_tokenized`:
+prompts rendered with the training template, image placeholders expanded to
+the model's image-token runs, rows sorted by length and left-padded so every
+row's new tokens start at the same position, and the LM decoding with its KV
+cache (transformers' `generate` on the spliced embeddings).
 
     mmtune generate runs/tiny_mllm --image cat.png --prompt "What is this?"
 
@@ -19,7 +22,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 
@@ -29,34 +32,139 @@ from mmtune.data.schema import IMAGE_PLACEHOLDER, Record, count_placeholders
 from mmtune.data.templates import Template, get_template, prompt_messages
 from mmtune.data.tokenize import stop_token_ids, tokenize_prompt
 from mmtune.errors import MMTuneError
-from mmtune.model.build import ModelBundle
-from mmtune.model.io import checkpoint_template
+
+if TYPE_CHECKING:  # the model layer loads transformers; `mmtune eval --predictions` needs none of it
+    from mmtune.model.build import ModelBundle
 
 DEFAULT_TEMPLATE = "vicuna_v1"
 
 
-def _prompt_of(
-    item: Record | str, instruction_suffix: str
-) -> tuple[str, list[dict[str, str]], list[str], dict[str, Any]]:
-    """(id, prompt messages, image paths, meta) of one input."""
-    if isinstance(item, str):
-        msgs = [{"role": "user", "content": item + instruction_suffix}]
-        return "<prompt>", msgs, [], {}
-    msgs = prompt_messages(item, instruction_suffix=instruction_suffix)
-    n = count_placeholders(msgs)
-    return item.id, msgs, list(item.images[:n]), item.meta
+class PromptSkip(NamedTuple):
+    """A prompt that produced no output, and why (evaluation counts these)."""
+
+    reason: str
 
 
-def _trim(text: str, stop_strings: Sequence[str]) -> str:
-    cut = len(text)
-    for s in stop_strings:
-        i = text.find(s)
-        if i != -1:
-            cut = min(cut, i)
+class TokenizedPrompt(NamedTuple):
+    """A prompt ready to decode: token ids (image runs expanded) and its image files in reading order."""
+
+    id: str
+    ids: list[int]
+    images: list[str]
+
+
+def check_batch_size(batch_size: int) -> None:
+    """Fail (one line) on a batch size below 1, before any prompt is tokenized."""
+    if batch_size < 1:
+        raise MMTuneError(f"batch_size must be >= 1, got {batch_size}")
+
+
+def tokenize_for_generation(
+    bundle: ModelBundle,
+    rid: str,
+    messages: Sequence[dict[str, str]],
+    template: Template,
+    images: Sequence[str],
+    meta: dict[str, Any] | None = None,
+) -> TokenizedPrompt:
+    """`messages` as a prompt ending where the assistant answers; a tokenizing error names the record."""
+    try:
+        ids = tokenize_prompt(messages, bundle.tokenizer, template, num_image_tokens=bundle.num_image_tokens,
+                              meta=meta, num_images=len(images))
+    except MMTuneError as exc:
+        raise MMTuneError(f"record {rid!r}: {exc}") from None
+    return TokenizedPrompt(rid, ids, list(images))
+
+
+def _cut_at_stops(text: str, stop_strings: Sequence[str]) -> str:
+    cut = min([i for s in stop_strings if (i := text.find(s)) != -1], default=len(text))
     return text[:cut].strip()
 
 
 @torch.no_grad()
+def generate_tokenized(
+    bundle: ModelBundle,
+    prompts: Sequence[TokenizedPrompt | PromptSkip],
+    template: Template,
+    *,
+    batch_size: int = 16,
+    max_new_tokens: int = 64,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    seed: int | None = None,
+    skip_unreadable_images: bool = False,
+    progress: bool = False,
+    desc: str = "generate",
+    leave: bool = True,
+) -> list[str | PromptSkip]:
+    """The decoding core of `generate_answers` and `mmtune eval`: one output per prompt, in order.
+
+    Prompts are sorted by length (less padding per batch), left-padded so
+    every row's new tokens start at the same position, and decoded with the
+    KV cache (`MMTuneModel.generate`). The new tokens are cut at EOS (or the
+    template's end-of-turn token), decoded without special tokens and cut at
+    the template's stop strings (e.g. "USER:" for vicuna_v1). Images are read
+    batch by batch, so a large eval set never sits in memory; one that cannot
+    be read raises a one-line error naming the record, or with
+    `skip_unreadable_images` makes that prompt a `PromptSkip`. A `PromptSkip`
+    given in `prompts` is passed through as it is.
+    """
+    from tqdm.auto import tqdm
+
+    check_batch_size(batch_size)
+    model, tok = bundle.model, bundle.tokenizer
+    results: list[str | PromptSkip | None] = [p if isinstance(p, PromptSkip) else None for p in prompts]
+    todo = [i for i, p in enumerate(prompts) if isinstance(p, TokenizedPrompt)]
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    stops = stop_token_ids(tok, template)
+    order = sorted(todo, key=lambda i: len(prompts[i].ids))
+    batches = [order[j : j + batch_size] for j in range(0, len(order), batch_size)]
+    was_training = model.training
+    model.eval()
+    if seed is not None:
+        torch.manual_seed(seed)
+    device = model.device
+    try:
+        for idx in tqdm(batches, desc=desc, disable=not progress, unit="batch", leave=leave):
+            rows, pixels = [], []
+            for i in idx:
+                try:
+                    pix = [bundle.image_transform(load_image(p)) for p in prompts[i].images]
+                except MMTuneError as exc:
+                    if not skip_unreadable_images:
+                        raise MMTuneError(f"record {prompts[i].id!r}: {exc}") from None
+                    results[i] = PromptSkip(f"image cannot be loaded ({exc})")
+                    continue
+                rows.append(i)
+                pixels.extend(pix)
+            if not rows:
+                continue
+            ids = pad_sequences([prompts[i].ids for i in rows], pad_id, side="left")
+            mask = pad_sequences([[1] * len(prompts[i].ids) for i in rows], 0, side="left")
+            out = model.generate(
+                ids.to(device),
+                mask.to(device),
+                pixel_values=torch.stack(pixels).to(device) if pixels else None,
+                max_new_tokens=max_new_tokens,
+                do_sample=do_sample,
+                temperature=temperature,
+                top_p=top_p,
+                eos_token_id=stops or None,
+                pad_token_id=pad_id,
+            )
+            for row, i in enumerate(rows):
+                new = out[row].tolist()
+                ends = [new.index(t) for t in stops if t in new]
+                if ends:
+                    new = new[: min(ends)]
+                results[i] = _cut_at_stops(tok.decode(new, skip_special_tokens=True), template.stop_strings)
+    finally:
+        model.train(was_training)
+    assert all(r is not None for r in results)
+    return results  # type: ignore[return-value]
+
+
 def generate_answers(
     bundle: ModelBundle,
     records_or_prompts: Sequence[Record | str],
@@ -77,72 +185,29 @@ def generate_answers(
     A Record is prompted with its messages up to the first assistant turn
     (and the images those turns name, read relative to `image_root`); a str
     is one user turn, text-only. The answer is the decoded new tokens, cut at
-    EOS and at the template's stop strings (e.g. "USER:" for vicuna_v1).
+    EOS and at the template's stop strings (see `generate_tokenized`). Any
+    input that cannot be prompted (images on a text-only model, a bad
+    placeholder count, an unreadable image) raises a one-line error.
     """
-    from tqdm.auto import tqdm
-
-    model, tok = bundle.model, bundle.tokenizer
-    tmpl = template if isinstance(template, Template) else get_template(template, tok)
-    if batch_size < 1:
-        raise MMTuneError(f"batch_size must be >= 1, got {batch_size}")
-    # Token ids for every prompt up front (cheap, and needed to sort by length);
-    # images are read batch by batch so a large eval set never sits in memory.
-    prepared: list[tuple[str, list[int], list[str]]] = []
+    tmpl = template if isinstance(template, Template) else get_template(template, bundle.tokenizer)
+    check_batch_size(batch_size)
+    # Token ids for every prompt up front (cheap, and needed to sort by length).
+    prepared: list[TokenizedPrompt] = []
     for item in records_or_prompts:
-        rid, msgs, images, meta = _prompt_of(item, instruction_suffix)
+        if isinstance(item, str):
+            msgs = [{"role": "user", "content": item + instruction_suffix}]
+            prepared.append(tokenize_for_generation(bundle, "<prompt>", msgs, tmpl, []))
+            continue
+        msgs = prompt_messages(item, instruction_suffix=instruction_suffix)
+        images = [resolve_image_path(p, image_root) for p in item.images[: count_placeholders(msgs)]]
         if images and bundle.image_transform is None:
-            raise MMTuneError(f"record {rid!r} has images but the model is text-only (mode llm)")
-        try:
-            ids = tokenize_prompt(
-                msgs, tok, tmpl, num_image_tokens=bundle.num_image_tokens, meta=meta, num_images=len(images)
-            )
-        except MMTuneError as exc:
-            raise MMTuneError(f"record {rid!r}: {exc}") from None
-        prepared.append((rid, ids, images))
-
-    def pixels(i: int) -> list[torch.Tensor]:
-        rid, _, images = prepared[i]
-        try:
-            return [bundle.image_transform(load_image(resolve_image_path(p, image_root))) for p in images]
-        except MMTuneError as exc:
-            raise MMTuneError(f"record {rid!r}: {exc}") from None
-
-    pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    stops = stop_token_ids(tok, tmpl)
-    order = sorted(range(len(prepared)), key=lambda i: len(prepared[i][1]))  # less padding per batch
-    answers: list[str] = [""] * len(prepared)
-    was_training = model.training
-    model.eval()
-    if seed is not None:
-        torch.manual_seed(seed)
-    device = model.device
-    batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
-    try:
-        for idx in tqdm(batches, desc="generate", disable=not progress, unit="batch"):
-            ids = pad_sequences([prepared[i][1] for i in idx], pad_id, side="left")
-            mask = pad_sequences([[1] * len(prepared[i][1]) for i in idx], 0, side="left")
-            pix = [p for i in idx for p in pixels(i)]
-            out = model.generate(
-                ids.to(device),
-                mask.to(device),
-                pixel_values=torch.stack(pix).to(device) if pix else None,
-                max_new_tokens=max_new_tokens,
-                do_sample=do_sample,
-                temperature=temperature,
-                top_p=top_p,
-                eos_token_id=stops or None,
-                pad_token_id=pad_id,
-            )
-            for row, i in enumerate(idx):
-                new = out[row].tolist()
-                ends = [new.index(t) for t in stops if t in new]
-                if ends:
-                    new = new[: min(ends)]
-                text = tok.decode(new, skip_special_tokens=True)
-                answers[i] = _trim(text, tmpl.stop_strings)
-    finally:
-        model.train(was_training)
-    return answers
+            raise MMTuneError(f"record {item.id!r} has images but the model is text-only (mode llm)")
+        prepared.append(tokenize_for_generation(bundle, item.id, msgs, tmpl, images, item.meta))
+    answers = generate_tokenized(
+        bundle, prepared, tmpl, batch_size=batch_size, max_new_tokens=max_new_tokens, do_sample=do_sample,
+        temperature=temperature, top_p=top_p, seed=seed, progress=progress,
+    )
+    return answers  # type: ignore[return-value]  # no skips: every failure above raises
 
 
 # --------------------------------------------------------------------------- #
@@ -150,7 +215,11 @@ def generate_answers(
 # --------------------------------------------------------------------------- #
 
 
-trained_template = checkpoint_template  # the template a checkpoint was trained with
+def trained_template(checkpoint: Path) -> str | None:
+    """The template a checkpoint was trained with (its run's data.template), or None."""
+    from mmtune.model.io import checkpoint_template
+
+    return checkpoint_template(checkpoint)
 
 
 def add_cli_arguments(parser: argparse.ArgumentParser) -> None:

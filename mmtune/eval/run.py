@@ -17,10 +17,11 @@ examples, so an unseen task's k examples come from the training tasks. The
 split is written to `split.json` and every result says whether its task was
 unseen.
 
-Generation is batched, left-padded and KV-cached (`generate_prompts`, the
-same decoding as `mmtune.eval.generate.generate_answers`, which prompts with
-a record's turns up to its *first* assistant turn and so cannot carry solved
-examples). Greedy by default. Every output is cached in
+Generation is batched, left-padded and KV-cached (`generate_prompts`, on
+the decoding core `mmtune.eval.generate.generate_tokenized` that
+`generate_answers` uses too; `generate_answers` prompts with a record's turns
+up to its *first* assistant turn and so cannot carry solved examples).
+Greedy by default. Every output is cached in
 `OUT/cache.jsonl` under a key of (model fingerprint, task, record id, prompt
 text + images, generation settings), so a rerun only generates what is new.
 
@@ -45,15 +46,22 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
 
 from mmtune.config import ConfigError, ModelConfig, from_dict, load_config, load_yaml
 from mmtune.data.schema import Record, read_records
 from mmtune.data.templates import Template, get_template
-from mmtune.data.tokenize import prompt_text, stop_token_ids, tokenize_prompt
+from mmtune.data.tokenize import prompt_text
 from mmtune.errors import MMTuneError
+from mmtune.eval.generate import (
+    PromptSkip,
+    TokenizedPrompt,
+    check_batch_size,
+    generate_tokenized,
+    tokenize_for_generation,
+)
 from mmtune.eval.metrics import MetricError, ScoreReport, get_scorer
 from mmtune.eval.tasks import (
     Mode,
@@ -161,12 +169,6 @@ def _check_generation(g: GenerationSettings) -> None:
 # --------------------------------------------------------------------------- #
 
 
-class PromptSkip(NamedTuple):
-    """A prompt that produced no output, and why (counted in the results)."""
-
-    reason: str
-
-
 def _max_positions(model: Any) -> int | None:
     conf = getattr(getattr(model, "lm", None), "config", None)
     if conf is not None and hasattr(conf, "get_text_config"):
@@ -175,12 +177,6 @@ def _max_positions(model: Any) -> int | None:
     return int(n) if isinstance(n, int) else None
 
 
-def _cut_at_stops(text: str, stops: Sequence[str]) -> str:
-    cut = min([i for s in stops if (i := text.find(s)) != -1], default=len(text))
-    return text[:cut].strip()
-
-
-@torch.no_grad()
 def generate_prompts(
     bundle: Any,
     prompts: Sequence[Record],
@@ -199,87 +195,33 @@ def generate_prompts(
 
     Each record's messages are the whole prompt (e.g. few-shot examples and
     their answers, then the question) and must end on a user turn; images are
-    absolute paths in reading order. Decoding matches `generate_answers`: new
-    tokens cut at EOS (or the template's end-of-turn token), special tokens
-    dropped, cut at the template's stop strings. Images are read batch by batch (not all up front). A prompt whose
-    images cannot be read, or that leaves no room for `max_new_tokens` within
-    the LM's context, becomes a `PromptSkip` with its reason.
-
-    Hand-written rather than calling `generate_answers` only because that one
-    cuts every record at its first assistant turn (see the module docstring).
+    absolute paths in reading order. Decoding is `generate_answers`' own
+    (`mmtune.eval.generate.generate_tokenized`); only the prompts differ, as
+    `generate_answers` cuts every record at its first assistant turn. A prompt
+    with images for a text-only model, whose images cannot be read, or that
+    leaves no room for `max_new_tokens` within the LM's context, becomes a
+    `PromptSkip` with its reason.
     """
-    from tqdm.auto import tqdm
-
-    from mmtune.data.images import load_image
-
-    model, tok = bundle.model, bundle.tokenizer
-    tmpl = template if isinstance(template, Template) else get_template(template, tok)
-    if batch_size < 1:
-        raise MMTuneError(f"batch_size must be >= 1, got {batch_size}")
-    limit = _max_positions(model)
-    results: list[str | PromptSkip | None] = [None] * len(prompts)
-    ids_of: dict[int, list[int]] = {}
-    for i, rec in enumerate(prompts):
+    tmpl = template if isinstance(template, Template) else get_template(template, bundle.tokenizer)
+    check_batch_size(batch_size)
+    limit = _max_positions(bundle.model)
+    prepared: list[TokenizedPrompt | PromptSkip] = []
+    for rec in prompts:
         if not rec.messages or rec.messages[-1]["role"] != "user":
             raise MMTuneError(f"record {rec.id!r}: a prompt must end on a user turn")
         if rec.images and bundle.image_transform is None:
-            results[i] = PromptSkip("record has images but the model is text-only")
+            prepared.append(PromptSkip("record has images but the model is text-only"))
             continue
-        try:
-            ids = tokenize_prompt(rec.messages, tok, tmpl, num_image_tokens=bundle.num_image_tokens,
-                                  meta=rec.meta, num_images=len(rec.images))
-        except MMTuneError as exc:
-            raise MMTuneError(f"record {rec.id!r}: {exc}") from None
-        if limit is not None and len(ids) + max_new_tokens > limit:
-            results[i] = PromptSkip("prompt too long for the model's context")
+        prompt = tokenize_for_generation(bundle, rec.id, rec.messages, tmpl, rec.images, rec.meta)
+        if limit is not None and len(prompt.ids) + max_new_tokens > limit:
+            prepared.append(PromptSkip("prompt too long for the model's context"))
             continue
-        ids_of[i] = ids
-    pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    stops = stop_token_ids(tok, tmpl)  # EOS and the template's end-of-turn token, if it is one token
-    order = sorted(ids_of, key=lambda i: len(ids_of[i]))  # similar lengths together: less padding
-    batches = [order[j:j + batch_size] for j in range(0, len(order), batch_size)]
-    was_training = model.training
-    model.eval()
-    if seed is not None:
-        torch.manual_seed(seed)
-    device = model.device
-    try:
-        for idx in tqdm(batches, desc=desc, disable=not progress, unit="batch", leave=False):
-            rows, pixels = [], []
-            for i in idx:
-                try:
-                    pix = [bundle.image_transform(load_image(p)) for p in prompts[i].images]
-                except MMTuneError as exc:
-                    results[i] = PromptSkip(f"image cannot be loaded ({exc})")
-                    continue
-                rows.append(i)
-                pixels.extend(pix)
-            if not rows:
-                continue
-            ids = _pad([ids_of[i] for i in rows], pad_id)
-            mask = _pad([[1] * len(ids_of[i]) for i in rows], 0)
-            out = model.generate(
-                ids.to(device), mask.to(device),
-                pixel_values=torch.stack(pixels).to(device) if pixels else None,
-                max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature, top_p=top_p,
-                eos_token_id=stops or None, pad_token_id=pad_id,
-            )
-            for row, i in enumerate(rows):
-                new = out[row].tolist()
-                ends = [new.index(t) for t in stops if t in new]
-                if ends:
-                    new = new[: min(ends)]
-                results[i] = _cut_at_stops(tok.decode(new, skip_special_tokens=True), tmpl.stop_strings)
-    finally:
-        model.train(was_training)
-    assert all(r is not None for r in results)
-    return results  # type: ignore[return-value]
-
-
-def _pad(seqs: list[list[int]], value: int) -> torch.Tensor:
-    from mmtune.data.collate import pad_sequences
-
-    return pad_sequences(seqs, value, side="left")
+        prepared.append(prompt)
+    return generate_tokenized(
+        bundle, prepared, tmpl, batch_size=batch_size, max_new_tokens=max_new_tokens, do_sample=do_sample,
+        temperature=temperature, top_p=top_p, seed=seed, skip_unreadable_images=True, progress=progress,
+        desc=desc, leave=False,
+    )
 
 
 # --------------------------------------------------------------------------- #

@@ -14,7 +14,7 @@ import json
 import math
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 METRICS_FILE = "metrics.jsonl"
 LOSS_PNG = "loss.png"
@@ -45,6 +45,17 @@ def _truncate_after(path: Path, step: int) -> None:
     os.replace(tmp, path)
 
 
+def _open_log(path: Path, resume_step: int | None) -> TextIO:
+    """`path` opened for appending: a fresh run starts a fresh file; a resumed one keeps the steps
+    up to `resume_step` (lines the interrupted run wrote after its last checkpoint are dropped)."""
+    if path.exists():
+        if resume_step is None:
+            path.unlink()
+        else:
+            _truncate_after(path, resume_step)
+    return open(path, "a", encoding="utf-8")  # noqa: SIM115 - the caller keeps it open for the whole run
+
+
 class MetricsLogger:
     """Appends metric rows to `DIR/metrics.jsonl` and, when installed, TensorBoard (`DIR/tb`)."""
 
@@ -57,13 +68,7 @@ class MetricsLogger:
         if not enabled:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        if self.path.exists():
-            # A fresh run starts a fresh file; a resumed one keeps the steps it continues from.
-            if resume_step is None:
-                self.path.unlink()
-            else:
-                _truncate_after(self.path, resume_step)
-        self._fh = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - open for the whole run
+        self._fh = _open_log(self.path, resume_step)
         if tensorboard:
             try:
                 from torch.utils.tensorboard import (
@@ -163,12 +168,7 @@ class BatchTrace:
         self._fh = None
         if not self.enabled:
             return
-        if self.path.exists():
-            if resume_step is None:
-                self.path.unlink()
-            else:
-                _truncate_after(self.path, resume_step)
-        self._fh = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - open for the whole run
+        self._fh = _open_log(self.path, resume_step)
 
     def log(self, step: int, micro: int, batch: dict[str, Any]) -> None:
         if self._fh is None:
