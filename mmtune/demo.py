@@ -62,8 +62,8 @@ class DemoPlan:
             per_task=per_task,
             eval_per_task=int(np.clip(round(20 * s), 4, 20)),
             k=min(k, max(16, int(per_task * 8 * 0.5))),
-            align_steps=max(4, round(80 * s)),
-            instruct_steps=max(8, round(900 * s)),
+            align_steps=max(4, round(100 * s)),
+            instruct_steps=max(8, round(1500 * s)),
         )
 
 
@@ -271,7 +271,7 @@ def run_demo(
     train(align)
     runs["align"] = out / "align"
     instruct = _train_config(DEMO_CONFIG, out / "instruct", "instruct", plan.instruct_steps, shard_glob, corpus,
-                             lr=3e-3, projector_from=runs["align"], seed=seed, progress=progress)
+                             lr=2e-3, projector_from=runs["align"], seed=seed, progress=progress)
     _say(f"stage instruct: {plan.instruct_steps} steps")
     result = train(instruct)
     runs["instruct"] = out / "instruct"
@@ -286,7 +286,7 @@ def run_demo(
         write_records([train_pool[i] for i in pick], out / "subset_random.jsonl")
         write_shards(out / "subset_random.jsonl", out / "shards_random", max_count=256, overwrite=True, progress=False)
         rnd = _train_config(DEMO_CONFIG, out / "instruct_random", "instruct", plan.instruct_steps,
-                            str(out / "shards_random"), corpus, lr=3e-3, projector_from=runs["align"],
+                            str(out / "shards_random"), corpus, lr=2e-3, projector_from=runs["align"],
                             seed=seed, progress=progress)
         _say(f"stage instruct on a random {k_used} (same budget): {plan.instruct_steps} steps")
         train(rnd)

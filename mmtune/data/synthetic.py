@@ -96,11 +96,11 @@ def _caption(things: list[Thing]) -> str:
 
 def _image_example(task: str, rng: random.Random) -> tuple[list[Thing], dict[str, str], str]:
     if task == "colour":
-        things = _scene(rng, rng.randint(1, 3))
+        things = _scene(rng, rng.randint(1, 2))
         t = rng.choice(things)
         return things, {"shape": t.shape}, t.colour
     if task == "shape":
-        things = _scene(rng, rng.randint(1, 3))
+        things = _scene(rng, rng.randint(1, 2))
         t = rng.choice(things)
         return things, {"colour": t.colour}, t.shape
     if task == "count":
@@ -122,7 +122,7 @@ def _image_example(task: str, rng: random.Random) -> tuple[list[Thing], dict[str
                 break
         return things, {"a": f"{a.colour} {a.shape}", "b": f"{b.colour} {b.shape}"}, "left" if a.cell < b.cell else "right"
     if task == "exists":
-        things = _scene(rng, rng.randint(1, 3))
+        things = _scene(rng, rng.randint(1, 2))
         if rng.random() < 0.5:
             t = rng.choice(things)
             return things, {"colour": t.colour, "shape": t.shape}, "yes"
