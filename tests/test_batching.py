@@ -149,7 +149,8 @@ def test_packed_loss_equals_token_weighted_unpacked_loss(data: dict[str, Any], a
     examples = [ex for ex, _ in itertools.islice(stream(data, num_image_tokens=0, image_transform=None), 12)]
     tok = data["tok"]
     cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4 * MAX_LEN)
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4 * MAX_LEN,
+                      initializer_range=0.2)  # wide init: attention that crosses examples shows clearly
     cfg._attn_implementation = attn
     torch.manual_seed(0)
     model = LlamaForCausalLM(cfg).eval()
@@ -159,13 +160,15 @@ def test_packed_loss_equals_token_weighted_unpacked_loss(data: dict[str, Any], a
     packed = collate_packed(rows, tok.pad_token_id)
     with torch.no_grad():
         loss_u = model(**model_inputs(unpacked)).loss
-        loss_p = model(**model_inputs(packed)).loss
+        out_p = model(**model_inputs(packed))
+        loss_p = out_p.loss
         # control: the same packed rows with a plain 2D mask let attention cross examples
         crossed = model(input_ids=packed["input_ids"], attention_mask=packed["attention_mask"],
-                        position_ids=packed["position_ids"], labels=packed["labels"], use_cache=False).loss
+                        position_ids=packed["position_ids"], labels=packed["labels"], use_cache=False)
     assert unpacked["labels"].ne(IGNORE_INDEX).sum() == packed["labels"].ne(IGNORE_INDEX).sum()
     assert torch.allclose(loss_p, loss_u, atol=1e-5, rtol=1e-5), (loss_p.item(), loss_u.item())
-    assert abs(crossed.item() - loss_u.item()) > 1e-3
+    trained = packed["labels"].ne(IGNORE_INDEX)
+    assert (crossed.logits - out_p.logits)[trained].abs().max() > 1e-2
 
 
 def sig(batch: dict[str, Any]) -> tuple[Any, ...]:
