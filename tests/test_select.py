@@ -57,9 +57,11 @@ def mm_records(folder: Path) -> list[Record]:
 @pytest.fixture(scope="module")
 def text_model(tmp_path_factory) -> str:
     """A 2-layer random BERT saved with the offline MiniLM tokenizer."""
+    import torch
     from transformers import AutoTokenizer, BertConfig, BertModel
 
     folder = tmp_path_factory.mktemp("tiny_bert")
+    torch.manual_seed(0)
     tok = AutoTokenizer.from_pretrained(default_text_model_path())
     cfg = BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                      intermediate_size=64, max_position_embeddings=128)
@@ -207,14 +209,14 @@ def test_kmeans_takes_even_shares_nearest_first():
     assert sorted(c["selected"] for c in cov) == [2, 2, 2, 2]
 
 
-def test_dedup_drops_exact_and_near_duplicates_keeping_the_best(text_model):
+def test_dedup_drops_exact_and_near_duplicates_keeping_the_best():
     recs = alpaca_records()[:10]
     dup = Record(id="dup", messages=[{"role": "user", "content": recs[0].messages[0]["content"].upper()},
                                      {"role": "assistant", "content": "  " + recs[0].messages[1]["content"]}])
     near = Record(id="near", messages=[{"role": "user", "content": recs[1].messages[0]["content"] + " ."},
                                        recs[1].messages[1]])
     pool = recs + [dup, near]
-    X = embed_records(pool, text_encoder=TextEncoder(text_model))[0]
+    X = np.random.default_rng(0).standard_normal((12, 32)).astype(np.float32)
     X[11] = X[1] + 1e-3  # "near" is a near duplicate of record 1 in embedding space
     res = select_records(pool, None, "dedup", embeddings=X, max_similarity=0.98)
     ids = [r.id for r in res.records]
@@ -530,3 +532,11 @@ def test_webdataset_shard_pool_image_text(mm_pool, text_model, image_model, tmp_
     assert run_cli(mm_pool, "--k", "6", "--method", "qdit", "--out", tmp_path / "direct.jsonl",
                    "--text-model", text_model, "--image-model", image_model) == 0
     assert [r.id for r in subset] == [r.id for r in read_records(tmp_path / "direct.jsonl")]
+
+
+def test_out_defaults_to_the_report_folder(text_pool, text_model, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert run_cli(text_pool, "--k", "4", "--method", "longest", "--report", "R", "--text-model", text_model) == 0
+    assert len(read_records(tmp_path / "R" / "subset.jsonl")) == 4
+    assert run_cli(text_pool, "--k", "3", "--method", "longest") == 0
+    assert len(read_records(tmp_path / "pool.longest-3.jsonl")) == 3

@@ -388,13 +388,23 @@ def _cache_prefix(loaded) -> str | None:
     return os.path.abspath(loaded.path)
 
 
+def default_out(pool: str, method: str, k: int | None, report: str | None) -> Path:
+    if report:
+        return Path(report) / "subset.jsonl"
+    stem = Path(str(pool).rstrip("/")).name.split("{")[0]
+    for suffix in (".jsonl", ".json", ".tar"):
+        stem = stem.removesuffix(suffix)
+    return Path(f"{stem or 'pool'}.{method}" + (f"-{k}" if k else "") + ".jsonl")
+
+
 def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
     methods = ", ".join(f"{name}: {m.help}" for name, m in METHODS.items())
     parser.add_argument("pool", metavar="POOL", help="unified JSONL, a raw Alpaca/Dolly/ShareGPT/LLaVA file, "
                         "or webdataset shards (.tar, brace pattern, shard folder)")
     parser.add_argument("--k", type=int, help="how many records to select")
     parser.add_argument("--method", default="qdit", choices=list(METHODS), help=f"(default qdit) {methods}")
-    parser.add_argument("--out", required=True, metavar="SUBSET.jsonl", help="the subset, in selection order")
+    parser.add_argument("--out", metavar="SUBSET.jsonl", help="the subset, in selection order (default: "
+                        "REPORT/subset.jsonl with --report, else POOLNAME.METHOD-K.jsonl in the current folder)")
     parser.add_argument("--report", metavar="DIR", help="write selection.json and PNG plots here")
     g = parser.add_argument_group("embeddings")
     g.add_argument("--embeddings", metavar="FILE.npy", help="precomputed embeddings, one row per pool record")
@@ -438,7 +448,7 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
 
 def cli_main(args: argparse.Namespace) -> int:
     progress = sys.stderr.isatty() if args.progress is None else args.progress
-    out = Path(args.out)
+    out = Path(args.out) if args.out else default_out(args.pool, args.method, args.k, args.report)
     if Path(args.pool).resolve() == out.resolve():
         raise MMTuneError(f"--out {out} would overwrite the pool")
     result = select_pool(
