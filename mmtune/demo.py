@@ -63,7 +63,7 @@ class DemoPlan:
             eval_per_task=int(np.clip(round(20 * s), 4, 20)),
             k=min(k, max(16, int(per_task * 8 * 0.5))),
             align_steps=max(4, round(100 * s)),
-            instruct_steps=max(8, round(1500 * s)),
+            instruct_steps=max(8, round(2500 * s)),
         )
 
 
