@@ -158,9 +158,12 @@ def _eval_records(out: Path, plan: DemoPlan, seed: int) -> dict[str, Path]:
     return paths
 
 
-def _token_shift(base_dir: Path, tuned_dir: Path, eval_file: Path, pred_rows: list[dict[str, Any]],
+def _token_shift(base_dir: Path, eval_file: Path, pred_rows: list[dict[str, Any]],
                  out: Path, template_name: str, progress: bool) -> dict[str, Any]:
-    """Rank the tuned model's answer tokens under the base model (Lin et al. 2023)."""
+    """Rank the tuned model's answer tokens under the base model (Lin et al. 2023).
+
+    The continuations are the tuned model's own greedy answers from the eval run.
+    """
     import torch
 
     from mmtune.data.images import load_image
@@ -187,7 +190,6 @@ def _token_shift(base_dir: Path, tuned_dir: Path, eval_file: Path, pred_rows: li
         conts.append(cont)
         pix = [base.image_transform(load_image(p)) for p in rec.images]
         extra.append({"pixel_values": torch.stack(pix)} if pix else None)
-    del tuned_dir  # the continuations are the tuned model's own greedy outputs from the eval run
     result = token_distribution_shift(base.model, prompts, conts, tokenizer=tok, extra_inputs=extra,
                                       batch_size=16, progress=progress)
     plot_token_shift(result, out / "token_shift.png", title="Tuned answers ranked by the base model")
@@ -319,7 +321,7 @@ def run_demo(
 
     rows = [json.loads(x) for x in (out / "eval" / "predictions.jsonl").read_text().splitlines() if x.strip()]
     t = time.perf_counter()
-    shift = _token_shift(runs["align"], runs["instruct"], eval_files["seen"], rows, out / "eval",
+    shift = _token_shift(runs["align"], eval_files["seen"], rows, out / "eval",
                          base_cfg.data.template, progress)
     timings["token_shift"] = time.perf_counter() - t
 
