@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 
 from mmtune.errors import MMTuneError
+from mmtune.fileio import write_json_atomic
 
 DEMO_CONFIG = Path(__file__).parent / "assets" / "demo_mllm.yaml"
 HOLDOUT_TASKS = ("shape", "first_letter")
@@ -104,12 +105,6 @@ def _say(msg: str) -> None:
     print(f"[demo] {msg}", flush=True)
 
 
-def _write_json(obj: Any, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False, default=str), encoding="utf-8")
-    tmp.replace(path)
-
-
 def _train_config(base: Path, out: Path, stage: str, steps: int, shards: str, corpus: str, *,
                   lr: float, projector_from: Path | None, seed: int, progress: bool) -> Any:
     from mmtune.config import RunConfig, load_config
@@ -128,7 +123,9 @@ def _train_config(base: Path, out: Path, stage: str, steps: int, shards: str, co
 
 
 def _loss_range(run_dir: Path) -> tuple[float, float, int]:
-    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    from mmtune.train.metrics import read_metrics
+
+    rows = read_metrics(run_dir / "metrics.jsonl")
     if not rows:
         raise MMTuneError(f"{run_dir}: training logged no step")
     head = [r["loss"] for r in rows[:3]]
@@ -245,7 +242,7 @@ def run_demo(
     split = {"holdout_tasks": list(HOLDOUT_TASKS), "holdout_phrasing": UNSEEN_PHRASING,
              "train_pool_records": len(train_pool), "heldout_pool_records": len(heldout),
              "train_tasks": sorted({r.task for r in train_pool if r.task})}
-    _write_json(split, out / "split.json")
+    write_json_atomic(split, out / "split.json")
 
     # 3. Condense with QDIT (text + image embeddings), then shard the subset.
     t = time.perf_counter()
@@ -346,7 +343,7 @@ def run_demo(
     }
     if random_info is not None:
         report["train"]["random_subset"] = random_info
-    _write_json(report, out / "report.json")
+    write_json_atomic(report, out / "report.json")
     (out / "report.md").write_text(_markdown(report, out), encoding="utf-8")
     print(format_table(report_eval))
     _say(f"done in {report['seconds']['total']:.0f} s: {out / 'report.md'}")

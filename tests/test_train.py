@@ -24,6 +24,7 @@ import torch
 
 from mmtune.cli import main
 from mmtune.config import RunConfig, load_config
+from mmtune.fileio import write_json_atomic
 from mmtune.train import checkpoint as ckpt
 from mmtune.train.metrics import read_metrics
 
@@ -332,7 +333,7 @@ def test_resume_refuses_a_changed_model_or_process_count(llm_base, tmp_path, cap
     assert "model config changed" in capsys.readouterr().err
     state = ckpt.read_trainer_state(out / "checkpoint-6")
     state["world_size"] = 2
-    ckpt.write_json_atomic(out / "checkpoint-6" / "trainer_state.json", state)
+    write_json_atomic(state, out / "checkpoint-6" / "trainer_state.json")
     assert main(llm_args(out, *LLM_BASE, "--resume-from", "latest")) == 2
     assert "same number of processes" in capsys.readouterr().err
     assert main(llm_args(out, *LLM_BASE, "--resume-from", str(out / "checkpoint-4"), "train.lora.enabled=true")) == 2

@@ -78,8 +78,8 @@ from mmtune.eval.tasks import (
     resolve_images,
     resolve_task,
     split_unseen,
-    write_json,
 )
+from mmtune.fileio import write_json_atomic
 
 DEFAULT_MAX_NEW_TOKENS = 64
 RESULTS_FILE = "results.json"
@@ -638,7 +638,7 @@ def run_eval(cfg: EvalConfig, *, output_dir: str | Path | None = None) -> dict[s
     holdout = _resolve_holdout(cfg, trained, universe)
     split = _describe_protocol(cfg, tasks, pool, shot_pool, holdout, trained)
     out.mkdir(parents=True, exist_ok=True)
-    write_json(split, out / SPLIT_FILE)
+    write_json_atomic(split, out / SPLIT_FILE)
     unseen = {n: i["unseen"] for n, i in split["evaluated_tasks"].items()}
     samplers: dict[str, ShotSampler] = {}  # built on first few-shot use (a training mix can be large)
 
@@ -703,7 +703,7 @@ def _write_outputs(report: dict[str, Any], rows: list[dict[str, Any]], out: Path
             line.update({k: v for k, v in row.items() if k not in line})
             fh.write(json.dumps(line, ensure_ascii=False) + "\n")
     os.replace(tmp, out / PREDICTIONS_FILE)
-    write_json(report, out / RESULTS_FILE)
+    write_json_atomic(report, out / RESULTS_FILE)
     if cfg is not None:
         tmp = out / (CONFIG_FILE + ".tmp")
         tmp.write_text(yaml.safe_dump(asdict(cfg), sort_keys=False), encoding="utf-8")

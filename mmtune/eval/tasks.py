@@ -29,8 +29,6 @@ the answer is read back).
 
 from __future__ import annotations
 
-import json
-import os
 import random
 import re
 from collections import Counter
@@ -258,16 +256,6 @@ def describe_split(
             "heldout_by_task": dict(sorted(held_tasks.items())),
         },
     }
-
-
-def write_json(data: Any, path: str | Path) -> Path:
-    """Write JSON atomically (temp file, then rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False, default=str) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
-    return path
 
 
 # --------------------------------------------------------------------------- #

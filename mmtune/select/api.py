@@ -29,7 +29,14 @@ import numpy as np
 
 from mmtune.data.schema import Record, RejectsWriter, write_records
 from mmtune.errors import MMTuneError
-from mmtune.select.algorithms import METHODS, MethodInputs, SelectionError, SelectParams, dedup, kmeans_assign
+from mmtune.select.algorithms import (
+    METHODS,
+    MethodInputs,
+    SelectionError,
+    SelectParams,
+    dedup,
+    kmeans_assign,
+)
 from mmtune.select.embed import (
     TEXT_FIELDS,
     Encoder,
@@ -40,7 +47,13 @@ from mmtune.select.embed import (
     load_embeddings,
 )
 from mmtune.select.facility import DIVERSITY_NORMS, facility_objective
-from mmtune.select.quality import JUDGE_SCALES, SCORERS, QualityScorer, build_scorer, normalise
+from mmtune.select.quality import (
+    JUDGE_SCALES,
+    SCORERS,
+    QualityScorer,
+    build_scorer,
+    normalise,
+)
 
 
 @dataclass
@@ -359,7 +372,7 @@ def select_pool(
             result.summary.setdefault("notes", [])
             result.summary["notes"] = loaded.notes + result.summary["notes"]
             if kwargs.get("report_dir") is not None:
-                from mmtune.select.report import write_json_atomic
+                from mmtune.fileio import write_json_atomic
 
                 write_json_atomic(result.summary, Path(kwargs["report_dir"]) / "selection.json")
         if rejects is not None:

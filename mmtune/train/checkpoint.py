@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from mmtune.errors import MMTuneError
+from mmtune.fileio import write_json_atomic
 
 CHECKPOINT_PREFIX = "checkpoint-"
 TMP_PREFIX = ".tmp-checkpoint-"
@@ -155,7 +156,7 @@ def commit_checkpoint(output_dir: str | os.PathLike[str], step: int, state: dict
     first and deleted only after the new one is in place.
     """
     tmp = temp_path(output_dir, step)
-    write_json_atomic(tmp / STATE_FILE, state)
+    write_json_atomic(state, tmp / STATE_FILE, fsync=True, sort_keys=True)
     _fsync_tree(tmp)
     final = checkpoint_path(output_dir, step)
     old = None
@@ -221,16 +222,6 @@ def remove_stale_temps(output_dir: str | os.PathLike[str]) -> list[Path]:
             shutil.rmtree(child, ignore_errors=True)
             removed.append(child)
     return removed
-
-
-def write_json_atomic(path: str | os.PathLike[str], obj: Any) -> None:
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", encoding="utf-8") as fh:
-        json.dump(obj, fh, indent=1, sort_keys=True)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
 
 
 def read_trainer_state(folder: str | os.PathLike[str]) -> dict[str, Any]:
