@@ -175,3 +175,19 @@ def test_few_shot_prepends_solved_examples(tok) -> None:
 def test_unknown_template_suggests() -> None:
     with pytest.raises(MMTuneError, match="did you mean 'chatml'"):
         get_template("chatm")
+
+
+def test_prepare_tokenizer_keeps_existing_special_tokens() -> None:
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from mmtune.data.tokenizer import prepare_tokenizer
+
+    raw = Tokenizer(models.BPE())
+    raw.pre_tokenizer = pre_tokenizers.ByteLevel()
+    tok = prepare_tokenizer(PreTrainedTokenizerFast(tokenizer_object=raw, eos_token="</s>",
+                                                    additional_special_tokens=["<|im_end|>"]))
+    # the model's own end-of-turn token must stay special (generation stops on it)
+    assert {"<|im_end|>", "<image>", "</s>"} <= set(tok.all_special_tokens)
+    assert tok.pad_token is not None
+    assert len(tok("<image>", add_special_tokens=False)["input_ids"]) == 1

@@ -74,8 +74,6 @@ def _render_alpaca(messages: Messages, add_generation_prompt: bool, eos: str, me
                 segs.append(Segment(f"\n\n### Instruction:\n{msg['content']}\n\n### Response:\n"))
         else:
             segs.append(Segment(msg["content"] + eos, train=True))
-    if not add_generation_prompt and segs and not segs[-1].train:
-        pass  # a conversation ending on a user turn renders its prompt anyway
     return segs
 
 
@@ -188,7 +186,7 @@ class Template:
     name: str
     renderer: Renderer
     jinja: str | None
-    # Where the generation prompt ends for a conversation that ends on a user turn.
+    # Text that marks the end of an answer when it is not a single special token (generation cuts there).
     stop_strings: tuple[str, ...] = ()
 
     def render(

@@ -91,10 +91,8 @@ def build_tokenizer(cfg: TokenizerConfig, corpus: Iterable[str] | None = None) -
 
 def prepare_tokenizer(tok: Any) -> Any:
     """Give a pretrained tokenizer what training needs: a pad token and a single `<image>` token."""
-    if IMAGE_PLACEHOLDER not in tok.get_vocab():
-        tok.add_special_tokens({"additional_special_tokens": [IMAGE_PLACEHOLDER]})
-    elif IMAGE_PLACEHOLDER not in tok.all_special_tokens:
-        tok.add_special_tokens({"additional_special_tokens": [IMAGE_PLACEHOLDER]})
+    if IMAGE_PLACEHOLDER not in tok.all_special_tokens:  # absent, or a plain token split by pre-tokenizers
+        tok.add_special_tokens({"additional_special_tokens": [IMAGE_PLACEHOLDER]}, replace_extra_special_tokens=False)
     if tok.pad_token is None:
         if tok.unk_token is not None:
             tok.pad_token = tok.unk_token
