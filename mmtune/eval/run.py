@@ -50,6 +50,7 @@ from typing import Any
 
 import torch
 
+from mmtune import runs
 from mmtune.config import ConfigError, ModelConfig, from_dict, load_config, load_yaml
 from mmtune.data.schema import Record, read_records
 from mmtune.data.templates import Template, get_template
@@ -228,9 +229,6 @@ def generate_prompts(
 # Model handles, fingerprints, the prediction cache
 # --------------------------------------------------------------------------- #
 
-# Training state that does not change what the model generates.
-_NOT_MODEL_FILES = {"optimizer.pt", "optimizer.safetensors", "optimizer.bin", "scheduler.pt", "rng.pt",
-                    "trainer_state.json", "run_config.yaml", "metrics.jsonl"}
 _FULL_HASH_BYTES = 64 << 20
 _SAMPLE_BYTES = 4 << 20
 
@@ -246,7 +244,8 @@ def fingerprint_model(folder: str | Path) -> str:
     folder = Path(folder)
     h = hashlib.sha256()
     for p in sorted(folder.rglob("*")):
-        if not p.is_file() or p.name in _NOT_MODEL_FILES or p.name.startswith("."):
+        # Training state (optimizer, RNG of every rank, ...) does not change what the model generates.
+        if not p.is_file() or runs.is_training_state_file(p.name) or p.name.startswith("."):
             continue
         size = p.stat().st_size
         h.update(f"{p.relative_to(folder).as_posix()}\0{size}\0".encode())
@@ -268,20 +267,18 @@ class ModelHandle:
     """
 
     def __init__(self, folder: Path, *, device: str, dtype: str | None) -> None:
-        from mmtune.model.io import MODEL_CONFIG_FILE, TOKENIZER_DIR
-
         self.folder = folder
         self.device = device
         self.dtype = dtype
-        self.config = load_config(folder / MODEL_CONFIG_FILE, ModelConfig)
+        self.config = load_config(folder / runs.MODEL_CONFIG_FILE, ModelConfig)
         self._bundle: Any = None
         try:
             from transformers import AutoTokenizer
 
             self.tokenizer = AutoTokenizer.from_pretrained(
-                str(folder / TOKENIZER_DIR), trust_remote_code=self.config.tokenizer.trust_remote_code)
+                str(folder / runs.TOKENIZER_DIR), trust_remote_code=self.config.tokenizer.trust_remote_code)
         except (OSError, ValueError) as exc:
-            raise MMTuneError(f"{folder / TOKENIZER_DIR}: cannot load tokenizer ({str(exc).splitlines()[0]})") from None
+            raise MMTuneError(f"{folder / runs.TOKENIZER_DIR}: cannot load tokenizer ({str(exc).splitlines()[0]})") from None
 
     @property
     def takes_images(self) -> bool:
@@ -346,13 +343,10 @@ class PredictionCache:
 
 def _trained_holdout(folder: Path) -> list[str] | None:
     """`data.holdout_tasks` from the run_config.yaml next to a checkpoint (None when there is none)."""
-    for d in (folder, folder.parent):
-        path = d / "run_config.yaml"
-        if path.is_file():
-            data = (load_yaml(path).get("data") or {})
-            value = data.get("holdout_tasks") or []
-            return [str(v) for v in value] if isinstance(value, list) else [str(value)]
-    return None
+    if runs.read_run_config(folder) is None:
+        return None
+    value = runs.run_config_value(folder, "data.holdout_tasks") or []
+    return [str(v) for v in value] if isinstance(value, list) else [str(value)]
 
 
 # --------------------------------------------------------------------------- #
@@ -604,7 +598,6 @@ def _evaluate(run: _ModelRun, task: TaskData, mode: Mode, max_new_tokens: int, s
 def run_eval(cfg: EvalConfig, *, output_dir: str | Path | None = None) -> dict[str, Any]:
     """Run every (model, task, mode) of `cfg`, write the outputs, return the results dict."""
     from mmtune.eval.generate import DEFAULT_TEMPLATE
-    from mmtune.model.io import checkpoint_template, resolve_checkpoint
 
     out = Path(output_dir or cfg.output_dir)
     g = cfg.generation
@@ -624,7 +617,7 @@ def run_eval(cfg: EvalConfig, *, output_dir: str | Path | None = None) -> dict[s
                         else g.max_new_tokens or s.max_new_tokens or DEFAULT_MAX_NEW_TOKENS)
                for s, t in zip(specs, cfg.tasks, strict=True)}
 
-    checkpoints = {n: resolve_checkpoint(e.path) for n, e in models.items()}
+    checkpoints = {n: runs.resolve_model_folder(e.path) for n, e in models.items()}
     read = _reader()
     pool = _read_all(cfg.pool, read, "pool")
     tasks = [load_task(s, pool if cfg.pool else None, pool_name=", ".join(cfg.pool) or "the pool",
@@ -661,7 +654,7 @@ def run_eval(cfg: EvalConfig, *, output_dir: str | Path | None = None) -> dict[s
     for mname, entry in models.items():
         ckpt = checkpoints[mname]
         handle = ModelHandle(ckpt, device=device, dtype=g.dtype)
-        template_name = entry.template or cfg.template or checkpoint_template(ckpt) or DEFAULT_TEMPLATE
+        template_name = entry.template or cfg.template or runs.trained_template(ckpt) or DEFAULT_TEMPLATE
         mrun = _ModelRun(mname, handle, get_template(template_name, handle.tokenizer), fingerprint_model(ckpt),
                          g.dtype or handle.config.lm.dtype, cache, g, cfg.progress)
         model_info[mname] = {"path": str(ckpt), "fingerprint": mrun.fingerprint, "template": template_name,

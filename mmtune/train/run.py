@@ -44,16 +44,11 @@ from typing import Any
 
 import torch
 
-from mmtune.config import RunConfig, load_config, save_config, to_dict
+from mmtune import runs
+from mmtune.config import RunConfig, load_config, to_dict
 from mmtune.errors import MMTuneError
 from mmtune.train import checkpoint as ckpt
-from mmtune.train.metrics import (
-    LOSS_PNG,
-    METRICS_FILE,
-    BatchTrace,
-    MetricsLogger,
-    plot_loss_curve,
-)
+from mmtune.train.metrics import BatchTrace, MetricsLogger, plot_loss_curve
 from mmtune.train.trainer import (
     FaultInjector,
     NonFiniteLossError,
@@ -70,7 +65,6 @@ from mmtune.train.trainer import (
 log = logging.getLogger("mmtune.train")
 
 STATE_FORMAT = "mmtune.trainer/1"
-LOG_FILE = "train.log"
 EXIT_STOPPED = 143  # 128 + SIGTERM: stopped on request, checkpoint saved
 
 
@@ -244,9 +238,7 @@ class _Recipe:
             self.out.mkdir(parents=True, exist_ok=True)
             for stale in ckpt.remove_stale_temps(self.out):
                 print(f"mmtune train: removed the unfinished checkpoint {stale} of an interrupted save", file=sys.stderr)
-            tmp = self.out / f".{ckpt.RUN_CONFIG_FILE}.tmp"
-            save_config(self.cfg, tmp)
-            os.replace(tmp, self.out / ckpt.RUN_CONFIG_FILE)
+            runs.write_run_config(self.cfg, self.out)
         self.acc.wait_for_everyone()
 
     def _setup_logging(self) -> None:
@@ -254,7 +246,7 @@ class _Recipe:
         root = logging.getLogger("mmtune")
         self._log_level = root.level
         root.setLevel(logging.INFO)
-        name = LOG_FILE if self.rank == 0 else f"train-rank{self.rank}.log"
+        name = runs.log_file(self.rank)
         fh = logging.FileHandler(self.out / name, encoding="utf-8")
         fh.setLevel(logging.INFO)
         fh.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
@@ -354,16 +346,16 @@ class _Recipe:
 
     def _load_training_state(self, folder: Path, state: dict[str, Any]) -> None:
         try:
-            self.optimizer.load_state_dict(ckpt.load_state_file(folder / ckpt.OPTIMIZER_FILE))
+            self.optimizer.load_state_dict(ckpt.load_state_file(folder / runs.OPTIMIZER_FILE))
         except ValueError as exc:  # torch's "parameter group doesn't match the size of optimizer's group"
             raise MMTuneError(f"{folder}: the optimizer state does not fit this run's trainable parameters "
                               f"(train.stage / train.lora / unfreeze_vision changed?): {exc}") from None
-        self.scheduler.load_state_dict(ckpt.load_state_file(folder / ckpt.SCHEDULER_FILE))
+        self.scheduler.load_state_dict(ckpt.load_state_file(folder / runs.SCHEDULER_FILE))
         data_states = state.get("data_state") or []
         if len(data_states) != self.world:
             raise MMTuneError(f"{folder}: data position saved for {len(data_states)} process(es), this run has {self.world}")
         self._load_data_state(data_states[self.rank])
-        self._rng_to_restore = ckpt.load_state_file(folder / ckpt.rng_file(self.rank))
+        self._rng_to_restore = ckpt.load_state_file(folder / runs.rng_file(self.rank))
         self.step = int(state["step"])
         self.tokens = int(state.get("tokens", 0))
         self.examples = int(state.get("examples", 0))
@@ -443,7 +435,7 @@ class _Recipe:
             bar.close()
         self.acc.wait_for_everyone()
         if self.main:
-            png = plot_loss_curve(self.out / METRICS_FILE, self.out / LOSS_PNG, title=f"mmtune train ({tc.stage})")
+            png = plot_loss_curve(self.out / runs.METRICS_FILE, self.out / runs.LOSS_PNG, title=f"mmtune train ({tc.stage})")
             if png is not None:
                 log.info("loss curve: %s", png)
         return self._result(stop_reason)
@@ -582,19 +574,19 @@ class _Recipe:
         if self.main:
             ckpt.begin_checkpoint(self.out, step)
         self.acc.wait_for_everyone()
-        tmp = ckpt.temp_path(self.out, step)
-        ckpt.save_state_file(rng_state or ckpt.capture_rng_state(), tmp / ckpt.rng_file(self.rank))
+        tmp = runs.temp_checkpoint_path(self.out, step)
+        ckpt.save_state_file(rng_state or ckpt.capture_rng_state(), tmp / runs.rng_file(self.rank))
         data_states = gather_object([data_state or self.batcher.state_dict()])
         skips = gather_object([dict(self.batcher.stream.skip_counts)])
         if self.main:
             with _quiet_hf_progress():
                 save_model(self.bundle, tmp)
             self.faults.maybe_kill_during_save(step)
-            ckpt.save_state_file(self.optimizer.state_dict(), tmp / ckpt.OPTIMIZER_FILE)
-            ckpt.save_state_file(self.scheduler.state_dict(), tmp / ckpt.SCHEDULER_FILE)
-            save_config(self.cfg, tmp / ckpt.RUN_CONFIG_FILE)
+            ckpt.save_state_file(self.optimizer.state_dict(), tmp / runs.OPTIMIZER_FILE)
+            ckpt.save_state_file(self.scheduler.state_dict(), tmp / runs.SCHEDULER_FILE)
+            runs.write_run_config(self.cfg, tmp)
         self.acc.wait_for_everyone()
-        final = ckpt.checkpoint_path(self.out, step)
+        final = runs.checkpoint_path(self.out, step)
         if self.main:
             total: dict[str, int] = {}
             for counts in skips:
