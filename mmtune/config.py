@@ -95,6 +95,7 @@ class DataConfig:
     """Training data: unified-record JSONL files or webdataset shard patterns."""
 
     train: list[str] = field(default_factory=list)
+    eval: list[str] = field(default_factory=list)  # validation records / shards (loss every train.eval_every steps)
     image_root: str | None = None
     template: str = "vicuna_v1"  # see mmtune.data.templates.TEMPLATES
     max_length: int = 512
@@ -136,6 +137,9 @@ class TrainConfig:
     log_every: int = 1
     save_every: int = 0  # 0: only at the end
     save_total_limit: int = 3
+    eval_every: int = 0  # validation loss on data.eval every N steps (0: at the end only)
+    eval_samples: int = 0  # validate on the first N eval examples (0: all of data.eval)
+    save_best: bool = False  # keep the model with the lowest validation loss in output_dir/best
     resume_from: str | None = None  # a checkpoint folder or "latest"
     progress: bool = True
 
