@@ -109,7 +109,7 @@ def run_token_shift(args: argparse.Namespace) -> dict[str, Any]:
         shift_category,
         token_distribution_shift,
     )
-    from mmtune.eval.generate import PromptSkip
+    from tqdm.auto import tqdm
 
     out = Path(args.out)
     base, tuned = _open(args.base, args, args.base_template), _open(args.tuned, args, args.tuned_template)
@@ -122,23 +122,25 @@ def run_token_shift(args: argparse.Namespace) -> dict[str, Any]:
             skips["record has images but a model is text-only"] += 1
         else:
             usable.append(r)
-    answers = tuned.generate(usable, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
-                             progress=not args.no_progress, desc="tuned answers")
     tok = tuned.tokenizer
-    stops = {t for t in (tok.eos_token_id, tok.pad_token_id) if t is not None}
     prompts, conts, extra, kept, items = [], [], [], [], []
-    for r, ans in zip(usable, answers, strict=True):
-        if isinstance(ans, PromptSkip):
-            skips[ans.reason] += 1
+    for r in tqdm(usable, desc="tuned answers", disable=args.no_progress):
+        try:
+            ids, ex = tuned.prompt_inputs(r.messages, r.images, r.meta)
+            if r.images:  # the base model reads the images through its own image processing
+                _, base_ex = base.prompt_inputs(r.messages, r.images, r.meta)
+        except MMTuneError as exc:
+            if "image" not in str(exc):
+                raise
+            skips[f"image cannot be loaded: {exc}"] += 1
             continue
-        ids, ex = tuned.prompt_inputs(r.messages, r.images, r.meta)
-        if r.images:  # the base model reads the images through its own image processing
-            _, ex = base.prompt_inputs(r.messages, r.images, r.meta)
+        # The tuned model's greedy token ids themselves (decoded text would not re-tokenize to them).
+        cont = tuned.greedy_ids(ids, ex, args.max_new_tokens)
         prompts.append(ids)
-        conts.append([t for t in tok(ans, add_special_tokens=False)["input_ids"] if t not in stops])
-        extra.append(ex)
+        conts.append(cont)
+        extra.append(base_ex if r.images else None)
         kept.append(r)
-        items.append({"id": r.id, "task": r.task, "answer": ans})
+        items.append({"id": r.id, "task": r.task, "answer": tok.decode(cont, skip_special_tokens=True).strip()})
     result = token_distribution_shift(base.model, prompts, conts, tokenizer=tok, extra_inputs=extra,
                                       batch_size=args.batch_size, progress=not args.no_progress)
     per_task: dict[str, Counter[str]] = defaultdict(Counter)

@@ -142,6 +142,31 @@ class EvalModel(ABC):
                  progress: bool = False, desc: str = "generate") -> list[str | PromptSkip]:
         """One answer per prompt record, in order; prompts that cannot run become `PromptSkip`s."""
 
+    @abstractmethod
+    def _new_tokens(self, ids: torch.Tensor, extra: dict[str, Any] | None, max_new_tokens: int,
+                    stops: list[int]) -> list[int]:
+        """Greedy new token ids after one prompt (the model's own `generate`)."""
+
+    @abstractmethod
+    def stop_ids(self) -> list[int]:
+        """Token ids that end an answer."""
+
+    @torch.no_grad()
+    def greedy_ids(self, ids: Sequence[int], extra: dict[str, Any] | None, max_new_tokens: int) -> list[int]:
+        """The greedy answer to one tokenized prompt as token ids, cut before the first stop token.
+
+        The token analyses rank these ids directly: re-tokenizing decoded text
+        does not give back the generated ids (byte-level pieces, merges).
+        """
+        stops = self.stop_ids()
+        model = self.model
+        device = next(model.parameters()).device
+        x = torch.tensor([list(ids)], dtype=torch.long, device=device)
+        ex = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in (extra or {}).items()}
+        new = self._new_tokens(x, ex or None, max_new_tokens, stops)
+        ends = [new.index(t) for t in stops if t in new]
+        return new[: min(ends)] if ends else new
+
     @property
     def default_dtype(self) -> str:
         return self.dtype or "float32"
@@ -246,6 +271,19 @@ class MMTuneBackend(EvalModel):
         return generate_prompts(self.bundle, prompts, self.template, batch_size=batch_size,
                                 max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature,
                                 top_p=top_p, seed=seed, progress=progress, desc=desc)
+
+    def stop_ids(self) -> list[int]:
+        from mmtune.data.tokenize import stop_token_ids
+
+        return stop_token_ids(self._tokenizer, self.template)
+
+    def _new_tokens(self, ids: torch.Tensor, extra: dict[str, Any] | None, max_new_tokens: int,
+                    stops: list[int]) -> list[int]:
+        tok = self._tokenizer
+        pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        out = self.model.generate(ids, torch.ones_like(ids), pixel_values=(extra or {}).get("pixel_values"),
+                                  max_new_tokens=max_new_tokens, eos_token_id=stops or None, pad_token_id=pad)
+        return out[0].tolist()
 
     def info(self) -> dict[str, Any]:
         return {**super().info(), "mode": self.config.mode}
@@ -355,13 +393,23 @@ class _HFBackend(EvalModel):
     def default_dtype(self) -> str:
         return self.dtype or "auto"
 
-    def _stop_ids(self) -> list[int]:
+    def stop_ids(self) -> list[int]:
         gen = getattr(self.model, "generation_config", None)
         eos = getattr(gen, "eos_token_id", None)
         ids = eos if isinstance(eos, list) else [eos] if eos is not None else []
         if self.tokenizer.eos_token_id is not None:
             ids.append(self.tokenizer.eos_token_id)
         return sorted(set(int(i) for i in ids))
+
+    def _new_tokens(self, ids: torch.Tensor, extra: dict[str, Any] | None, max_new_tokens: int,
+                    stops: list[int]) -> list[int]:
+        ex = dict(extra or {})
+        if "pixel_values" in ex and (dt := self._torch_dtype()) is not None:
+            ex["pixel_values"] = ex["pixel_values"].to(dt)
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else (stops or [0])[0]
+        out = self.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                                  do_sample=False, eos_token_id=stops or None, pad_token_id=pad, **ex)
+        return out[0, ids.shape[1]:].tolist()
 
     @abstractmethod
     def _encode(self, texts: list[str], images: list[list[Any]]) -> dict[str, torch.Tensor]:
@@ -396,7 +444,7 @@ class _HFBackend(EvalModel):
                 todo.append((i, self.render(rec.messages, rec.meta)))
         model = self.model if todo else None
         limit = _max_positions(getattr(model, "config", None))
-        stops = self._stop_ids() if todo else []
+        stops = self.stop_ids() if todo else []
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else (stops or [0])[0]
         if seed is not None:
             torch.manual_seed(seed)
