@@ -54,6 +54,8 @@ from mmtune.train.metrics import (
     MetricsLogger,
     plot_loss_curve,
 )
+from mmtune.train.param_groups import describe_groups, norm_parameter_names
+from mmtune.train.precision import dtype_name, keep_trainable_fp32, optimizer_state_dtype
 from mmtune.train.trainer import (
     FaultInjector,
     NonFiniteLossError,
@@ -101,7 +103,7 @@ def train(cfg: RunConfig) -> TrainResult:
     from accelerate import Accelerator
 
     _check_config(cfg)
-    precision = resolve_mixed_precision(cfg.train.mixed_precision)
+    precision = resolve_mixed_precision(cfg.train.mixed_precision, _stored_dtype(cfg))
     # Several processes without CUDA (torchrun / accelerate on CPU): accelerate
     # only sets up its gloo process group when told the run is on CPU.
     multi_cpu = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
@@ -119,6 +121,15 @@ def train(cfg: RunConfig) -> TrainResult:
     finally:
         recipe.close()
         _release_accelerator(accelerator)
+
+
+def _stored_dtype(cfg: RunConfig) -> torch.dtype | None:
+    """The dtype frozen weights are stored in: `model.lm.dtype` (QLoRA: its compute dtype)."""
+    from mmtune.model.build import resolve_dtype
+
+    q = cfg.model.lm.quantization
+    dtype = resolve_dtype(q.compute_dtype if q.bits else cfg.model.lm.dtype)
+    return dtype if isinstance(dtype, torch.dtype) else None
 
 
 def _check_config(cfg: RunConfig) -> None:
@@ -184,6 +195,7 @@ class _Recipe:
         self.batcher: Any = None
         self._rng_to_restore: dict[str, Any] | None = None
         self.optimizer: Any = None
+        self._group_lines = ""
         self.scheduler: Any = None
         self.bundle: Any = None
         self.step = 0
@@ -226,7 +238,8 @@ class _Recipe:
         self._build_model()
         self._build_data()
         self.total_steps = self._count_total_steps()
-        self.optimizer = build_optimizer(self.model.named_parameters(), self.tc)
+        self.optimizer = build_optimizer(self.model.named_parameters(), self.tc, norm_parameter_names(self.model))
+        self._group_lines = describe_groups(self.optimizer.param_groups)
         self.scheduler = build_scheduler(self.optimizer, self.tc, self.total_steps)
         self.ddp_model, self.optimizer = self.acc.prepare(self.model, self.optimizer)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
@@ -286,6 +299,10 @@ class _Recipe:
         if self.tc.lora.enabled and not model.has_lora:
             apply_lora(model, self.tc.lora)
         model.set_trainable(self.tc.stage, self.tc.unfreeze_vision)
+        upcast = keep_trainable_fp32(model)
+        if upcast:
+            log.info("%d trainable tensor(s) stored in float32 (master weights); frozen ones stay %s",
+                     len(upcast), self.cfg.model.lm.dtype)
         if self.tc.gradient_checkpointing:
             model.gradient_checkpointing_enable()
         model.train()
@@ -393,6 +410,9 @@ class _Recipe:
         lines = [
             f"mmtune train: {self.cfg.model.mode} model, {what}; trainable parameters:",
             self.model.trainable_summary(),
+            "optimizer groups (AdamW; weights and moments in float32):" if all(
+                p.dtype == torch.float32 for p in self.params) else "optimizer groups (AdamW):",
+            self._group_lines,
             (f"  steps {self.step} -> {self.total_steps}, {self.world} process(es) x batch {tc.batch_size} "
              f"x grad_accum {tc.grad_accum}, mixed precision {self.acc.mixed_precision}, device {self.acc.device}"),
             f"  output: {self.out}" + (f" (resumed from {self.resumed_from.name})" if self.resumed_from else ""),
@@ -521,15 +541,21 @@ class _Recipe:
         except torch.OutOfMemoryError:
             # AdamW allocates its two moment buffers at the first step: 2 x the trainable parameters.
             n = sum(p.numel() for p in self.params)
+            dtype = optimizer_state_dtype(self.params)
+            gb = 2 * n * torch.empty((), dtype=dtype).element_size() / 1e9
             raise TrainingOOMError(
-                f"out of memory in the optimizer step of step {step_no} (AdamW keeps 2 x {n:,} trainable "
-                f"parameters in float32); train fewer parameters (train.lora.enabled=true, train.stage=align) "
+                f"out of memory in the optimizer step of step {step_no} (AdamW keeps 2 states x {n:,} trainable "
+                f"parameters in {dtype_name(dtype)}, {gb:.2f} GB{self._per_process_note()}); train fewer parameters "
+                f"(train.lora.enabled=true, train.stage=align), shard them (train.distributed=fsdp) "
                 f"or use a larger device. Last checkpoint: {self._last_good()}"
             ) from None
         if not self.acc.optimizer_step_was_skipped:  # fp16 overflow: the scaler skipped the step
             self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         return _StepStats(loss_sum, n_micro, tokens, slots, n_ex, n_img, bool(stop_flag), grad_norm, lr)
+
+    def _per_process_note(self) -> str:
+        return ""
 
     def _clip(self) -> float | None:
         if self.tc.max_grad_norm and self.tc.max_grad_norm > 0:
