@@ -10,6 +10,7 @@ A run folder (`mmtune train ... --output-dir RUN`) holds
     run_config.yaml          the RunConfig the run was started with
     metrics.jsonl, loss.png, train.log, train-rank{r}.log
     checkpoint-STEP/         one training checkpoint per saved step (below)
+    best/                    train.save_best: the model folder of the lowest validation loss (+ best.json)
     .tmp-checkpoint-STEP/    a checkpoint being written (renamed when complete)
     .old-checkpoint-STEP/    a checkpoint being replaced by a re-save of the same step
 
@@ -45,6 +46,8 @@ LOG_FILE = "train.log"
 CHECKPOINT_PREFIX = "checkpoint-"
 TMP_PREFIX = ".tmp-checkpoint-"
 OLD_PREFIX = ".old-checkpoint-"
+BEST_DIR = "best"  # train.save_best: the model of the lowest validation loss
+BEST_FILE = "best.json"  # in BEST_DIR: {"step", "eval_loss"}
 
 # --- a model folder -------------------------------------------------------- #
 MODEL_CONFIG_FILE = "model_config.yaml"

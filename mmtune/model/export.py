@@ -45,12 +45,17 @@ from mmtune.data.templates import Template, get_template
 from mmtune.errors import MMTuneError
 from mmtune.model.build import ModelBundle, resolve_dtype
 from mmtune.model.mllm import MMTuneModel
-from mmtune.runs import MODEL_CONFIG_FILE, RUN_CONFIG_FILE, resolve_model_folder, trained_template
 from mmtune.model.vision import (
     HFVisionTower,
     OpenClipTower,
     VisionTower,
     open_clip_to_hf_clip,
+)
+from mmtune.runs import (
+    MODEL_CONFIG_FILE,
+    RUN_CONFIG_FILE,
+    resolve_model_folder,
+    trained_template,
 )
 
 FORMATS = ("hf-llava", "hf")

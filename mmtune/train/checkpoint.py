@@ -30,7 +30,7 @@ from mmtune.fileio import write_json_atomic
 
 # The layout and what counts as a complete checkpoint belong to mmtune.runs (the
 # finders are imported here because resume, rotation and the tests reach them as ckpt.NAME).
-from mmtune.runs import (  # noqa: E402
+from mmtune.runs import (
     OLD_PREFIX,
     STATE_FILE,
     CheckpointError,
@@ -211,7 +211,7 @@ def load_state_file(path: str | os.PathLike[str]) -> Any:
         raise CheckpointError(f"{path}: missing from the checkpoint")
     try:
         return torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - any unpickling failure is a corrupt file
+    except Exception as exc:
         raise CheckpointError(f"{path}: cannot be read ({type(exc).__name__}: {exc})".splitlines()[0]) from None
 
 
