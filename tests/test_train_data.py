@@ -85,3 +85,97 @@ def test_validation_config_errors(tmp_path, capsys):
     assert main(llm_args(tmp_path / "x", "--max-steps", "2", "train.eval_every=2")) == 2
     assert "data.eval" in capsys.readouterr().err
     assert main(llm_args(tmp_path / "y", "--max-steps", "2", f"data.eval=[{TEXT}]", "train.eval_samples=-1")) == 2
+
+
+# --------------------------------------------------------------------------- #
+# Weighted mixtures
+# --------------------------------------------------------------------------- #
+
+
+def second_source(tmp_path) -> Path:
+    """text.jsonl again with other ids: a source the same size as the first (so a plain concat gives 50/50)."""
+    out = tmp_path / "b.jsonl"
+    rows = [json.loads(line) for line in TEXT.read_text().splitlines() if line.strip()]
+    out.write_text("".join(json.dumps({**r, "id": "b-" + r["id"]}) + "\n" for r in rows))
+    return out
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    from helpers import build_tiny
+
+    bundle, _ = build_tiny("tiny_llm")
+    return bundle.tokenizer
+
+
+def mixture(tokenizer, paths, weights, seed=0):
+    from mmtune.data.mixture import MixtureStream
+    from mmtune.data.stream import ExampleStream
+
+    streams = [ExampleStream([str(p)], tokenizer, "vicuna_v1", max_length=256, epochs=None, seed=seed,
+                             shuffle_buffer=8) for p in paths]
+    return MixtureStream(streams, weights, names=[str(p) for p in paths], seed=seed)
+
+
+def test_mixture_ratio_epochs_and_resume(tmp_path, tokenizer):
+    b = second_source(tmp_path)
+    mix = mixture(tokenizer, [TEXT, b], [0.7, 0.3])
+    n = 1500
+    it = iter(mix)
+    ids = [next(it)[0].id for _ in range(n)]
+    share = sum(not i.startswith("b-") for i in ids) / n
+    # binomial sd = sqrt(0.7 * 0.3 / 1500) = 0.012; a concatenation of the two equal sources would give 0.5
+    assert abs(share - 0.7) < 0.045
+    counts = mix.source_counts
+    assert counts == {str(TEXT): n - sum(i.startswith("b-") for i in ids), str(b): sum(i.startswith("b-") for i in ids)}
+    # each source counts its own epochs (24 records each): the heavier one has gone round more often
+    assert mix.epochs == {name: (c - 1) // 24 for name, c in counts.items()}
+    assert mix.epochs[str(TEXT)] > mix.epochs[str(b)]
+    # every record of a source appears once per epoch of that source
+    a_ids = [i for i in ids if not i.startswith("b-")][:48]
+    assert len(set(a_ids[:24])) == 24 and set(a_ids[:24]) == set(a_ids[24:48])
+
+    # resume: a fresh mixture loaded with the state after 37 examples continues exactly
+    ref = mixture(tokenizer, [TEXT, b], [0.7, 0.3])
+    it = iter(ref)
+    for _ in range(37):
+        next(it)
+    state = json.loads(json.dumps(ref.state_dict()))  # as it goes through a checkpoint
+    want = [next(it)[0].id for _ in range(60)]
+    again = mixture(tokenizer, [TEXT, b], [0.7, 0.3])
+    again.load_state_dict(state)
+    it2 = iter(again)
+    assert [next(it2)[0].id for _ in range(60)] == want
+    assert again.source_counts == ref.source_counts
+    with pytest.raises(Exception, match="weights"):
+        mixture(tokenizer, [TEXT, b], [0.5, 0.5]).load_state_dict(state)
+
+
+def test_mixture_training_resumes_exactly_and_logs_sources(tmp_path):
+    b = second_source(tmp_path)
+    data = f"[{{path: {TEXT}, weight: 3}}, {{path: {b}, weight: 1}}]"
+    common = ("--max-steps", "6", "train.save_every=3", "train.save_total_limit=0")
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    os.environ["MMTUNE_TRACE_BATCHES"] = "1"
+    try:
+        assert main(llm_args(full, *common, data=data)) == 0
+        os.environ["MMTUNE_FAULT_INJECT"] = "sigterm@4"
+        assert main(llm_args(cut, *common, data=data)) == 143
+        del os.environ["MMTUNE_FAULT_INJECT"]
+        assert main(llm_args(cut, *common, "--resume-from", "latest", data=data)) == 0
+    finally:
+        os.environ.pop("MMTUNE_TRACE_BATCHES", None)
+        os.environ.pop("MMTUNE_FAULT_INJECT", None)
+
+    def trace(out):
+        return [(r["step"], tuple(r["ids"])) for r in map(json.loads, (out / "batches.jsonl").read_text().splitlines())]
+
+    assert trace(full) == trace(cut)
+    assert [r["loss"] for r in train_rows(full)] == pytest.approx([r["loss"] for r in train_rows(cut)], abs=1e-6)
+    rows = train_rows(full)
+    assert all(set(r["sources"]) == {str(TEXT), str(b)} for r in rows)
+    last = rows[-1]["sources"]
+    assert sum(last.values()) >= 24  # every example that reached a batch was counted by its source
+    assert rows[-1]["sources"] == train_rows(cut)[-1]["sources"]
+    trained = [i for _, ids in trace(full) for i in ids]
+    assert any(i.startswith("b-") for i in trained) and any(not i.startswith("b-") for i in trained)

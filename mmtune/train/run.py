@@ -328,7 +328,7 @@ class _Recipe:
         from mmtune.data.tokenizer import record_texts
 
         texts: list[str] = []
-        for src in self.cfg.data.train:
+        for src in self.cfg.data.train_paths():
             records = iter_records(src) if is_shard_source(src) else read_records(src, strict=False)
             texts.extend(record_texts(records))
         return texts
@@ -338,13 +338,24 @@ class _Recipe:
         from mmtune.data.stream import ExampleStream
 
         dc = self.cfg.data
-        stream = ExampleStream(
-            dc.train, self.bundle.tokenizer, dc.template,
-            max_length=dc.max_length, num_image_tokens=self.bundle.num_image_tokens,
-            image_transform=self.bundle.image_transform, image_root=dc.image_root,
-            shuffle=True, shuffle_buffer=dc.shuffle_buffer, seed=self.tc.seed, epochs=epochs,
-            holdout_tasks=dc.holdout_tasks, rank=self.rank, world_size=self.world, num_workers=dc.num_workers,
-        )
+
+        def make(sources: list[str], epochs: int | None) -> ExampleStream:
+            return ExampleStream(
+                sources, self.bundle.tokenizer, dc.template,
+                max_length=dc.max_length, num_image_tokens=self.bundle.num_image_tokens,
+                image_transform=self.bundle.image_transform, image_root=dc.image_root,
+                shuffle=True, shuffle_buffer=dc.shuffle_buffer, seed=self.tc.seed, epochs=epochs,
+                holdout_tasks=dc.holdout_tasks, rank=self.rank, world_size=self.world, num_workers=dc.num_workers,
+            )
+
+        stream: Any
+        if dc.is_mixture and epochs is None:  # weighted sources, each endless with its own epochs
+            from mmtune.data.mixture import mixture_from_config
+
+            stream = mixture_from_config(dc.train_sources(), lambda path: make([path], None), seed=self.tc.seed,
+                                         rank=self.rank)
+        else:  # plain sources (or counting num_epochs of a mixture: one pass over all of its sources)
+            stream = make(dc.train_paths(), epochs)
         return Batcher(stream, batch_size=self.tc.batch_size, pad_token_id=self.bundle.tokenizer.pad_token_id,
                        group_by_length=dc.group_by_length, packing=dc.packing, seed=self.tc.seed)
 
@@ -586,6 +597,11 @@ class _Recipe:
             for kind, n in counts.items():
                 skips[kind] = skips.get(kind, 0) + int(n)
         self.skip_counts = skips
+        per_source = gather_object([dict(getattr(self.batcher.stream, "source_counts", {}))])
+        sources: dict[str, int] = {}
+        for counts in per_source:
+            for name, n in counts.items():
+                sources[name] = sources.get(name, 0) + int(n)
         elapsed = max(time.perf_counter() - window.started, 1e-9)
         row = {
             "step": self.step,
@@ -600,6 +616,9 @@ class _Recipe:
             "images": int(window.images),
             "grad_norm": window.grad_norm,
         }
+        if sources:  # a weighted mixture: examples each source has given (all processes), its epoch (rank 0's)
+            row["sources"] = sources
+            row["source_epochs"] = dict(self.batcher.stream.epochs)
         if self.metrics is not None:
             self.metrics.log(row)
         bar.set_postfix(loss=f"{row['loss']:.4f}", tok_s=f"{row['tokens_per_s']:.0f}", lr=f"{window.lr:.2e}",
