@@ -60,7 +60,14 @@ def _sha256(path: Path) -> str:
 
 def build_tokenizer(texts: list[str], vocab_size: int, *, append_eos: bool) -> Any:
     """Byte-level BPE over the LM corpus; `<s> text` for the LM, `text </s>` for the CLIP text tower."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from tokenizers import (
+        Tokenizer,
+        decoders,
+        models,
+        pre_tokenizers,
+        processors,
+        trainers,
+    )
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE(unk_token=None))
@@ -180,8 +187,8 @@ def pretrain_clip(out: Path, tokenizer: Any, *, pairs: int, steps: int, batch: i
     preprocess_cfg = {"size": CLIP_IMAGE["image_size"], "mean": list(open_clip.OPENAI_DATASET_MEAN),
                       "std": list(open_clip.OPENAI_DATASET_STD), "interpolation": "bicubic", "resize_mode": "shortest"}
     out.mkdir(parents=True)
-    json.dump({"model_cfg": model_cfg, "preprocess_cfg": preprocess_cfg},
-              open(out / "open_clip_config.json", "w", encoding="utf-8"), indent=2)
+    with open(out / "open_clip_config.json", "w", encoding="utf-8") as fh:
+        json.dump({"model_cfg": model_cfg, "preprocess_cfg": preprocess_cfg}, fh, indent=2)
     tokenizer.save_pretrained(str(out))
     torch.manual_seed(seed)
     # open_clip's own factory builds the model from the folder's config (no weights yet).

@@ -159,11 +159,13 @@ def make_pool(
     seed: int = 0,
     phrasings: tuple[int, ...] | None = None,
     id_prefix: str = "syn",
+    system: str | None = None,
     progress: Callable[[int], None] | None = None,
 ) -> list[Record]:
     """Draw `per_task` records for each task; images go to `out_dir/images/`.
 
-    `phrasings` restricts which phrasing indices are used (None = all).
+    `phrasings` restricts which phrasing indices are used (None = all);
+    `system`, when given, opens every record with that system turn.
     Deterministic for a seed.
     """
     out = Path(out_dir)
@@ -191,7 +193,8 @@ def make_pool(
                 cluster = "text"
             records.append(Record(
                 id=rid,
-                messages=[{"role": "user", "content": content}, {"role": "assistant", "content": answer}],
+                messages=[*([{"role": "system", "content": system}] if system else []),
+                          {"role": "user", "content": content}, {"role": "assistant", "content": answer}],
                 images=images, source="mmtune-synthetic", task=task, answers=[answer] * 10,
                 meta={"phrasing": p, "cluster": cluster},
             ))
