@@ -39,18 +39,21 @@ from typing import Any, ClassVar
 
 import torch
 
+from mmtune import runs
 from mmtune.data.schema import IMAGE_PLACEHOLDER, Record
 from mmtune.errors import MMTuneError
-from mmtune.eval.generate import PromptSkip, TokenizedPrompt, check_batch_size, generate_tokenized, \
-    tokenize_for_generation
+from mmtune.eval.generate import (
+    PromptSkip,
+    TokenizedPrompt,
+    check_batch_size,
+    generate_tokenized,
+    tokenize_for_generation,
+)
 
 # --------------------------------------------------------------------------- #
 # Fingerprints (the prediction cache's model key)
 # --------------------------------------------------------------------------- #
 
-# Training state that does not change what the model generates.
-_NOT_MODEL_FILES = {"optimizer.pt", "optimizer.safetensors", "optimizer.bin", "scheduler.pt", "rng.pt",
-                    "trainer_state.json", "run_config.yaml", "metrics.jsonl"}
 _FULL_HASH_BYTES = 64 << 20
 _SAMPLE_BYTES = 4 << 20
 
@@ -66,7 +69,8 @@ def fingerprint_model(folder: str | Path) -> str:
     folder = Path(folder)
     h = hashlib.sha256()
     for p in sorted(folder.rglob("*")):
-        if not p.is_file() or p.name in _NOT_MODEL_FILES or p.name.startswith("."):
+        # Training state (optimizer, RNG of every rank, ...) does not change what the model generates.
+        if not p.is_file() or runs.is_training_state_file(p.name) or p.name.startswith("."):
             continue
         size = p.stat().st_size
         h.update(f"{p.relative_to(folder).as_posix()}\0{size}\0".encode())
@@ -198,10 +202,10 @@ class MMTuneBackend(EvalModel):
         from mmtune.config import ModelConfig, load_config
         from mmtune.data.templates import get_template
         from mmtune.eval.generate import DEFAULT_TEMPLATE
-        from mmtune.model.io import MODEL_CONFIG_FILE, TOKENIZER_DIR, checkpoint_template, resolve_checkpoint
+        from mmtune.runs import MODEL_CONFIG_FILE, TOKENIZER_DIR
 
-        folder = resolve_checkpoint(folder)
-        super().__init__(folder, template=template or checkpoint_template(folder) or DEFAULT_TEMPLATE,
+        folder = runs.resolve_model_folder(folder)
+        super().__init__(folder, template=template or runs.trained_template(folder) or DEFAULT_TEMPLATE,
                          device=device, dtype=dtype)
         self.config = load_config(folder / MODEL_CONFIG_FILE, ModelConfig)
         self._bundle: Any = None
@@ -216,10 +220,8 @@ class MMTuneBackend(EvalModel):
 
     @classmethod
     def matches(cls, path: Path) -> bool:
-        from mmtune.model.io import resolve_checkpoint
-
         try:
-            resolve_checkpoint(path)
+            runs.resolve_model_folder(path)
         except MMTuneError:
             return False
         return True

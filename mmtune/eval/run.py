@@ -49,12 +49,20 @@ from typing import Any
 
 import torch
 
-from mmtune.config import ConfigError, from_dict, load_config, load_yaml
+from mmtune import runs
+from mmtune.config import ConfigError, from_dict, load_config
 from mmtune.data.schema import Record, read_records
 from mmtune.errors import MMTuneError
+
 # The model backends (mmtune checkpoints, llava-hf folders, causal LMs) live in mmtune.eval.backends;
 # generate_prompts and fingerprint_model stay importable from here.
-from mmtune.eval.backends import EvalModel, detect_backend, fingerprint_model, generate_prompts, open_model  # noqa: F401
+from mmtune.eval.backends import (  # noqa: F401
+    EvalModel,
+    detect_backend,
+    fingerprint_model,
+    generate_prompts,
+    open_model,
+)
 from mmtune.eval.benchmarks import SUBMISSION_WRITERS
 from mmtune.eval.generate import PromptSkip
 from mmtune.eval.metrics import SCORERS, MetricError, ScoreReport, get_scorer
@@ -213,13 +221,10 @@ class PredictionCache:
 
 def _trained_holdout(folder: Path) -> list[str] | None:
     """`data.holdout_tasks` from the run_config.yaml next to a checkpoint (None when there is none)."""
-    for d in (folder, folder.parent):
-        path = d / "run_config.yaml"
-        if path.is_file():
-            data = (load_yaml(path).get("data") or {})
-            value = data.get("holdout_tasks") or []
-            return [str(v) for v in value] if isinstance(value, list) else [str(value)]
-    return None
+    if runs.read_run_config(folder) is None:
+        return None
+    value = runs.run_config_value(folder, "data.holdout_tasks") or []
+    return [str(v) for v in value] if isinstance(value, list) else [str(value)]
 
 
 # --------------------------------------------------------------------------- #
