@@ -49,14 +49,23 @@ from typing import Any
 
 import torch
 
-from mmtune.config import ConfigError, from_dict, load_config, load_yaml
+from mmtune import runs
+from mmtune.config import ConfigError, from_dict, load_config
 from mmtune.data.schema import Record, read_records
 from mmtune.errors import MMTuneError
+
 # The model backends (mmtune checkpoints, llava-hf folders, causal LMs) live in mmtune.eval.backends;
 # generate_prompts and fingerprint_model stay importable from here.
-from mmtune.eval.backends import EvalModel, detect_backend, fingerprint_model, generate_prompts, open_model  # noqa: F401
+from mmtune.eval.backends import (  # noqa: F401
+    EvalModel,
+    detect_backend,
+    fingerprint_model,
+    generate_prompts,
+    open_model,
+)
+from mmtune.eval.benchmarks import SUBMISSION_WRITERS
 from mmtune.eval.generate import PromptSkip
-from mmtune.eval.metrics import MetricError, ScoreReport, get_scorer
+from mmtune.eval.metrics import SCORERS, MetricError, ScoreReport, get_scorer
 from mmtune.eval.tasks import (
     Mode,
     ShotSampler,
@@ -82,6 +91,7 @@ SPLIT_FILE = "split.json"
 PLOT_FILE = "results.png"
 CACHE_FILE = "cache.jsonl"
 CONFIG_FILE = "eval_config.yaml"
+TABLE_FILE = "results.md"
 
 
 # --------------------------------------------------------------------------- #
@@ -111,6 +121,7 @@ class ModelEntry:
     # default: mmtune runs: the eval template, else the one the model trained with; HF folders: their chat template
     template: str | None = None
     modes: list[str] | None = None  # default: the eval config's modes
+    image_backend: str | None = None  # llava-hf folders: the processor's image backend (pil | torchvision)
 
 
 @dataclass
@@ -210,13 +221,10 @@ class PredictionCache:
 
 def _trained_holdout(folder: Path) -> list[str] | None:
     """`data.holdout_tasks` from the run_config.yaml next to a checkpoint (None when there is none)."""
-    for d in (folder, folder.parent):
-        path = d / "run_config.yaml"
-        if path.is_file():
-            data = (load_yaml(path).get("data") or {})
-            value = data.get("holdout_tasks") or []
-            return [str(v) for v in value] if isinstance(value, list) else [str(value)]
-    return None
+    if runs.read_run_config(folder) is None:
+        return None
+    value = runs.run_config_value(folder, "data.holdout_tasks") or []
+    return [str(v) for v in value] if isinstance(value, list) else [str(value)]
 
 
 # --------------------------------------------------------------------------- #
@@ -246,6 +254,7 @@ def score_rows(spec: TaskSpec, records: Sequence[Record], rows: list[dict[str, A
         items.append({
             "id": rec.id, "prediction": row.get("prediction"), "answers": rec.answers, "choices": rec.choices,
             "question_type": rec.meta.get("question_type"), "answer_type": rec.meta.get("answer_type"),
+            "category": rec.meta.get("category"), "meta": rec.meta,
         })
     try:
         report = _scorer(spec)(items)
@@ -491,7 +500,8 @@ def run_eval(cfg: EvalConfig, *, output_dir: str | Path | None = None) -> dict[s
         kind = e.backend or detect_backend(e.path)
         # The eval-wide template applies to mmtune runs; HF folders keep their own chat template.
         template = e.template or (cfg.template if kind == "mmtune" else None)
-        handles[n] = open_model(e.path, backend=kind, template=template, device=device, dtype=g.dtype)
+        handles[n] = open_model(e.path, backend=kind, template=template, device=device, dtype=g.dtype,
+                                image_backend=e.image_backend)
     read = _reader()
     pool = _read_all(cfg.pool, read, "pool")
     tasks = [load_task(s, pool if cfg.pool else None, pool_name=", ".join(cfg.pool) or "the pool",
@@ -535,6 +545,10 @@ def run_eval(cfg: EvalConfig, *, output_dir: str | Path | None = None) -> dict[s
                 n_new = g.cot_max_new_tokens if mode.cot else max_new[task.name]
                 res, rows = _evaluate(mrun, task, mode, n_new, sampler(task) if mode.few_shot else None, shots_root)
                 res["unseen"] = unseen[task.name]
+                writer = SUBMISSION_WRITERS.get(task.spec.metric)
+                if writer is not None:  # the benchmark's own submission layout (e.g. MMBench's)
+                    files = writer(task.records, rows, out / "submissions" / f"{mname}__{task.name}__{mode.name}")
+                    res["submission"] = [str(f) for f in files]
                 results[mname][task.name][mode.name] = res
                 totals.update(generated=res["generated"], cached=res["cached"])
                 pred_rows.extend(rows)
@@ -567,6 +581,9 @@ def _write_outputs(report: dict[str, Any], rows: list[dict[str, Any]], out: Path
             fh.write(json.dumps(line, ensure_ascii=False) + "\n")
     os.replace(tmp, out / PREDICTIONS_FILE)
     write_json_atomic(report, out / RESULTS_FILE)
+    md = out / (TABLE_FILE + ".tmp")
+    md.write_text(markdown_table(report), encoding="utf-8")
+    os.replace(md, out / TABLE_FILE)
     if cfg is not None:
         tmp = out / (CONFIG_FILE + ".tmp")
         tmp.write_text(yaml.safe_dump(asdict(cfg), sort_keys=False), encoding="utf-8")
@@ -642,6 +659,12 @@ def score_predictions_file(
             rows.append(row)
         res = score_rows(t.spec, t.records, rows)
         res.update({"mode": "predictions", "k": 0, "unseen": None})
+        writer = SUBMISSION_WRITERS.get(t.spec.metric)
+        if writer is not None:
+            for r in rows:
+                if "prediction" in r:
+                    r.setdefault("output", r["prediction"])
+            res["submission"] = [str(f) for f in writer(t.records, rows, out / "submissions" / f"{name}__{t.name}")]
         results[name][t.name] = {"predictions": res}
         rows_all.extend(rows)
     out.mkdir(parents=True, exist_ok=True)
@@ -677,14 +700,14 @@ def format_table(report: dict[str, Any]) -> str:
             if e is None:
                 row.append("-")
             else:
-                score = "n/a" if e["score"] is None else f"{100 * e['score']:.2f}"
-                row.append(f"{score} ({e['counted']}/{e['total']})")
+                row.append(f"{official_cell(e)} ({e['counted']}/{e['total']})")
         body.append(row)
     widths = [max(len(r[i]) for r in [header, *body]) for i in range(len(header))]
     lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
              for r in [header, *body]]
     lines.insert(1, "  ".join("-" * w for w in widths))
-    notes = ["score in % (counted/total records; the rest were skipped, see results.json)"]
+    notes = ["score in % or the benchmark's official figure (counted/total records; the rest were skipped, "
+             "see results.json)"]
     skips = [f"  {m}/{mode} {t}: " + ", ".join(f"{reason} ({n})" for reason, n in e["skips"].items())
              for m, per_task in results.items() for t, per_mode in per_task.items()
              for mode, e in per_mode.items() if e["skipped"]]
@@ -699,12 +722,48 @@ def format_table(report: dict[str, Any]) -> str:
     return "\n".join(lines + notes)
 
 
+def official_cell(entry: dict[str, Any]) -> str:
+    """A result's headline as its benchmark reports it: the official figure when the scorer gives one
+    (MME perception/cognition totals, MMBench circular accuracy), else the score in %."""
+    off = (entry.get("details") or {}).get("official")
+    if isinstance(off, dict) and off.get("text"):
+        return str(off["text"])
+    return "n/a" if entry.get("score") is None else f"{100 * entry['score']:.2f}"
+
+
+def markdown_table(report: dict[str, Any]) -> str:
+    """results.md: one row per model (and mode), one column per benchmark; each cell the official metric
+    with `counted/total` and the skipped count, so every denominator is visible."""
+    results = report["results"]
+    tasks = list(dict.fromkeys(t for per_task in results.values() for t in per_task))
+    header = ["model"] + tasks
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * len(tasks)) + "|"]
+    for m, per_task in results.items():
+        for mode in dict.fromkeys(md for per_mode in per_task.values() for md in per_mode):
+            cells = [f"{m}" + ("" if mode in ("zero-shot", "predictions") else f" ({mode})")]
+            for t in tasks:
+                e = per_task.get(t, {}).get(mode)
+                cells.append("-" if e is None else
+                             f"{official_cell(e)} ({e['counted']}/{e['total']}, {e['skipped']} skipped)")
+            lines.append("| " + " | ".join(cells) + " |")
+    metrics = {t: next((e["metric"] for per_task in results.values() for e in per_task.get(t, {}).values()), "")
+               for t in tasks}
+    notes = ["", "Cells: official metric (counted/total records, skipped); see results.json for skip reasons.",
+             "Metrics: " + ", ".join(f"{t} = {m}" for t, m in metrics.items()) + "."]
+    models = report.get("models") or {}
+    if models:
+        notes.append("Models: " + "; ".join(
+            f"{n} = {i.get('path', i.get('predictions', ''))} ({i.get('backend', 'predictions file')})"
+            for n, i in models.items()) + ".")
+    return "\n".join(lines + notes) + "\n"
+
+
 # --------------------------------------------------------------------------- #
 # CLI
 # --------------------------------------------------------------------------- #
 
-DEFAULT_PROMPT = {"vqa": "short_answer", "exact_match": "short_answer", "pope": "short_answer",
-                  "multiple_choice": "multiple_choice"}
+DEFAULT_PROMPT = {"vqa": "short_answer", "exact_match": "short_answer", "pope": "short_answer", "mme": "short_answer",
+                  "multiple_choice": "multiple_choice", "mmbench_circular": "multiple_choice", "seed": "multiple_choice"}
 
 
 def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
@@ -720,8 +779,9 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
 def _add_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--records", action="append", default=[],
                         help="eval records (unified JSONL with answers); one task per `task` name in it")
-    parser.add_argument("--metric", choices=["vqa", "exact_match", "multiple_choice", "pope"], default=None)
-    parser.add_argument("--preset", default=None, help="a task preset (vqav2, gqa, scienceqa, pope) for metric/prompt")
+    parser.add_argument("--metric", choices=list(SCORERS), default=None)
+    parser.add_argument("--preset", default=None, help="a task preset (vqav2, gqa, scienceqa, pope, mme, mmbench, textvqa, seed) "
+                             "for metric/prompt")
     parser.add_argument("--prompt", choices=["short_answer", "multiple_choice", "free"], default=None,
                         help="prompt style (default: by metric)")
     parser.add_argument("--suffix", default=None, help="instruction suffix replacing the prompt style's")
@@ -759,7 +819,7 @@ def _tasks_from_records(args: argparse.Namespace) -> list[dict[str, Any]]:
     if not args.records:
         raise MMTuneError("give --records EVAL.jsonl (or an eval config)")
     if not args.metric and not args.preset:
-        raise MMTuneError("give --metric (vqa, exact_match, multiple_choice, pope) or --preset")
+        raise MMTuneError(f"give --metric ({', '.join(SCORERS)}) or --preset")
     base: dict[str, Any] = {}
     if args.preset:
         base["preset"] = args.preset
