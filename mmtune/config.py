@@ -117,6 +117,7 @@ class DataConfig:
     shuffle_buffer: int = 1000
     group_by_length: bool = True
     group_factor: int = 16  # length grouping sorts batch_size * group_factor examples at a time
+    group_by_modality: bool = False  # image-only / text-only batches (LLaVA-1.5's group_by_modality_length)
     packing: bool = False
     num_workers: int = 0
     holdout_tasks: list[str] = field(default_factory=list)

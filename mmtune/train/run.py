@@ -336,7 +336,8 @@ class _Recipe:
             holdout_tasks=dc.holdout_tasks, rank=self.rank, world_size=self.world, num_workers=dc.num_workers,
         )
         return Batcher(stream, batch_size=self.tc.batch_size, pad_token_id=self.bundle.tokenizer.pad_token_id,
-                       group_by_length=dc.group_by_length, packing=dc.packing, seed=self.tc.seed)
+                       group_by_length=dc.group_by_length, packing=dc.packing, seed=self.tc.seed,
+                       group_by_modality=dc.group_by_modality)
 
     def _build_data(self) -> None:
         # Endless: epochs follow one another inside the stream, and every rank
