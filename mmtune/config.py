@@ -104,6 +104,9 @@ class ModelConfig:
     projector: ProjectorConfig = field(default_factory=ProjectorConfig)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     image_token: str = "<image>"
+    # A LlavaForConditionalGeneration folder (llava-hf, or an hf-llava export): tower, projector, LM,
+    # tokenizer and image settings all come from it (mmtune.model.hf_llava); leave lm/vision unset.
+    init_from: str | None = None
 
 
 @dataclass
