@@ -241,19 +241,19 @@ def _load_state(module: nn.Module, state: dict[str, torch.Tensor], what: str) ->
 
 
 def _projector_checkpoint(path: str, kind: str = "mlp2x_gelu") -> dict[str, torch.Tensor]:
-    """Projector weights: mmtune's projector.safetensors (file, checkpoint or run folder) or LLaVA's mm_projector.bin.
+    """Projector weights: mmtune's projector.safetensors (file, model or run folder) or LLaVA's mm_projector.bin.
 
     LLaVA's file (a folder holding it, or the file itself) is read with
     `torch.load(weights_only=True)`, which unpickles tensors only, and its
     `model.mm_projector.{0,2}.*` keys are renamed onto mmtune's projector.
     """
-    from mmtune.model.io import PROJECTOR_FILE, resolve_checkpoint
     from mmtune.model.projector import from_llava_projector_state, is_llava_projector_state
+    from mmtune.runs import PROJECTOR_FILE, resolve_model_folder
 
     where = "model.projector.checkpoint"
     p = Path(path)
     if p.is_dir():
-        p = p / LLAVA_PROJECTOR_FILE if (p / LLAVA_PROJECTOR_FILE).is_file() else resolve_checkpoint(p) / PROJECTOR_FILE
+        p = p / LLAVA_PROJECTOR_FILE if (p / LLAVA_PROJECTOR_FILE).is_file() else resolve_model_folder(p) / PROJECTOR_FILE
     if not p.is_file():
         raise MMTuneError(f"{where}: {p} not found")
     if p.suffix == ".safetensors":
