@@ -262,3 +262,54 @@ def test_stage_align_trains_on_img2dataset_shards(tmp_path):
     assert set(rows[-1]["skips"]) == {"invalid_record"}  # the caption-less sample, once per epoch streamed
     ids = {i for line in (out / "batches.jsonl").read_text().splitlines() for i in json.loads(line)["ids"]}
     assert ids == {"000000000", "000000001", "000000002", "000010000", "000010001", "000010002"}
+
+
+# --------------------------------------------------------------------------- #
+# Experiment trackers
+# --------------------------------------------------------------------------- #
+
+
+def test_report_to_tensorboard_and_wandb_offline(tmp_path, monkeypatch):
+    pytest.importorskip("tensorboard")
+    pytest.importorskip("wandb")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    out = tmp_path / "tracked"
+    assert main(llm_args(out, "--max-steps", "3", "train.report_to=[tensorboard, wandb]", f"data.eval=[{TEXT}]",
+                         "train.eval_samples=4")) == 0
+    # tensorboard: every metrics row's numbers, at its step, and the run config as hparams
+    events = list((out / "trackers" / out.name).rglob("events.out.tfevents.*"))
+    assert events
+    scalars: dict[str, list[tuple[int, float]]] = {}
+    for ev in events:
+        acc = EventAccumulator(str(ev))
+        acc.Reload()
+        for tag in acc.Tags()["scalars"]:
+            scalars.setdefault(tag, []).extend((e.step, e.value) for e in acc.Scalars(tag))
+    rows = train_rows(out)
+    assert sorted(scalars["loss"]) == [(r["step"], pytest.approx(r["loss"], rel=1e-6)) for r in rows]
+    assert [s for s, _ in scalars["eval_loss"]] == [3]
+    hparams = next((out / "trackers" / out.name).rglob("hparams.yml")).read_text()
+    assert "train.lr: 0.001" in hparams and "data.template: vicuna_v1" in hparams
+    assert not (out / "tb").exists()  # report_to replaces the implicit DIR/tb
+    # wandb, offline: a local run (its records file, what `wandb sync` uploads) with the config and the history
+    runs = list((out / "trackers" / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(runs) == 1
+    data = runs[0].read_bytes()
+    assert b"train.report_to" in data and b"data.template" in data  # the run config
+    assert b"eval_loss" in data and b"tokens_per_s" in data  # the logged rows
+
+
+def test_report_to_names_the_missing_package(tmp_path, capsys, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "mlflow" else real(name, *a))
+    assert main(llm_args(tmp_path / "a", "--max-steps", "1", "train.report_to=[mlflow]")) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "pip install mlflow" in err
+    assert not (tmp_path / "a" / "checkpoint-1").exists()
+    assert main(llm_args(tmp_path / "b", "--max-steps", "1", "train.report_to=[tensorbord]")) == 2
+    assert "did you mean 'tensorboard'" in capsys.readouterr().err
