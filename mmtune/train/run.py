@@ -357,7 +357,8 @@ class _Recipe:
         else:  # plain sources (or counting num_epochs of a mixture: one pass over all of its sources)
             stream = make(dc.train_paths(), epochs)
         return Batcher(stream, batch_size=self.tc.batch_size, pad_token_id=self.bundle.tokenizer.pad_token_id,
-                       group_by_length=dc.group_by_length, packing=dc.packing, seed=self.tc.seed)
+                       group_by_length=dc.group_by_length, packing=dc.packing, seed=self.tc.seed,
+                       group_by_modality=dc.group_by_modality)
 
     def _build_data(self) -> None:
         # Endless: epochs follow one another inside the stream, and every rank
