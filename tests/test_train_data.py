@@ -313,3 +313,43 @@ def test_report_to_names_the_missing_package(tmp_path, capsys, monkeypatch):
     assert not (tmp_path / "a" / "checkpoint-1").exists()
     assert main(llm_args(tmp_path / "b", "--max-steps", "1", "train.report_to=[tensorbord]")) == 2
     assert "did you mean 'tensorboard'" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- #
+# Two processes: validation sums over ranks, mixtures draw per rank
+# --------------------------------------------------------------------------- #
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(420)
+def test_two_processes_validation_and_mixture(tmp_path):
+    import socket
+    import subprocess
+    import sys
+
+    from mmtune.config import RunConfig, load_config
+    from mmtune.model.io import load_model
+    from mmtune.train.validate import ValidationSet
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    b = second_source(tmp_path)
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port),
+           "-m", "mmtune.cli", *llm_args(out, "--max-steps", "3", f"data.eval=[{TEXT}]", "train.eval_every=3",
+                                         "train.save_best=true", data=f"[{{path: {TEXT}, weight: 2}}, {b}]")]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, check=False, cwd=REPO, env=env, capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    [ev] = eval_rows(out)
+    assert ev["step"] == 3 and ev["eval_examples"] == 24  # both ranks' halves of the 24 records
+    # the loss summed over the two ranks equals one process's over the whole set
+    cfg = load_config(out / "run_config.yaml", RunConfig)
+    bundle = load_model(out / "checkpoint-3")
+    one = ValidationSet(cfg, bundle, rank=0, world_size=1).evaluate(bundle.model, "cpu", lambda t: t)
+    assert one.examples == 24 and one.loss == pytest.approx(ev["eval_loss"], rel=1e-4)
+    assert json.loads((out / "best" / "best.json").read_text())["step"] == 3
+    rows = train_rows(out)
+    assert all(sum(r["sources"].values()) >= r["examples"] for r in rows)  # counted on both ranks
