@@ -121,6 +121,7 @@ class ModelEntry:
     # default: mmtune runs: the eval template, else the one the model trained with; HF folders: their chat template
     template: str | None = None
     modes: list[str] | None = None  # default: the eval config's modes
+    image_backend: str | None = None  # llava-hf folders: the processor's image backend (pil | torchvision)
 
 
 @dataclass
@@ -499,7 +500,8 @@ def run_eval(cfg: EvalConfig, *, output_dir: str | Path | None = None) -> dict[s
         kind = e.backend or detect_backend(e.path)
         # The eval-wide template applies to mmtune runs; HF folders keep their own chat template.
         template = e.template or (cfg.template if kind == "mmtune" else None)
-        handles[n] = open_model(e.path, backend=kind, template=template, device=device, dtype=g.dtype)
+        handles[n] = open_model(e.path, backend=kind, template=template, device=device, dtype=g.dtype,
+                                image_backend=e.image_backend)
     read = _reader()
     pool = _read_all(cfg.pool, read, "pool")
     tasks = [load_task(s, pool if cfg.pool else None, pool_name=", ".join(cfg.pool) or "the pool",
