@@ -81,6 +81,27 @@ def test_validation_loss_logged_plotted_and_best_kept(tmp_path):
     assert [r["loss"] for r in train_rows(out)] == pytest.approx([r["loss"] for r in train_rows(plain)], abs=1e-7)
 
 
+def test_validation_equal_steps_pads_without_counting():
+    """The FSDP path: every process runs the same number of forwards; the repeats add nothing."""
+    from helpers import build_tiny
+
+    from mmtune.train.validate import ValidationSet
+
+    bundle, cfg = build_tiny("tiny_llm")
+    cfg.data.eval = [str(TEXT)]
+    cfg.train.batch_size = 5
+    vs = ValidationSet(cfg, bundle, rank=0, world_size=1)
+    calls = []
+    model = bundle.model
+    forward = model.forward
+    model.forward = lambda *a, **k: (calls.append(1), forward(*a, **k))[1]
+    plain = vs.evaluate(model, "cpu", lambda t: t)
+    n_plain = len(calls)
+    padded = vs.evaluate(model, "cpu", lambda t: t, equal_steps=lambda n: n + 3)
+    assert len(calls) - n_plain == n_plain + 3 == 5 + 3  # 24 records in batches of 5
+    assert padded.loss == pytest.approx(plain.loss, rel=1e-9) and padded.examples == plain.examples == 24
+
+
 def test_validation_config_errors(tmp_path, capsys):
     assert main(llm_args(tmp_path / "x", "--max-steps", "2", "train.eval_every=2")) == 2
     assert "data.eval" in capsys.readouterr().err
