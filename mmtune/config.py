@@ -188,6 +188,7 @@ class TrainConfig:
     eval_every: int = 0  # validation loss on data.eval every N steps (0: at the end only)
     eval_samples: int = 0  # validate on the first N eval examples (0: all of data.eval)
     save_best: bool = False  # keep the model with the lowest validation loss in output_dir/best
+    report_to: list[str] = field(default_factory=list)  # trackers: tensorboard, wandb, mlflow, trackio
     resume_from: str | None = None  # a checkpoint folder or "latest"
     progress: bool = True
 
