@@ -360,9 +360,15 @@ def _hf_config(path: Path) -> dict[str, Any] | None:
 
 
 def _as_parts(content: str) -> list[dict[str, str]]:
-    """mmtune's string content with `<image>` placeholders -> the list of typed parts processors take."""
+    """mmtune's string content with `<image>` placeholders -> the list of typed parts processors take.
+
+    LLaVA's processor templates (llava-hf's and `mmtune export`'s) render an image part as "<image>\n",
+    so a placeholder takes the newline that follows it along.
+    """
+    import re
+
     parts: list[dict[str, str]] = []
-    for i, piece in enumerate(content.split(IMAGE_PLACEHOLDER)):
+    for i, piece in enumerate(re.split(re.escape(IMAGE_PLACEHOLDER) + "\n?", content)):
         if i:
             parts.append({"type": "image"})
         if piece:
@@ -503,12 +509,16 @@ class LlavaHFBackend(_HFBackend):
 
     kind = "llava-hf"
 
-    def __init__(self, folder: Path, *, template: str | None, device: str, dtype: str | None) -> None:
+    def __init__(self, folder: Path, *, template: str | None, device: str, dtype: str | None,
+                 image_backend: str | None = None) -> None:
         super().__init__(folder, template=template, device=device, dtype=dtype)
         from transformers import AutoProcessor
 
         try:
-            self.processor = AutoProcessor.from_pretrained(str(folder))
+            # image_backend: "pil" or "torchvision" (transformers' default); `mmtune export` prints the one
+            # that reproduces the exported model's training pixels exactly.
+            kw = {"backend": image_backend} if image_backend else {}
+            self.processor = AutoProcessor.from_pretrained(str(folder), **kw)
         except (OSError, ValueError) as exc:
             raise MMTuneError(f"{folder}: cannot load the processor ({str(exc).splitlines()[0]})") from None
         self.processor.tokenizer.padding_side = "left"
@@ -640,8 +650,11 @@ def detect_backend(path: str | Path) -> str:
 
 
 def open_model(path: str | Path, *, backend: str | None = None, template: str | None = None,
-               device: str | None = None, dtype: str | None = None) -> EvalModel:
-    """An `EvalModel` for `path` (backend detected unless named; see the module docstring)."""
+               device: str | None = None, dtype: str | None = None, image_backend: str | None = None) -> EvalModel:
+    """An `EvalModel` for `path` (backend detected unless named; see the module docstring).
+
+    `image_backend` (llava-hf only): the processor's image backend, "pil" or "torchvision".
+    """
     kind = backend or detect_backend(path)
     if kind not in BACKENDS:
         import difflib
@@ -650,4 +663,5 @@ def open_model(path: str | Path, *, backend: str | None = None, template: str | 
         hint = f"; did you mean {close[0]!r}?" if close else ""
         raise MMTuneError(f"unknown model backend {kind!r}{hint} (have: {', '.join(BACKENDS)})")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    return BACKENDS[kind](Path(path), template=template, device=device, dtype=dtype)
+    extra = {"image_backend": image_backend} if image_backend and kind == "llava-hf" else {}
+    return BACKENDS[kind](Path(path), template=template, device=device, dtype=dtype, **extra)

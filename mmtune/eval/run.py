@@ -451,7 +451,8 @@ def run_eval(cfg: EvalConfig, *, output_dir: str | Path | None = None) -> dict[s
         kind = e.backend or detect_backend(e.path)
         # The eval-wide template applies to mmtune runs; HF folders keep their own chat template.
         template = e.template or (cfg.template if kind == "mmtune" else None)
-        handles[n] = open_model(e.path, backend=kind, template=template, device=device, dtype=g.dtype)
+        handles[n] = open_model(e.path, backend=kind, template=template, device=device, dtype=g.dtype,
+                                image_backend=e.image_backend)
     read = _reader()
     pool = _read_all(cfg.pool, read, "pool")
     tasks = [load_task(s, pool if cfg.pool else None, pool_name=", ".join(cfg.pool) or "the pool",
