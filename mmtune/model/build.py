@@ -184,8 +184,10 @@ def build_model(
         dtype = resolve_dtype(cfg.lm.dtype)
         tower_dtype = None if dtype in (None, "auto") else dtype
         vcfg = cfg.vision
+        # open_clip's hf-hub: / local-dir: names carry their own weights (the pretrained tag is ignored).
+        schema_weights = (vcfg.model_name or "").startswith(("hf-hub:", "local-dir:"))
         vision_random = bool(vcfg.config and not vcfg.pretrained) or (
-            vcfg.backend == "open_clip" and not vcfg.config and not vcfg.pretrained
+            vcfg.backend == "open_clip" and not vcfg.config and not vcfg.pretrained and not schema_weights
         )
         if init is not None:
             from mmtune.model.vision import HFVisionTower

@@ -656,7 +656,17 @@ class _Recipe:
 
     # ------------------------------------------------------------- validation
     def _validate(self, bar: Any) -> None:
-        res = self.validation.evaluate(self.model, self.acc.device, lambda t: self.acc.reduce(t, reduction="sum"))
+        from accelerate.utils import DistributedType
+
+        # DDP: the plain module (no collectives in its forward, so ranks may hold different numbers of
+        # eval batches). A sharded model (FSDP) must run wrapped, every rank the same number of times.
+        sharded = self.acc.distributed_type == DistributedType.FSDP
+        res = self.validation.evaluate(
+            self.ddp_model if sharded else self.model, self.acc.device,
+            lambda t: self.acc.reduce(t, reduction="sum"),
+            equal_steps=(lambda n: int(self.acc.reduce(torch.tensor([n], device=self.acc.device),
+                                                       reduction="max").item())) if sharded else None,
+        )
         row = {"step": self.step, "eval_loss": res.loss, "eval_examples": res.examples, "eval_tokens": res.tokens}
         if self.metrics is not None:
             self.metrics.log(row)
