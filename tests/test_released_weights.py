@@ -224,8 +224,11 @@ def test_init_from_llava_hf_continues_training_and_round_trips(llava_hf, tmp_pat
     folder, hf = llava_hf
     out = tmp_path / "run"
     assert main(_train_args(folder, out, "--max-steps", "2")) == 0
-    tuned = load_model(out)
+    tuned = load_model(out)  # the fine-tuned LM comes from the run; tower (frozen) and nothing else from the folder
     assert tuned.config.init_from == str(folder)
+    hf_tower = hf.model.vision_tower.state_dict()
+    for name, value in tuned.model.vision.model.state_dict().items():
+        assert torch.equal(value, hf_tower[name]), name
     batch = _batch(tuned, mixed_records())
     after = _logits(tuned.model, batch)
     assert (after - _logits(hf, batch)).abs().max() > 1e-3  # the run did train the released weights
