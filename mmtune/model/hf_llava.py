@@ -90,7 +90,11 @@ def _processor_settings(folder: Path, vision_config: Any) -> tuple[dict[str, Any
     """
     from transformers import AutoImageProcessor
 
-    from mmtune.model.vision import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, _pretrained_processor_cfg
+    from mmtune.model.vision import (
+        OPENAI_CLIP_MEAN,
+        OPENAI_CLIP_STD,
+        _pretrained_processor_cfg,
+    )
 
     cfg = _pretrained_processor_cfg(str(folder))
     if cfg is None:
@@ -189,8 +193,8 @@ def _tower_and_projector(folder: Path, conf: Any, dtype: Any) -> tuple[nn.Module
     projector: dict[str, torch.Tensor] = {}
     for name in files:
         with safe_open(str(folder / name), framework="pt") as f:
-            for key in f.keys():
-                k = key[len("model."):] if key.startswith("model.") else key
+            for key in f.keys():  # noqa: SIM118 (safe_open is not iterable)
+                k = key.removeprefix("model.")
                 if k.startswith("vision_tower."):
                     vision[k[len("vision_tower."):]] = f.get_tensor(key)
                 elif k.startswith("multi_modal_projector."):
@@ -212,7 +216,7 @@ def _rebuild_buffers(lm: nn.Module, hf: nn.Module) -> None:
     for name, buf in list(lm.named_buffers()):
         if not buf.is_meta:
             continue
-        key = name[len(prefix):] if name.startswith(prefix) else name
+        key = name.removeprefix(prefix)
         if key not in source:
             raise MMTuneError(f"cannot rebuild buffer {name!r} of the language model")
         module_name, _, attr = name.rpartition(".")
