@@ -9,6 +9,7 @@ Random parts are seeded by the caller (`torch.manual_seed` before building).
 from __future__ import annotations
 
 import copy
+import pickle
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -249,7 +250,10 @@ def _projector_checkpoint(path: str, kind: str = "mlp2x_gelu") -> dict[str, torc
     `torch.load(weights_only=True)`, which unpickles tensors only, and its
     `model.mm_projector.{0,2}.*` keys are renamed onto mmtune's projector.
     """
-    from mmtune.model.projector import from_llava_projector_state, is_llava_projector_state
+    from mmtune.model.projector import (
+        from_llava_projector_state,
+        is_llava_projector_state,
+    )
     from mmtune.runs import PROJECTOR_FILE, resolve_model_folder
 
     where = "model.projector.checkpoint"
@@ -269,7 +273,8 @@ def _projector_checkpoint(path: str, kind: str = "mlp2x_gelu") -> dict[str, torc
     else:
         try:
             state = torch.load(str(p), map_location="cpu", weights_only=True)
-        except Exception as exc:  # pickle/zip errors vary by torch version: report one line naming the file
+        except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError, AttributeError) as exc:
+            # weights_only refusals and truncated zips: one line naming the file
             raise MMTuneError(f"{where}: {p} cannot be read as torch weights ({' '.join(str(exc).split())[:200]})") from None
         if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
             raise MMTuneError(f"{where}: {p} does not hold a dict of tensors")
