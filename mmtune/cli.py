@@ -21,6 +21,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("mmtune.train.run", "train an LLM or LLaVA-style MLLM from a YAML config (align / instruct stages)"),
     "eval": ("mmtune.eval.run", "evaluate zero-shot / few-shot on (unseen) VQA-style tasks"),
     "generate": ("mmtune.eval.generate", "generate answers from a checkpoint, text-only or with images"),
+    "consolidate": ("mmtune.model.consolidate", "write a sharded (FSDP) checkpoint as ordinary safetensors"),
     "export": ("mmtune.model.export", "export a checkpoint to Hugging Face (hf-llava or hf) format"),
     "demo": ("mmtune.demo", "the whole pipeline on an embedded pool, on one CPU, in minutes"),
 }
