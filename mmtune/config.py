@@ -107,10 +107,24 @@ class ModelConfig:
 
 
 @dataclass
-class DataConfig:
-    """Training data: unified-record JSONL files or webdataset shard patterns."""
+class DataSource:
+    """One weighted entry of `data.train`: `{path: a.jsonl, weight: 0.7}` (see mmtune.data.mixture)."""
 
-    train: list[str] = field(default_factory=list)
+    path: str
+    weight: float = 1.0
+
+
+@dataclass
+class DataConfig:
+    """Training data: unified-record JSONL files or webdataset shard patterns.
+
+    `train` entries are paths, or `{path, weight}` mappings: with any mapping
+    among them the sources are mixed in proportion to their weights (a plain
+    path weighs 1.0), each streaming on its own (`mmtune.data.mixture`).
+    """
+
+    train: list[DataSource | str] = field(default_factory=list)
+    eval: list[str] = field(default_factory=list)  # validation records / shards (loss every train.eval_every steps)
     image_root: str | None = None
     template: str = "vicuna_v1"  # see mmtune.data.templates.TEMPLATES
     max_length: int = 512
@@ -120,6 +134,18 @@ class DataConfig:
     packing: bool = False
     num_workers: int = 0
     holdout_tasks: list[str] = field(default_factory=list)
+
+    @property
+    def is_mixture(self) -> bool:
+        """True when some `train` entry is a `{path, weight}` mapping."""
+        return any(isinstance(s, DataSource) for s in self.train)
+
+    def train_sources(self) -> list[tuple[str, float]]:
+        """(path, weight) for every `train` entry (a plain path weighs 1.0)."""
+        return [(s.path, s.weight) if isinstance(s, DataSource) else (s, 1.0) for s in self.train]
+
+    def train_paths(self) -> list[str]:
+        return [p for p, _ in self.train_sources()]
 
 
 @dataclass
@@ -155,6 +181,9 @@ class TrainConfig:
     log_every: int = 1
     save_every: int = 0  # 0: only at the end
     save_total_limit: int = 3
+    eval_every: int = 0  # validation loss on data.eval every N steps (0: at the end only)
+    eval_samples: int = 0  # validate on the first N eval examples (0: all of data.eval)
+    save_best: bool = False  # keep the model with the lowest validation loss in output_dir/best
     resume_from: str | None = None  # a checkpoint folder or "latest"
     progress: bool = True
 

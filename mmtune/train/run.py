@@ -32,6 +32,7 @@ import argparse
 import contextlib
 import dataclasses
 import gc
+import json
 import logging
 import math
 import os
@@ -73,6 +74,8 @@ from mmtune.train.trainer import (
 log = logging.getLogger("mmtune.train")
 
 STATE_FORMAT = "mmtune.trainer/1"
+BEST_DIR = "best"  # train.save_best: the model of the lowest validation loss
+BEST_FILE = "best.json"
 LOG_FILE = "train.log"
 EXIT_STOPPED = 143  # 128 + SIGTERM: stopped on request, checkpoint saved
 
@@ -155,6 +158,12 @@ def _check_config(cfg: RunConfig) -> None:
         raise MMTuneError("data.train is empty: give unified-record JSONL files or shard patterns")
     if tc.distributed not in ("auto", "ddp", "fsdp"):
         raise MMTuneError(f"train.distributed must be auto, ddp or fsdp, got {tc.distributed!r}")
+    if tc.eval_every < 0:
+        raise MMTuneError(f"train.eval_every must be >= 0, got {tc.eval_every}")
+    if tc.eval_samples < 0:
+        raise MMTuneError(f"train.eval_samples must be >= 0 (0: all of data.eval), got {tc.eval_samples}")
+    if (tc.eval_every or tc.save_best) and not cfg.data.eval:
+        raise MMTuneError("train.eval_every / train.save_best need data.eval: validation records or shards")
 
 
 def _release_accelerator(accelerator: Any) -> None:
@@ -211,6 +220,8 @@ class _Recipe:
         self.resumed_from: Path | None = None
         self.last_loss: float | None = None
         self.skip_counts: dict[str, int] = {}
+        self.validation: Any = None
+        self.best_loss: float | None = None
 
     # ------------------------------------------------------------------ setup
     def run(self) -> TrainResult:
@@ -230,6 +241,11 @@ class _Recipe:
                 f"{self.resumed_from} was written by {state.get('world_size')} process(es), this run has "
                 f"{self.world}: resume with the same number of processes (the data split depends on it)"
             )
+        if self.fsdp and (self.tc.eval_every or self.tc.save_best):
+            # Each FSDP forward all-gathers on every process, and processes may hold different
+            # numbers of validation batches; `best/` would also need a consolidated save.
+            raise MMTuneError("train.eval_every / train.save_best are not supported with train.distributed=fsdp yet: "
+                              "evaluate the checkpoints afterwards (mmtune consolidate, then mmtune eval)")
         if state is not None and bool(state.get("sharded", False)) != self.fsdp:
             raise MMTuneError(
                 f"{self.resumed_from} was written by a {'sharded (FSDP)' if state.get('sharded') else 'DDP / one-process'} "
@@ -247,6 +263,10 @@ class _Recipe:
 
         self._build_model()
         self._build_data()
+        if self.cfg.data.eval:
+            from mmtune.train.validate import ValidationSet
+
+            self.validation = ValidationSet(self.cfg, self.bundle, rank=self.rank, world_size=self.world)
         self.total_steps = self._count_total_steps()
         norms = norm_parameter_names(self.model)
         if self.fsdp:
@@ -265,6 +285,7 @@ class _Recipe:
         if state is not None:
             self._load_training_state(self.resumed_from, state)
         resume_step = self.step if state is not None else None
+        self.best_loss = self._previous_best(resume_step)
         self.metrics = MetricsLogger(self.out, enabled=self.main, resume_step=resume_step)
         self.trace = BatchTrace(self.out, self.rank, resume_step=resume_step)
         self._announce()
@@ -338,7 +359,7 @@ class _Recipe:
         from mmtune.data.tokenizer import record_texts
 
         texts: list[str] = []
-        for src in self.cfg.data.train:
+        for src in self.cfg.data.train_paths():
             records = iter_records(src) if is_shard_source(src) else read_records(src, strict=False)
             texts.extend(record_texts(records))
         return texts
@@ -348,13 +369,24 @@ class _Recipe:
         from mmtune.data.stream import ExampleStream
 
         dc = self.cfg.data
-        stream = ExampleStream(
-            dc.train, self.bundle.tokenizer, dc.template,
-            max_length=dc.max_length, num_image_tokens=self.bundle.num_image_tokens,
-            image_transform=self.bundle.image_transform, image_root=dc.image_root,
-            shuffle=True, shuffle_buffer=dc.shuffle_buffer, seed=self.tc.seed, epochs=epochs,
-            holdout_tasks=dc.holdout_tasks, rank=self.rank, world_size=self.world, num_workers=dc.num_workers,
-        )
+
+        def make(sources: list[str], epochs: int | None) -> ExampleStream:
+            return ExampleStream(
+                sources, self.bundle.tokenizer, dc.template,
+                max_length=dc.max_length, num_image_tokens=self.bundle.num_image_tokens,
+                image_transform=self.bundle.image_transform, image_root=dc.image_root,
+                shuffle=True, shuffle_buffer=dc.shuffle_buffer, seed=self.tc.seed, epochs=epochs,
+                holdout_tasks=dc.holdout_tasks, rank=self.rank, world_size=self.world, num_workers=dc.num_workers,
+            )
+
+        stream: Any
+        if dc.is_mixture and epochs is None:  # weighted sources, each endless with its own epochs
+            from mmtune.data.mixture import mixture_from_config
+
+            stream = mixture_from_config(dc.train_sources(), lambda path: make([path], None), seed=self.tc.seed,
+                                         rank=self.rank)
+        else:  # plain sources (or counting num_epochs of a mixture: one pass over all of its sources)
+            stream = make(dc.train_paths(), epochs)
         return Batcher(stream, batch_size=self.tc.batch_size, pad_token_id=self.bundle.tokenizer.pad_token_id,
                        group_by_length=dc.group_by_length, packing=dc.packing, seed=self.tc.seed)
 
@@ -471,6 +503,9 @@ class _Recipe:
                 if self.step % tc.log_every == 0 or self.step == self.total_steps or out.stop:
                     self._log_row(window, bar)
                     window = _Window()
+                if self.validation is not None and not out.stop and (
+                        (tc.eval_every and self.step % tc.eval_every == 0) or self.step == self.total_steps):
+                    self._validate(bar)
                 if out.stop:
                     stop_reason = stop.name or "a signal to another process"
                     self._save()
@@ -604,6 +639,11 @@ class _Recipe:
             for kind, n in counts.items():
                 skips[kind] = skips.get(kind, 0) + int(n)
         self.skip_counts = skips
+        per_source = gather_object([dict(getattr(self.batcher.stream, "source_counts", {}))])
+        sources: dict[str, int] = {}
+        for counts in per_source:
+            for name, n in counts.items():
+                sources[name] = sources.get(name, 0) + int(n)
         elapsed = max(time.perf_counter() - window.started, 1e-9)
         row = {
             "step": self.step,
@@ -618,10 +658,60 @@ class _Recipe:
             "images": int(window.images),
             "grad_norm": window.grad_norm,
         }
+        if sources:  # a weighted mixture: examples each source has given (all processes), its epoch (rank 0's)
+            row["sources"] = sources
+            row["source_epochs"] = dict(self.batcher.stream.epochs)
         if self.metrics is not None:
             self.metrics.log(row)
         bar.set_postfix(loss=f"{row['loss']:.4f}", tok_s=f"{row['tokens_per_s']:.0f}", lr=f"{window.lr:.2e}",
                         refresh=False)
+
+    # ------------------------------------------------------------- validation
+    def _validate(self, bar: Any) -> None:
+        res = self.validation.evaluate(self.model, self.acc.device, lambda t: self.acc.reduce(t, reduction="sum"))
+        row = {"step": self.step, "eval_loss": res.loss, "eval_examples": res.examples, "eval_tokens": res.tokens}
+        if self.metrics is not None:
+            self.metrics.log(row)
+        bar.set_postfix(eval_loss=f"{res.loss:.4f}", refresh=False)
+        log.info("step %d: validation loss %.4f over %d examples", self.step, res.loss, res.examples)
+        if self.tc.save_best and math.isfinite(res.loss) and (self.best_loss is None or res.loss < self.best_loss):
+            self.best_loss = res.loss
+            self._save_best(res.loss)
+
+    def _previous_best(self, resume_step: int | None) -> float | None:
+        """The validation loss of DIR/best when it was saved at or before the step this run resumes from."""
+        info = self.out / BEST_DIR / BEST_FILE
+        if resume_step is None or not info.is_file():
+            return None
+        try:
+            data = json.loads(info.read_text(encoding="utf-8"))
+            return float(data["eval_loss"]) if int(data["step"]) <= resume_step else None
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+
+    def _save_best(self, loss: float) -> None:
+        """DIR/best: the model (and run config) of the lowest validation loss so far, replaced atomically."""
+        import shutil
+
+        from mmtune.fileio import write_json_atomic
+        from mmtune.model.io import save_model
+
+        self.acc.wait_for_everyone()
+        if self.main:
+            tmp, final, old = self.out / f".{BEST_DIR}.tmp", self.out / BEST_DIR, self.out / f".{BEST_DIR}.old"
+            for stale in (tmp, old):
+                shutil.rmtree(stale, ignore_errors=True)
+            tmp.mkdir(parents=True)
+            with _quiet_hf_progress():
+                save_model(self.bundle, tmp)
+            save_config(self.cfg, tmp / ckpt.RUN_CONFIG_FILE)
+            write_json_atomic({"step": self.step, "eval_loss": loss}, tmp / BEST_FILE)
+            if final.exists():
+                os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+            log.info("step %d: best validation loss so far (%.4f), model saved to %s", self.step, loss, final)
+        self.acc.wait_for_everyone()
 
     # ------------------------------------------------------------ checkpoints
     def _last_good(self) -> str:
