@@ -115,12 +115,17 @@ def load_model(
     device: str | torch.device | None = None,
     dtype: str | torch.dtype | None = None,
     sharded_weights: bool = True,
+    dequantize: bool | None = None,
 ) -> ModelBundle:
     """Rebuild a saved model (see module docstring); `folder` may also be a run folder (latest checkpoint).
 
     `dtype` overrides the LM dtype the config names (e.g. "bfloat16" for inference on GPU).
     A sharded (FSDP) checkpoint is consolidated in memory; `sharded_weights=False`
     skips that (the trainer loads the shards itself after sharding the model).
+    A QLoRA checkpoint (`model.lm.quantization`) loads its base LM in k-bit
+    again, unless `dequantize` (default: when there is no CUDA GPU), which loads
+    the base weights un-quantized in the quantization's compute dtype, e.g. for
+    `mmtune export`, which merges the adapter into them.
     """
     from safetensors.torch import load_file
     from transformers import AutoTokenizer
@@ -130,6 +135,9 @@ def load_model(
     parts = json.loads((folder / PARTS_FILE).read_text(encoding="utf-8")) if (folder / PARTS_FILE).is_file() else {}
     if parts.get("format", FORMAT_VERSION) > FORMAT_VERSION:
         raise MMTuneError(f"{folder}: saved by a newer mmtune (format {parts['format']})")
+    if cfg.lm.quantization.bits and (dequantize or (dequantize is None and not torch.cuda.is_available())):
+        cfg.lm.dtype = cfg.lm.quantization.compute_dtype
+        cfg.lm.quantization.bits = None
     if dtype is not None:
         cfg.lm.dtype = dtype if isinstance(dtype, str) else {v: k for k, v in _DTYPE_NAMES.items()}[dtype]
     try:

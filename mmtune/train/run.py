@@ -156,6 +156,16 @@ def _check_config(cfg: RunConfig) -> None:
         raise MMTuneError(f"train.save_every must be >= 0, got {tc.save_every}")
     if not cfg.data.train:
         raise MMTuneError("data.train is empty: give unified-record JSONL files or shard patterns")
+    if cfg.model.lm.quantization.bits:
+        from mmtune.model.build import check_quantization
+
+        check_quantization(cfg.model.lm)  # one line, before anything loads (e.g. no CUDA)
+        if not tc.lora.enabled:
+            raise MMTuneError("model.lm.quantization (QLoRA) trains a LoRA adapter on the frozen k-bit LM: "
+                              "set train.lora.enabled=true")
+        if tc.distributed == "fsdp":
+            raise MMTuneError("model.lm.quantization with train.distributed=fsdp is not supported: QLoRA runs "
+                              "one model copy per GPU (DDP)")
     if tc.distributed not in ("auto", "ddp", "fsdp"):
         raise MMTuneError(f"train.distributed must be auto, ddp or fsdp, got {tc.distributed!r}")
     if tc.eval_every < 0:
@@ -337,6 +347,13 @@ class _Recipe:
             if self.cfg.model.projector.checkpoint:
                 log.info("projector initialised from %s", self.cfg.model.projector.checkpoint)
         model = bundle.model
+        if self.cfg.model.lm.quantization.bits:
+            # QLoRA: peft's k-bit preparation (frozen base, fp32 norms/embeddings, input grads for checkpointing).
+            from peft import prepare_model_for_kbit_training
+
+            model.lm = prepare_model_for_kbit_training(
+                model.lm, use_gradient_checkpointing=self.tc.gradient_checkpointing,
+                gradient_checkpointing_kwargs={"use_reentrant": False})
         if self.tc.lora.enabled and not model.has_lora:
             apply_lora(model, self.tc.lora)
         model.set_trainable(self.tc.stage, self.tc.unfreeze_vision)
