@@ -255,12 +255,12 @@ def _load_state(module: nn.Module, state: dict[str, torch.Tensor], what: str) ->
 
 
 def _projector_checkpoint(path: str) -> dict[str, torch.Tensor]:
-    """Projector weights from an align run: a .safetensors file, a checkpoint folder or a run folder."""
-    from mmtune.model.io import PROJECTOR_FILE, resolve_checkpoint
+    """Projector weights from an align run: a .safetensors file, a model folder or a run folder."""
+    from mmtune.runs import PROJECTOR_FILE, resolve_model_folder
 
     p = Path(path)
     if p.is_dir():
-        p = resolve_checkpoint(p) / PROJECTOR_FILE
+        p = resolve_model_folder(p) / PROJECTOR_FILE
     if not p.is_file():
         raise MMTuneError(f"model.projector.checkpoint: {p} not found")
     from safetensors.torch import load_file

@@ -21,12 +21,13 @@ import shutil
 from pathlib import Path
 
 from mmtune.errors import MMTuneError
-from mmtune.model.io import is_sharded, load_model, resolve_checkpoint, save_model
+from mmtune.model.io import is_sharded, load_model, save_model
+from mmtune.runs import resolve_model_folder
 
 
 def consolidate(checkpoint: str | Path, out: str | Path | None = None) -> Path:
     """Write the consolidated model of `checkpoint` (a checkpoint or run folder) to `out`; returns `out`."""
-    folder = resolve_checkpoint(checkpoint)
+    folder = resolve_model_folder(checkpoint)
     if not is_sharded(folder):
         raise MMTuneError(f"{folder}: not a sharded checkpoint (its weights are already ordinary safetensors files)")
     target = Path(out) if out is not None else folder.parent / f"{folder.name}-consolidated"

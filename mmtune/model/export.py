@@ -44,7 +44,6 @@ from mmtune.data.schema import IMAGE_PLACEHOLDER
 from mmtune.data.templates import Template, get_template
 from mmtune.errors import MMTuneError
 from mmtune.model.build import ModelBundle, resolve_dtype
-from mmtune.model.io import checkpoint_template
 from mmtune.model.mllm import MMTuneModel
 from mmtune.model.vision import (
     HFVisionTower,
@@ -52,9 +51,14 @@ from mmtune.model.vision import (
     VisionTower,
     open_clip_to_hf_clip,
 )
+from mmtune.runs import (
+    MODEL_CONFIG_FILE,
+    RUN_CONFIG_FILE,
+    resolve_model_folder,
+    trained_template,
+)
 
 FORMATS = ("hf-llava", "hf")
-RUN_CONFIG_FILE = "run_config.yaml"
 
 # The LLaVA chat templates take message contents as a list of parts
 # ({"type": "image"} / {"type": "text", "text": ...}), the way processors are
@@ -622,17 +626,17 @@ def export_checkpoint(
     `template`: the chat template to ship (default: data.template of the run's run_config.yaml).
     """
     from mmtune.config import ModelConfig, load_config
-    from mmtune.model.io import MODEL_CONFIG_FILE, load_model, resolve_checkpoint
+    from mmtune.model.io import load_model
 
     if fmt is not None and fmt not in FORMATS:
         raise ExportError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
-    ckpt = resolve_checkpoint(source)
+    ckpt = resolve_model_folder(source)
     out = Path(out)
     if out.exists() and not overwrite:
         raise ExportError(f"{out} already exists (pass --overwrite to replace it)")
     if out.resolve() == ckpt.resolve() or ckpt.resolve() in out.resolve().parents:
         raise ExportError(f"--out {out} is inside the checkpoint {ckpt}; export somewhere else")
-    name = template or checkpoint_template(ckpt)
+    name = template or trained_template(ckpt)
     if name is None:
         raise ExportError(
             f"{ckpt}: no {RUN_CONFIG_FILE} with data.template here or in its run folder; "

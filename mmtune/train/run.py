@@ -45,19 +45,18 @@ from typing import Any
 
 import torch
 
-from mmtune.config import RunConfig, load_config, save_config, to_dict
+from mmtune import runs
+from mmtune.config import RunConfig, load_config, to_dict
 from mmtune.errors import MMTuneError
 from mmtune.train import checkpoint as ckpt
-from mmtune.train.metrics import (
-    LOSS_PNG,
-    METRICS_FILE,
-    BatchTrace,
-    MetricsLogger,
-    plot_loss_curve,
-)
+from mmtune.train.metrics import BatchTrace, MetricsLogger, plot_loss_curve
 from mmtune.train.param_groups import describe_groups, norm_parameter_names
+from mmtune.train.precision import (
+    dtype_name,
+    keep_trainable_fp32,
+    optimizer_state_dtype,
+)
 from mmtune.train.sharding import fsdp_requested, load_sharded, save_sharded, shard_model, wrap_plan
-from mmtune.train.precision import dtype_name, keep_trainable_fp32, optimizer_state_dtype
 from mmtune.train.trainer import (
     FaultInjector,
     NonFiniteLossError,
@@ -74,9 +73,6 @@ from mmtune.train.trainer import (
 log = logging.getLogger("mmtune.train")
 
 STATE_FORMAT = "mmtune.trainer/1"
-BEST_DIR = "best"  # train.save_best: the model of the lowest validation loss
-BEST_FILE = "best.json"
-LOG_FILE = "train.log"
 EXIT_STOPPED = 143  # 128 + SIGTERM: stopped on request, checkpoint saved
 
 
@@ -307,9 +303,7 @@ class _Recipe:
             self.out.mkdir(parents=True, exist_ok=True)
             for stale in ckpt.remove_stale_temps(self.out):
                 print(f"mmtune train: removed the unfinished checkpoint {stale} of an interrupted save", file=sys.stderr)
-            tmp = self.out / f".{ckpt.RUN_CONFIG_FILE}.tmp"
-            save_config(self.cfg, tmp)
-            os.replace(tmp, self.out / ckpt.RUN_CONFIG_FILE)
+            runs.write_run_config(self.cfg, self.out)
         self.acc.wait_for_everyone()
 
     def _setup_logging(self) -> None:
@@ -317,7 +311,7 @@ class _Recipe:
         root = logging.getLogger("mmtune")
         self._log_level = root.level
         root.setLevel(logging.INFO)
-        name = LOG_FILE if self.rank == 0 else f"train-rank{self.rank}.log"
+        name = runs.log_file(self.rank)
         fh = logging.FileHandler(self.out / name, encoding="utf-8")
         fh.setLevel(logging.INFO)
         fh.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
@@ -443,16 +437,16 @@ class _Recipe:
             if self.fsdp:
                 load_sharded(folder, self.model, self.optimizer)
             else:
-                self.optimizer.load_state_dict(ckpt.load_state_file(folder / ckpt.OPTIMIZER_FILE))
+                self.optimizer.load_state_dict(ckpt.load_state_file(folder / runs.OPTIMIZER_FILE))
         except ValueError as exc:  # torch's "parameter group doesn't match the size of optimizer's group"
             raise MMTuneError(f"{folder}: the optimizer state does not fit this run's trainable parameters "
                               f"(train.stage / train.lora / unfreeze_vision changed?): {exc}") from None
-        self.scheduler.load_state_dict(ckpt.load_state_file(folder / ckpt.SCHEDULER_FILE))
+        self.scheduler.load_state_dict(ckpt.load_state_file(folder / runs.SCHEDULER_FILE))
         data_states = state.get("data_state") or []
         if len(data_states) != self.world:
             raise MMTuneError(f"{folder}: data position saved for {len(data_states)} process(es), this run has {self.world}")
         self._load_data_state(data_states[self.rank])
-        self._rng_to_restore = ckpt.load_state_file(folder / ckpt.rng_file(self.rank))
+        self._rng_to_restore = ckpt.load_state_file(folder / runs.rng_file(self.rank))
         self.step = int(state["step"])
         self.tokens = int(state.get("tokens", 0))
         self.examples = int(state.get("examples", 0))
@@ -538,7 +532,7 @@ class _Recipe:
             bar.close()
         self.acc.wait_for_everyone()
         if self.main:
-            png = plot_loss_curve(self.out / METRICS_FILE, self.out / LOSS_PNG, title=f"mmtune train ({tc.stage})")
+            png = plot_loss_curve(self.out / runs.METRICS_FILE, self.out / runs.LOSS_PNG, title=f"mmtune train ({tc.stage})")
             if png is not None:
                 log.info("loss curve: %s", png)
         return self._result(stop_reason)
@@ -697,7 +691,7 @@ class _Recipe:
 
     def _previous_best(self, resume_step: int | None) -> float | None:
         """The validation loss of DIR/best when it was saved at or before the step this run resumes from."""
-        info = self.out / BEST_DIR / BEST_FILE
+        info = self.out / runs.BEST_DIR / runs.BEST_FILE
         if resume_step is None or not info.is_file():
             return None
         try:
@@ -715,14 +709,15 @@ class _Recipe:
 
         self.acc.wait_for_everyone()
         if self.main:
-            tmp, final, old = self.out / f".{BEST_DIR}.tmp", self.out / BEST_DIR, self.out / f".{BEST_DIR}.old"
+            best = runs.BEST_DIR
+            tmp, final, old = self.out / f".{best}.tmp", self.out / best, self.out / f".{best}.old"
             for stale in (tmp, old):
                 shutil.rmtree(stale, ignore_errors=True)
             tmp.mkdir(parents=True)
             with _quiet_hf_progress():
                 save_model(self.bundle, tmp)
-            save_config(self.cfg, tmp / ckpt.RUN_CONFIG_FILE)
-            write_json_atomic({"step": self.step, "eval_loss": loss}, tmp / BEST_FILE)
+            runs.write_run_config(self.cfg, tmp)
+            write_json_atomic({"step": self.step, "eval_loss": loss}, tmp / runs.BEST_FILE)
             if final.exists():
                 os.replace(final, old)
             os.replace(tmp, final)
@@ -746,8 +741,8 @@ class _Recipe:
         if self.main:
             ckpt.begin_checkpoint(self.out, step)
         self.acc.wait_for_everyone()
-        tmp = ckpt.temp_path(self.out, step)
-        ckpt.save_state_file(rng_state or ckpt.capture_rng_state(), tmp / ckpt.rng_file(self.rank))
+        tmp = runs.temp_checkpoint_path(self.out, step)
+        ckpt.save_state_file(rng_state or ckpt.capture_rng_state(), tmp / runs.rng_file(self.rank))
         data_states = gather_object([data_state or self.batcher.state_dict()])
         skips = gather_object([dict(self.batcher.stream.skip_counts)])
         if self.fsdp:  # every process writes its own shard of weights + optimizer state
@@ -756,12 +751,12 @@ class _Recipe:
             with _quiet_hf_progress():
                 save_model(self.bundle, tmp, sharded=self.fsdp)
             self.faults.maybe_kill_during_save(step)
-            if not self.fsdp:
-                ckpt.save_state_file(self.optimizer.state_dict(), tmp / ckpt.OPTIMIZER_FILE)
-            ckpt.save_state_file(self.scheduler.state_dict(), tmp / ckpt.SCHEDULER_FILE)
-            save_config(self.cfg, tmp / ckpt.RUN_CONFIG_FILE)
+            if not self.fsdp:  # under FSDP the optimizer state is in sharded/
+                ckpt.save_state_file(self.optimizer.state_dict(), tmp / runs.OPTIMIZER_FILE)
+            ckpt.save_state_file(self.scheduler.state_dict(), tmp / runs.SCHEDULER_FILE)
+            runs.write_run_config(self.cfg, tmp)
         self.acc.wait_for_everyone()
-        final = ckpt.checkpoint_path(self.out, step)
+        final = runs.checkpoint_path(self.out, step)
         if self.main:
             total: dict[str, int] = {}
             for counts in skips:
@@ -791,7 +786,7 @@ class _Recipe:
             try:
                 path = self._save(data_state=start_data, rng_state=start_rng)
                 saved = f"; saved {path} (the last completed step), resume it with --resume-from latest"
-            except Exception as exc:  # noqa: BLE001 - saving is best effort after an OOM
+            except Exception as exc:
                 saved = f"; could not save a checkpoint ({type(exc).__name__}: {exc})"
         elif self.last_checkpoint is not None:
             saved = f"; last checkpoint: {self.last_checkpoint}"
@@ -865,7 +860,7 @@ class _TqdmHandler(logging.Handler):
             from tqdm.auto import tqdm
 
             tqdm.write(f"mmtune train: {record.levelname.lower()}: {record.getMessage()}", file=sys.stderr)
-        except Exception:  # noqa: BLE001 - logging must never raise
+        except Exception:
             self.handleError(record)
 
 
