@@ -133,6 +133,8 @@ class DataConfig:
     group_factor: int = 16  # length grouping sorts batch_size * group_factor examples at a time
     packing: bool = False
     num_workers: int = 0
+    prefetch_factor: int | None = None  # items each DataLoader worker keeps queued (torch's default 2)
+    jpeg_draft: bool = False  # decode JPEGs at a reduced DCT scale (>= the tower's input size); see docs/data.md
     holdout_tasks: list[str] = field(default_factory=list)
 
     @property

@@ -76,7 +76,7 @@ def _overrides(data: Path) -> list[str]:
 def _run(cmd: list[str]) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MMTUNE_TRACE_BATCHES": "1"}
     try:
-        proc = subprocess.run(cmd, check=False, cwd=REPO, env=env, capture_output=True, text=True, timeout=400)
+        proc = subprocess.run(cmd, check=False, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     except subprocess.TimeoutExpired as exc:  # a hang is one of the failures this test exists for
         pytest.fail(f"2-process FSDP training did not finish (hang?): {str(exc.stderr)[-2000:]}")
     assert proc.returncode == 0, proc.stderr[-4000:]

@@ -141,7 +141,7 @@ class MMTuneModel(nn.Module):
         """Tower + projector on 0 images (FSDP: every unit's forward runs on every process); sums to 0."""
         if self.vision is None or self.projector is None:
             return None
-        size = _tower_image_size(self.vision)
+        size = tower_image_size(self.vision)
         empty = torch.zeros(0, 3, *size, device=self.device)
         return self.encode_images(empty).sum() * 0.0
 
@@ -306,7 +306,7 @@ class MMTuneModel(nn.Module):
         return bool(lm.is_gradient_checkpointing)
 
 
-def _tower_image_size(tower: nn.Module) -> tuple[int, int]:
+def tower_image_size(tower: nn.Module) -> tuple[int, int]:
     """(H, W) the tower expects: open_clip's `visual.image_size`, or an HF vision config's `image_size`."""
     visual = getattr(tower, "visual", None)
     size = getattr(visual, "image_size", None) if visual is not None else None

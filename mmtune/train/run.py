@@ -388,6 +388,7 @@ class _Recipe:
                 image_transform=self.bundle.image_transform, image_root=dc.image_root,
                 shuffle=True, shuffle_buffer=dc.shuffle_buffer, seed=self.tc.seed, epochs=epochs,
                 holdout_tasks=dc.holdout_tasks, rank=self.rank, world_size=self.world, num_workers=dc.num_workers,
+                prefetch_factor=dc.prefetch_factor, draft_size=self._draft_size(),
             )
 
         stream: Any
@@ -400,6 +401,13 @@ class _Recipe:
             stream = make(dc.train_paths(), epochs)
         return Batcher(stream, batch_size=self.tc.batch_size, pad_token_id=self.bundle.tokenizer.pad_token_id,
                        group_by_length=dc.group_by_length, packing=dc.packing, seed=self.tc.seed)
+
+    def _draft_size(self) -> int | None:
+        if not self.cfg.data.jpeg_draft or self.model.vision is None:
+            return None
+        from mmtune.model.mllm import tower_image_size
+
+        return max(tower_image_size(self.model.vision))
 
     def _build_data(self) -> None:
         # Endless: epochs follow one another inside the stream, and every rank
