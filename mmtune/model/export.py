@@ -59,6 +59,7 @@ from mmtune.runs import (
 )
 
 FORMATS = ("hf-llava", "hf")
+EXPORT_INFO_FILE = "mmtune_export.json"
 
 # The LLaVA chat templates take message contents as a list of parts
 # ({"type": "image"} / {"type": "text", "text": ...}), the way processors are
@@ -452,6 +453,11 @@ def _write_hf_llava(bundle: ModelBundle, template: Template, folder: Path, dtype
     expected = _digests(hf)
     hf.save_pretrained(str(folder))
     build_processor(bundle, template).save_pretrained(str(folder))
+    # What `model.init_from` needs to reproduce mmtune's pixels exactly (mmtune.model.hf_llava reads it).
+    from mmtune.fileio import write_json_atomic
+
+    write_json_atomic({"image_backend": image_backend(bundle.model.vision), "template": template.name},
+                      folder / EXPORT_INFO_FILE)
     del hf
     return expected
 

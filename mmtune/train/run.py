@@ -107,8 +107,13 @@ def train(cfg: RunConfig) -> TrainResult:
     # Several processes without CUDA (torchrun / accelerate on CPU): accelerate
     # only sets up its gloo process group when told the run is on CPU.
     multi_cpu = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
+    from mmtune.train.trackers import TRACKERS_DIR, check_trackers
+
+    report_to = check_trackers(cfg.train.report_to)  # before anything is built: a missing package is one line
     accelerator = Accelerator(
         cpu=multi_cpu,
+        log_with=report_to or None,
+        project_dir=str(Path(cfg.train.output_dir) / TRACKERS_DIR) if report_to else None,
         gradient_accumulation_steps=cfg.train.grad_accum,
         mixed_precision=precision,
         # The schedule is stepped here once per optimizer step, not by accelerate
@@ -292,7 +297,10 @@ class _Recipe:
             self._load_training_state(self.resumed_from, state)
         resume_step = self.step if state is not None else None
         self.best_loss = self._previous_best(resume_step)
-        self.metrics = MetricsLogger(self.out, enabled=self.main, resume_step=resume_step)
+        # train.report_to goes through accelerate's trackers; without it, DIR/tb when tensorboard is installed
+        self.metrics = MetricsLogger(self.out, enabled=self.main, resume_step=resume_step,
+                                     tensorboard=not self.tc.report_to)
+        self._init_trackers()
         self.trace = BatchTrace(self.out, self.rank, resume_step=resume_step)
         self._announce()
         with StopSignal() as stop:
@@ -400,7 +408,8 @@ class _Recipe:
         else:  # plain sources (or counting num_epochs of a mixture: one pass over all of its sources)
             stream = make(dc.train_paths(), epochs)
         return Batcher(stream, batch_size=self.tc.batch_size, pad_token_id=self.bundle.tokenizer.pad_token_id,
-                       group_by_length=dc.group_by_length, packing=dc.packing, seed=self.tc.seed)
+                       group_by_length=dc.group_by_length, packing=dc.packing, seed=self.tc.seed,
+                       group_by_modality=dc.group_by_modality)
 
     def _draft_size(self) -> int | None:
         if not self.cfg.data.jpeg_draft or self.model.vision is None:
@@ -682,15 +691,47 @@ class _Recipe:
             row["source_epochs"] = dict(self.batcher.stream.epochs)
         if self.metrics is not None:
             self.metrics.log(row)
+        self._track(row)
         bar.set_postfix(loss=f"{row['loss']:.4f}", tok_s=f"{row['tokens_per_s']:.0f}", lr=f"{window.lr:.2e}",
                         refresh=False)
 
+    # --------------------------------------------------------------- trackers
+    def _init_trackers(self) -> None:
+        if not self.tc.report_to:
+            return
+        from mmtune.train.trackers import TRACKERS_DIR, flat_config
+
+        name = self.out.resolve().name or "mmtune"
+        folder = self.out / TRACKERS_DIR
+        if self.main:
+            folder.mkdir(parents=True, exist_ok=True)
+        kwargs = {"wandb": {"dir": str(folder), "name": name}, "mlflow": {"logging_dir": str(folder / "mlruns")}}
+        self.acc.init_trackers(name, config=flat_config(self.cfg),
+                               init_kwargs={k: v for k, v in kwargs.items() if k in self.tc.report_to})
+
+    def _track(self, row: dict[str, Any]) -> None:
+        if self.tc.report_to:
+            from mmtune.train.trackers import tracker_values
+
+            self.acc.log(tracker_values(row), step=int(row["step"]))
+
     # ------------------------------------------------------------- validation
     def _validate(self, bar: Any) -> None:
-        res = self.validation.evaluate(self.model, self.acc.device, lambda t: self.acc.reduce(t, reduction="sum"))
+        from accelerate.utils import DistributedType
+
+        # DDP: the plain module (no collectives in its forward, so ranks may hold different numbers of
+        # eval batches). A sharded model (FSDP) must run wrapped, every rank the same number of times.
+        sharded = self.acc.distributed_type == DistributedType.FSDP
+        res = self.validation.evaluate(
+            self.ddp_model if sharded else self.model, self.acc.device,
+            lambda t: self.acc.reduce(t, reduction="sum"),
+            equal_steps=(lambda n: int(self.acc.reduce(torch.tensor([n], device=self.acc.device),
+                                                       reduction="max").item())) if sharded else None,
+        )
         row = {"step": self.step, "eval_loss": res.loss, "eval_examples": res.examples, "eval_tokens": res.tokens}
         if self.metrics is not None:
             self.metrics.log(row)
+        self._track(row)
         bar.set_postfix(eval_loss=f"{res.loss:.4f}", refresh=False)
         log.info("step %d: validation loss %.4f over %d examples", self.step, res.loss, res.examples)
         if self.tc.save_best and math.isfinite(res.loss) and (self.best_loss is None or res.loss < self.best_loss):
