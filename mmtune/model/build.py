@@ -9,6 +9,7 @@ Random parts are seeded by the caller (`torch.manual_seed` before building).
 from __future__ import annotations
 
 import copy
+import pickle
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -234,8 +235,10 @@ def build_model(
         dtype = resolve_dtype(cfg.lm.dtype)
         tower_dtype = None if dtype in (None, "auto") else dtype
         vcfg = cfg.vision
+        # open_clip's hf-hub: / local-dir: names carry their own weights (the pretrained tag is ignored).
+        schema_weights = (vcfg.model_name or "").startswith(("hf-hub:", "local-dir:"))
         vision_random = bool(vcfg.config and not vcfg.pretrained) or (
-            vcfg.backend == "open_clip" and not vcfg.config and not vcfg.pretrained
+            vcfg.backend == "open_clip" and not vcfg.config and not vcfg.pretrained and not schema_weights
         )
         if init is not None:
             from mmtune.model.vision import HFVisionTower
@@ -297,7 +300,10 @@ def _projector_checkpoint(path: str, kind: str = "mlp2x_gelu") -> dict[str, torc
     `torch.load(weights_only=True)`, which unpickles tensors only, and its
     `model.mm_projector.{0,2}.*` keys are renamed onto mmtune's projector.
     """
-    from mmtune.model.projector import from_llava_projector_state, is_llava_projector_state
+    from mmtune.model.projector import (
+        from_llava_projector_state,
+        is_llava_projector_state,
+    )
     from mmtune.runs import PROJECTOR_FILE, resolve_model_folder
 
     where = "model.projector.checkpoint"
@@ -317,7 +323,8 @@ def _projector_checkpoint(path: str, kind: str = "mlp2x_gelu") -> dict[str, torc
     else:
         try:
             state = torch.load(str(p), map_location="cpu", weights_only=True)
-        except Exception as exc:  # pickle/zip errors vary by torch version: report one line naming the file
+        except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError, AttributeError) as exc:
+            # weights_only refusals and truncated zips: one line naming the file
             raise MMTuneError(f"{where}: {p} cannot be read as torch weights ({' '.join(str(exc).split())[:200]})") from None
         if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
             raise MMTuneError(f"{where}: {p} does not hold a dict of tensors")

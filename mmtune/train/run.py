@@ -727,6 +727,7 @@ class _Recipe:
             lambda t: self.acc.reduce(t, reduction="sum"),
             equal_steps=(lambda n: int(self.acc.reduce(torch.tensor([n], device=self.acc.device),
                                                        reduction="max").item())) if sharded else None,
+            progress=self.main and self.tc.progress,
         )
         row = {"step": self.step, "eval_loss": res.loss, "eval_examples": res.examples, "eval_tokens": res.tokens}
         if self.metrics is not None:
