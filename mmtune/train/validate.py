@@ -62,13 +62,15 @@ class ValidationSet:
     @torch.no_grad()
     def evaluate(self, model: torch.nn.Module, device: Any,
                  reduce_sum: Callable[[torch.Tensor], torch.Tensor],
-                 equal_steps: Callable[[int], int] | None = None) -> ValidationResult:
+                 equal_steps: Callable[[int], int] | None = None, progress: bool = False) -> ValidationResult:
         """Token-weighted mean loss of `model` over the set (summed over processes by `reduce_sum`).
 
         `equal_steps(n)` (the largest n over processes), when given, makes every process run the
         same number of forward passes: a sharded model (FSDP) gathers its weights collectively in
         each forward, so a process with fewer batches repeats its last one, counted with weight 0.
         """
+        from tqdm.auto import tqdm
+
         from mmtune.data.batching import model_inputs
         from mmtune.data.tokenize import IGNORE_INDEX
         from mmtune.train import checkpoint as ckpt
@@ -87,7 +89,7 @@ class ValidationSet:
                 batches = [(b, True) for b in batches] + padding
             else:
                 batches = ((b, True) for b in batches)
-            for batch, counted in batches:
+            for batch, counted in tqdm(batches, desc="validation", unit="batch", leave=False, disable=not progress):
                 n = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum()) if counted else 0
                 if n == 0 and equal_steps is None:
                     continue
