@@ -208,7 +208,10 @@ class _Recipe:
         self.world = accelerator.num_processes
         self.main = accelerator.is_main_process
         self.out = Path(self.tc.output_dir)
-        self.fsdp = fsdp_requested(self.tc.distributed)
+        # One process has nothing to shard (and no process group): it trains unsharded.
+        self.fsdp = fsdp_requested(self.tc.distributed) and self.world > 1
+        if fsdp_requested(self.tc.distributed) and self.world == 1:
+            log.warning("train.distributed=fsdp with one process: nothing to shard, training unsharded")
         self.faults = FaultInjector(rank=self.rank)
         self.metrics: MetricsLogger | None = None
         self.trace: BatchTrace | None = None
