@@ -202,7 +202,7 @@ class DataConfig:
     packing: bool = False
     num_workers: int = 0
     prefetch_factor: int | None = None  # items each DataLoader worker keeps queued (torch's default 2)
-    jpeg_draft: bool = False  # decode JPEGs at a reduced DCT scale (>= the tower's input size); see docs/data.md
+    jpeg_draft: bool = False  # decode JPEGs at a reduced DCT scale (>= the tower's input size); see docs/train.md
     holdout_tasks: list[str] = field(default_factory=list)
 
     @property
