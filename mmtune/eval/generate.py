@@ -239,6 +239,8 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--top-p", type=float, default=1.0)
     parser.add_argument("--seed", type=int, default=0, help="random seed for sampling")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
+    parser.add_argument("--trust-remote-code", action="store_true",
+                        help="allow the checkpoint's own tokenizer/model code to run (only for sources you trust)")
     parser.add_argument(
         "--dtype",
         default=None,
@@ -273,7 +275,7 @@ def cli_main(args: argparse.Namespace) -> int:
             raise MMTuneError(f"--image {p}: file not found")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     print(f"loading {ckpt} (template {template}, device {device})", file=sys.stderr)
-    bundle = load_model(ckpt, device=device, dtype=args.dtype)
+    bundle = load_model(ckpt, device=device, dtype=args.dtype, trust_remote_code=args.trust_remote_code)
     if images and bundle.image_transform is None:
         raise MMTuneError(f"{ckpt} is a text-only model (mode llm); drop --image")
     record = Record(id="cli", messages=[{"role": "user", "content": content}], images=images)

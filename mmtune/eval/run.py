@@ -136,6 +136,7 @@ class EvalConfig:
     output_dir: str = "runs/eval"
     progress: bool = True
     plot: bool = True
+    trust_remote_code: bool = False  # run code shipped with a checkpoint (only ever from the user)
 
 
 def load_eval_config(path: str | Path, overrides: Sequence[str] = ()) -> EvalConfig:
@@ -267,21 +268,16 @@ class ModelHandle:
     A fully cached rerun renders prompts (tokenizer only) and never loads weights.
     """
 
-    def __init__(self, folder: Path, *, device: str, dtype: str | None) -> None:
-        from mmtune.model.io import MODEL_CONFIG_FILE, TOKENIZER_DIR
+    def __init__(self, folder: Path, *, device: str, dtype: str | None, trust_remote_code: bool = False) -> None:
+        from mmtune.model.io import load_model_config, load_saved_tokenizer
 
         self.folder = folder
         self.device = device
         self.dtype = dtype
-        self.config = load_config(folder / MODEL_CONFIG_FILE, ModelConfig)
+        self.trust_remote_code = trust_remote_code  # the user's word, never the checkpoint's
+        self.config = load_model_config(folder, trust_remote_code=trust_remote_code)
         self._bundle: Any = None
-        try:
-            from transformers import AutoTokenizer
-
-            self.tokenizer = AutoTokenizer.from_pretrained(
-                str(folder / TOKENIZER_DIR), trust_remote_code=self.config.tokenizer.trust_remote_code)
-        except (OSError, ValueError) as exc:
-            raise MMTuneError(f"{folder / TOKENIZER_DIR}: cannot load tokenizer ({str(exc).splitlines()[0]})") from None
+        self.tokenizer = load_saved_tokenizer(folder, trust_remote_code=trust_remote_code)
 
     @property
     def takes_images(self) -> bool:
@@ -292,7 +288,8 @@ class ModelHandle:
         if self._bundle is None:
             from mmtune.model.io import load_model
 
-            self._bundle = load_model(self.folder, device=self.device, dtype=self.dtype)
+            self._bundle = load_model(self.folder, device=self.device, dtype=self.dtype,
+                                      trust_remote_code=self.trust_remote_code)
         return self._bundle
 
     def release(self) -> None:
@@ -660,7 +657,7 @@ def run_eval(cfg: EvalConfig, *, output_dir: str | Path | None = None) -> dict[s
     totals: Counter[str] = Counter()
     for mname, entry in models.items():
         ckpt = checkpoints[mname]
-        handle = ModelHandle(ckpt, device=device, dtype=g.dtype)
+        handle = ModelHandle(ckpt, device=device, dtype=g.dtype, trust_remote_code=cfg.trust_remote_code)
         template_name = entry.template or cfg.template or checkpoint_template(ckpt) or DEFAULT_TEMPLATE
         mrun = _ModelRun(mname, handle, get_template(template_name, handle.tokenizer), fingerprint_model(ckpt),
                          g.dtype or handle.config.lm.dtype, cache, g, cfg.progress)
@@ -880,6 +877,8 @@ def _add_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-new-tokens", type=int, default=None)
     parser.add_argument("--seed", type=int, default=None, help="few-shot example choice (and sampling) seed")
     parser.add_argument("--device", default=None)
+    parser.add_argument("--trust-remote-code", action="store_true",
+                        help="allow a checkpoint's own tokenizer/model code to run (only for sources you trust)")
     parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--predictions", default=None,
                         help="score this predictions JSONL (id/question_id + prediction/text) instead of generating")
@@ -1002,6 +1001,8 @@ def _apply_cli_to_config(cfg: EvalConfig, args: argparse.Namespace) -> None:
         cfg.seed = g.seed = args.seed
     if args.device is not None:
         g.device = args.device
+    if args.trust_remote_code:
+        cfg.trust_remote_code = True
     if args.dtype is not None:
         g.dtype = args.dtype
     if args.no_progress:

@@ -615,14 +615,14 @@ def export_checkpoint(
     template: str | None = None,
     dtype: str | None = None,
     overwrite: bool = False,
+    trust_remote_code: bool = False,
 ) -> ExportResult:
     """Export a saved model / checkpoint folder (a run folder means its latest checkpoint-*).
 
     `fmt`: hf-llava (MLLM) or hf (LLM); None picks by the checkpoint's mode.
     `template`: the chat template to ship (default: data.template of the run's run_config.yaml).
     """
-    from mmtune.config import ModelConfig, load_config
-    from mmtune.model.io import MODEL_CONFIG_FILE, load_model, resolve_checkpoint
+    from mmtune.model.io import load_model, load_model_config, resolve_checkpoint
 
     if fmt is not None and fmt not in FORMATS:
         raise ExportError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
@@ -640,14 +640,14 @@ def export_checkpoint(
         )
     if name != "tokenizer":
         get_template(name)  # one-line error on an unknown name before loading any weights
-    mode = load_config(ckpt / MODEL_CONFIG_FILE, ModelConfig).mode
+    mode = load_model_config(ckpt, trust_remote_code=trust_remote_code).mode  # refuses remote code not asked for
     fmt = fmt or ("hf-llava" if mode == "mllm" else "hf")
     if (fmt == "hf-llava") != (mode == "mllm"):
         want = "hf-llava" if mode == "mllm" else "hf"
         raise ExportError(f"{ckpt} is a model.mode {mode} checkpoint: export it with --format {want}")
     # No local reference to the loaded model: _export frees it before reloading the export.
     return _export(
-        lambda: load_model(ckpt, device="cpu"), out, template=name, fmt=fmt, dtype=dtype, overwrite=overwrite
+        lambda: load_model(ckpt, device="cpu", trust_remote_code=trust_remote_code), out, template=name, fmt=fmt, dtype=dtype, overwrite=overwrite
     )
 
 
@@ -673,11 +673,14 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
         "--dtype", choices=["float32", "bfloat16", "float16"], default=None, help="cast weights (default: the LM's)"
     )
     parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    parser.add_argument("--trust-remote-code", action="store_true",
+                        help="allow the checkpoint's own tokenizer/model code to run (only for sources you trust)")
 
 
 def cli_main(args: argparse.Namespace) -> int:
     result = export_checkpoint(
-        args.checkpoint, args.out, fmt=args.format, template=args.template, dtype=args.dtype, overwrite=args.overwrite
+        args.checkpoint, args.out, fmt=args.format, template=args.template, dtype=args.dtype, overwrite=args.overwrite,
+        trust_remote_code=args.trust_remote_code,
     )
     print(
         f"exported {args.checkpoint} as {result.format} (template {result.template}, "

@@ -274,7 +274,10 @@ class _Recipe:
 
         set_seed(self.tc.seed)  # random-init parts are seeded by the caller
         if self.resumed_from is not None:
-            bundle = load_model(self.resumed_from)
+            # Remote code only on the user's word: their own config, never the checkpoint's copy of it.
+            mc = self.cfg.model
+            bundle = load_model(self.resumed_from,
+                                trust_remote_code=mc.lm.trust_remote_code or mc.tokenizer.trust_remote_code)
             if to_dict(bundle.config) != to_dict(self.cfg.model):
                 diff = _dict_diff(to_dict(self.cfg.model), to_dict(bundle.config), "model")
                 raise MMTuneError(f"cannot resume from {self.resumed_from}: the model config changed ({diff})")
