@@ -259,7 +259,7 @@ def test_not_json_is_a_one_line_error(capsys, tmp_path, content, message):
         (["vqav2/questions.json", "--format", "gqa"], "this is a VQA questions file"),
         (["gqa/questions.json", "--format", "vqa"], "expects a VQA questions or annotations file"),
         (["no_such_file.json"], "no_such_file.json: no such file or folder"),
-        (["images"], "images: folder has no .json or .jsonl files"),
+        (["images"], "images: folder has no .json, .jsonl, .parquet or .arrow files"),
     ],
 )
 def test_input_errors(capsys, tmp_path, args, message):

@@ -310,7 +310,9 @@ def test_messages_rows():
         ({"messages": [{"role": "user"}]}, "messages[0].content", "missing required field"),
         ({"messages": [{"content": "x"}]}, "messages[0].role", "missing required field"),
         ({"messages": [{"role": "tool", "content": "x"}]}, "messages[0].role", "unsupported speaker 'tool'"),
-        ({"messages": [{"role": "user", "content": ["x"]}]}, "messages[0].content", "must be a string, got a list"),
+        # a list is read as parts ({type: text, text} / {type: image}); anything else in it is an error
+        ({"messages": [{"role": "user", "content": ["x"]}]}, "messages[0].content[0]", "must be {type: text"),
+        ({"messages": [{"role": "user", "content": 3}]}, "messages[0].content", "must be a string, got a number"),
         ({"messages": [{"role": "user", "content": "x"}]}, "messages", "no assistant turn"),
         ({"messages": [[]]}, "messages[0]", "must be an object"),
         ({"id": 1.5, "messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}]},

@@ -158,3 +158,41 @@ def test_generation_through_a_lora_wrapped_lm_matches_merged():
     merge_lora(bundle.model)
     merged = generate_answers(bundle, recs, "vicuna_v1", batch_size=5, max_new_tokens=6, image_root=FIX)
     assert wrapped == merged
+
+
+def test_generate_batch_file_in_input_order(tmp_path, capsys, mllm):
+    import json
+
+    bundle, cfg = mllm
+    save_run(bundle, cfg, tmp_path / "run", 1, "vicuna_v1")
+    recs = read_records(FIX / "mixed.jsonl")
+    lines = [
+        json.dumps({"prompt": "What colour is grass? Answer with a long sentence please."}),
+        recs[14].to_json(),  # a unified record, image path relative to --image-root
+        json.dumps({"id": "tri", "prompt": "What shape is this?", "image": "images/green_triangle.png"}),
+        "{not json",
+        json.dumps({"prompt": "Name it.", "image": "images/missing.png"}),
+        json.dumps({"prompt": "Hi"}),
+        recs[0].to_json(),
+    ]
+    src = tmp_path / "prompts.jsonl"
+    src.write_text("\n".join(lines) + "\n")
+    out = tmp_path / "answers.jsonl"
+    argv = ["generate", str(tmp_path / "run"), "--input", str(src), "--out", str(out), "--batch-size", "3",
+            "--max-new-tokens", "6", "--device", "cpu", "--image-root", str(FIX), "--no-progress"]
+    assert main(argv) == 0
+    assert "answered 5, errors 2" in capsys.readouterr().out
+    rows = [json.loads(x) for x in out.read_text().splitlines()]
+    assert [r["id"] for r in rows] == ["prompts-1", recs[14].id, "tri", "prompts-4", "prompts-5", "prompts-6",
+                                       recs[0].id]
+    assert "bad JSON" in rows[3]["error"] and f"{src}:4" in rows[3]["error"]
+    assert "missing.png" in rows[4]["error"] and "answer" not in rows[4]
+    # each answer is what one-at-a-time generation gives for that line (the batch is sorted by length inside)
+    tri = Record("tri", [{"role": "user", "content": "<image>\nWhat shape is this?"}], ["images/green_triangle.png"])
+    singles = [generate_answers(bundle, [it], "vicuna_v1", batch_size=1, max_new_tokens=6, image_root=FIX)[0]
+               for it in ["What colour is grass? Answer with a long sentence please.", recs[14], tri, "Hi", recs[0]]]
+    assert [rows[i]["answer"] for i in (0, 1, 2, 5, 6)] == singles
+    assert len(set(singles)) > 2
+    # --prompt and --input together (or neither) is a one-line error
+    assert main(["generate", str(tmp_path / "run"), "--prompt", "x", "--input", str(src), "--out", str(out)]) == 2
+    assert main(["generate", str(tmp_path / "run"), "--input", str(src)]) == 2

@@ -15,11 +15,12 @@ Python API: `convert_files(paths, fmt="auto", image_root=None)` returns a
 from __future__ import annotations
 
 import argparse
+import hashlib
 import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from tqdm.auto import tqdm
 
@@ -42,9 +43,25 @@ from mmtune.data.formats import (
 )
 from mmtune.data.images import check_image, is_url, resolve_image_path
 from mmtune.data.schema import Record, RecordError, RejectsWriter, validate_record, write_records
+from mmtune.data.tables import (
+    TABLE_SUFFIXES,
+    ImageFolder,
+    bytes_extension,
+    embedded_image,
+    image_bytes_problem,
+    is_table_source,
+    printable,
+    read_table,
+)
 from mmtune.errors import MMTuneError
 
-INPUT_SUFFIXES = (".json", ".jsonl")
+INPUT_SUFFIXES = (".json", ".jsonl", *TABLE_SUFFIXES)
+
+
+class ImageSink(Protocol):
+    """Where embedded image bytes go: `put(bytes, embedded path)` -> the path the record will name."""
+
+    def put(self, data: bytes, name: str | None) -> str: ...
 
 
 @dataclass
@@ -64,6 +81,7 @@ class ConvertResult:
     rows_per_input: dict[str, int] = field(default_factory=dict)
     input_rows: int = 0  # == len(records) + len(rejects)
     url_images: int = 0  # image references kept as URLs, not checked (offline)
+    embedded_images: int = 0  # image files written from embedded bytes (parquet / arrow / datasets)
     rejects_path: Path | None = None
 
     @property
@@ -83,14 +101,22 @@ def default_rejects_path(out: str | Path) -> Path:
     return out.with_name(out.name + ".rejects.jsonl")
 
 
+def default_images_dir(out: str | Path) -> Path:
+    """OUT.jsonl -> OUT_images/ next to it: where embedded image bytes are written."""
+    out = Path(out)
+    return out.with_name(out.name.removesuffix(".jsonl") + "_images")
+
+
 def expand_inputs(paths: Iterable[str | Path]) -> list[Path]:
     """The input files: files as given, folders expanded to their *.json / *.jsonl (sorted)."""
     out: list[Path] = []
     for p in map(Path, paths):
-        if p.is_dir():
+        if p.is_dir() and is_table_source(p):  # a `datasets.save_to_disk` folder is one input
+            out.append(p)
+        elif p.is_dir():
             found = sorted(c for c in p.iterdir() if c.is_file() and c.name.endswith(INPUT_SUFFIXES))
             if not found:
-                raise MMTuneError(f"{p}: folder has no .json or .jsonl files")
+                raise MMTuneError(f"{p}: folder has no .json, .jsonl, .parquet or .arrow files")
             out += found
         elif p.is_file():
             out.append(p)
@@ -104,8 +130,10 @@ def expand_inputs(paths: Iterable[str | Path]) -> list[Path]:
 class _Converter:
     """Turns rows into records or rejects; holds what spans files (ids seen, image checks)."""
 
-    def __init__(self, *, source: str | None, task: str | None, writer: RejectsWriter, progress: bool | None) -> None:
+    def __init__(self, *, source: str | None, task: str | None, writer: RejectsWriter, progress: bool | None,
+                 images: ImageSink | None = None) -> None:
         self.source = source
+        self.sink = images
         self.task = task
         self.writer = writer
         self.progress = progress
@@ -115,13 +143,16 @@ class _Converter:
         self.image_checks: dict[str, str | None] = {}  # path -> reason (None = fine)
         self.url_images = 0
         self.rows = 0
+        self.last_embedded: set[int] = set()  # indices of the last converted row's images that were embedded
 
     def reject(self, row: Row, reason: str) -> None:
         self.rejects.append(Reject(row.source, row.index, reason))
-        self.writer.add(reason, source=row.source, index=row.index, raw=row.data)
+        self.writer.add(reason, source=row.source, index=row.index, raw=printable(row.data))
 
-    def run(self, rows: Sequence[Row], fmt: Format, stem: str, image_root: Path, desc: str) -> None:
-        bar = tqdm(rows, desc=desc, unit=" rows", leave=False, disable=None if self.progress is None else not self.progress)
+    def run(self, rows: Iterable[Row], fmt: Format, stem: str, image_root: Path, desc: str) -> None:
+        total = len(rows) if hasattr(rows, "__len__") else getattr(rows, "total", None)
+        bar = tqdm(rows, desc=desc, unit=" rows", leave=False, total=total,
+                   disable=None if self.progress is None else not self.progress)
         for row in bar:
             self.rows += 1
             try:
@@ -149,6 +180,10 @@ class _Converter:
         if mapped.get("id") is None and fmt.name != "unified":
             mapped["id"] = default_id
         image_dirs: list[str] = mapped.pop(IMAGE_DIRS_KEY, [])
+        embedded = self.take_embedded(mapped, fail, rid=mapped.get("id"))
+        self.last_embedded = set(embedded)
+        if mapped.get("meta"):
+            mapped["meta"] = printable(mapped["meta"])  # a binary column of a table stays out of the JSON
         mapped["source"] = self.source or mapped.get("source") or stem
         if self.task:
             mapped["task"] = self.task
@@ -158,6 +193,16 @@ class _Converter:
 
         resolved = []
         for i, name in enumerate(record.images):
+            if i in embedded:  # written only now, once the row is known to become a record
+                data, original = embedded[i]
+                problem = image_bytes_problem(data)
+                if problem is not None:
+                    raise fail(problem, f"images[{i}]", record.id)
+                if self.sink is None:
+                    raise MMTuneError("this input embeds image bytes: give a folder to write them to "
+                                      "(--images-dir, or images_dir= in the Python API)")
+                resolved.append(self.sink.put(data, original))
+                continue
             if is_url(name):
                 resolved.append(name)
                 continue
@@ -168,6 +213,28 @@ class _Converter:
         self.url_images += sum(map(is_url, resolved))
         record.images = resolved
         return record
+
+    def take_embedded(self, mapped: dict[str, Any], fail: Any, rid: Any) -> dict[int, tuple[bytes, str | None]]:
+        """Embedded `{"bytes", "path"}` images of `mapped["images"]`, by index, each replaced by a stand-in
+        name for validation; a struct without bytes names a file by its path, resolved like any other."""
+        images = mapped.get("images")
+        if not isinstance(images, list):
+            return {}
+        rid = str(rid) if isinstance(rid, str | int) and not isinstance(rid, bool) else None
+        taken: dict[int, tuple[bytes, str | None]] = {}
+        for i, value in enumerate(images):
+            found = embedded_image(value)
+            if found is None:
+                continue
+            data, name = found
+            if data is None:
+                if not name:
+                    raise fail("embedded image has neither bytes nor a path", f"images[{i}]", rid)
+                images[i] = name
+                continue
+            taken[i] = (data, name)
+            images[i] = name or f"embedded-{i}"
+        return taken
 
     def find_image(self, name: str, root: Path, subdirs: Sequence[str]) -> tuple[str, str | None]:
         """Resolve against the image root (then its `subdirs`, e.g. VQA's val2014/) and check it."""
@@ -216,6 +283,7 @@ def convert_files(
     task: str | None = None,
     rejects_path: str | Path | None = None,
     progress: bool | None = None,
+    images_dir: str | Path | ImageSink | None = None,
 ) -> ConvertResult:
     """Import files (or folders of them) into unified records.
 
@@ -224,12 +292,15 @@ def convert_files(
     file's folder. `source` / `task` override every record's. Rejects go to
     `rejects_path` (JSONL, overwritten; nothing written when there are none)
     and to `ConvertResult.rejects`. `progress=None` shows bars on a terminal only.
+    Parquet / Arrow files and `save_to_disk` folders are read with `datasets`
+    (`mmtune.data.tables`); images they embed as bytes are written unchanged
+    into `images_dir` (a folder, or any `ImageSink`) and the records name those files.
     """
     files = expand_inputs(paths)
     rejects_file = Path(rejects_path) if rejects_path else None
     if rejects_file is not None and rejects_file.exists():
         rejects_file.unlink()  # a stale rejects file from an earlier run would mislead
-    inputs = [read_input(p) for p in files]
+    inputs = [read_table(p) if is_table_source(p) else read_input(p) for p in files]
     formats = {str(inp.path): _resolve_format(inp, fmt) for inp in inputs}
 
     annotations = VQAAnnotations()
@@ -252,7 +323,8 @@ def convert_files(
 
     result = ConvertResult(records=[], rejects=[], formats=formats, rejects_path=rejects_file)
     with RejectsWriter(rejects_file) as writer:
-        conv = _Converter(source=source, task=task, writer=writer, progress=progress)
+        sink = ImageFolder(images_dir) if isinstance(images_dir, str | Path) else images_dir
+        conv = _Converter(source=source, task=task, writer=writer, progress=progress, images=sink)
         for inp in inputs:
             name = formats[str(inp.path)]
             if name == "vqa" and inp.top is not None and vqa_role(inp.top) == "annotations":
@@ -269,9 +341,69 @@ def convert_files(
             result.rows_per_input[row.source] = result.rows_per_input.get(row.source, 0) + 1  # orphans
     result.records, result.rejects = conv.records, conv.rejects
     result.input_rows, result.url_images = conv.rows, conv.url_images
+    result.embedded_images = getattr(sink, "written", 0)
     if rejects_file is not None and not result.rejects:
         rejects_file.unlink(missing_ok=True)
     return result
+
+
+class _RowBytes:
+    """An ImageSink that keeps one row's embedded bytes in memory (for `mmtune shard`, which stores them
+    in the tar sample) and names each by its embedded path, or by its content when it has none."""
+
+    def __init__(self) -> None:
+        self.blobs: list[bytes] = []
+
+    def put(self, data: bytes, name: str | None) -> str:
+        self.blobs.append(data)
+        return name or f"{hashlib.sha256(data).hexdigest()[:20]}.{bytes_extension(data, None)}"
+
+
+@dataclass
+class TableItem:
+    """One row of a table input for `mmtune shard`: a record and its images' bytes, or why it was rejected."""
+
+    row: Row
+    record: Record | None
+    image_bytes: list[bytes] = field(default_factory=list)  # in `record.images` order
+    error: RecordError | None = None
+
+
+def iter_table_records(
+    path: str | Path, fmt: str = "auto", image_root: str | Path | None = None, *, seen: dict[str, str] | None = None,
+) -> Iterator[TableItem]:
+    """The rows of a parquet / arrow / datasets input as records with their image bytes, one row at a time.
+
+    Embedded images keep their bytes (never decoded into pixels and re-encoded);
+    images named by path are read from disk. Ids repeated within or across
+    inputs sharing `seen` come back as errors, like every other unusable row.
+    """
+    inp = read_table(path)
+    name = _resolve_format(inp, fmt)
+    if FORMATS[name].container:
+        raise FormatError(f"{path}: {name} is a whole-file JSON layout, not a table")
+    sink = _RowBytes()
+    conv = _Converter(source=None, task=None, writer=RejectsWriter(None), progress=False, images=sink)
+    if seen is not None:
+        conv.seen = seen
+    root = (Path(image_root) if image_root is not None else inp.path.parent).expanduser().absolute()
+    for row in inp.rows:
+        sink.blobs = []
+        try:
+            record = conv.convert_row(row, FORMATS[name], inp.stem, root)
+        except RecordError as exc:
+            yield TableItem(row, None, error=exc)
+            continue
+        urls = [i for i, p in enumerate(record.images) if i not in conv.last_embedded and is_url(p)]
+        if urls:
+            yield TableItem(row, None, error=RecordError(
+                f"{record.images[urls[0]]} is a URL; download it first (mmtune never downloads)",
+                record_id=record.id, field=f"images[{urls[0]}]", path=row.location))
+            continue
+        conv.seen[record.id] = row.location
+        blobs = iter(sink.blobs)
+        data = [next(blobs) if i in conv.last_embedded else Path(p).read_bytes() for i, p in enumerate(record.images)]
+        yield TableItem(row, record, data)
 
 
 # --------------------------------------------------------------------------- #
@@ -280,11 +412,16 @@ def convert_files(
 
 
 def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("inputs", nargs="+", metavar="IN", help="input files (.json / .jsonl) or folders of them")
+    parser.add_argument("inputs", nargs="+", metavar="IN",
+                        help="input files (.json / .jsonl / .parquet / .arrow), datasets.save_to_disk folders, "
+                             "or folders of files")
     parser.add_argument("--out", required=True, metavar="OUT.jsonl", help="unified JSONL to write (atomically)")
     parser.add_argument("--format", default="auto", choices=["auto", *FORMATS], help="input layout (default: detected per file)")
     parser.add_argument("--image-root", metavar="DIR", help="folder relative image paths start from (default: each input's folder)")
     parser.add_argument("--rejects", metavar="PATH", help="where rejected rows go (default: OUT with .rejects.jsonl)")
+    parser.add_argument("--images-dir", metavar="DIR",
+                        help="where images embedded as bytes (parquet / arrow / datasets) are written, unchanged "
+                             "(default: OUT's name with _images, next to it)")
     parser.add_argument("--strict", action="store_true", help="exit 1 when any row is rejected")
     parser.add_argument("--source", metavar="NAME", help="set every record's source (default: the format's or the file's name)")
     parser.add_argument("--task", metavar="NAME", help="set every record's task (default: the row's own, e.g. Dolly category)")
@@ -300,9 +437,10 @@ def cli_main(args: argparse.Namespace) -> int:
     for target in (out, rejects):
         if target.resolve() in taken:
             raise MMTuneError(f"{target}: is also an input; choose another --out / --rejects path")
+    images_dir = Path(args.images_dir) if args.images_dir else default_images_dir(out)
     result = convert_files(
         inputs, args.format, args.image_root, source=args.source, task=args.task,
-        rejects_path=rejects, progress=args.progress,
+        rejects_path=rejects, progress=args.progress, images_dir=images_dir,
     )
     for path, fmt in result.formats.items():
         if path in result.rows_per_input:
@@ -313,6 +451,8 @@ def cli_main(args: argparse.Namespace) -> int:
     print(f"converted {len(result.records)}, rejected {result.rejects_count}")
     if result.url_images:
         print(f"{result.url_images} image URL(s) kept as they are, not checked (offline)")
+    if result.embedded_images:
+        print(f"{result.embedded_images} embedded image(s) written unchanged to {images_dir}")
     print(f"wrote {out}" + (f"; rejects in {rejects}" if result.rejects else ""))
     if args.strict and result.rejects:
         print(f"mmtune convert: --strict: first reject: {result.first_reject}", file=sys.stderr)

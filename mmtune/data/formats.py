@@ -25,6 +25,7 @@ function and one decorator):
 
 from __future__ import annotations
 
+import itertools
 import json
 from collections import Counter
 from collections.abc import Callable, Iterable
@@ -94,7 +95,10 @@ class InputFile:
 
     @property
     def stem(self) -> str:
-        return self.path.name.removesuffix(".jsonl").removesuffix(".json")
+        name = self.path.name
+        for suffix in (".jsonl", ".json", ".parquet", ".arrow"):
+            name = name.removesuffix(suffix)
+        return name
 
 
 def read_input(path: str | Path) -> InputFile:
@@ -237,7 +241,8 @@ def detect_format(inp: InputFile, sample_size: int = 50) -> str:
     if inp.layout == "object":
         assert inp.top is not None
         return "vqa" if vqa_role(inp.top) else "gqa"
-    sample = [r.data for r in inp.rows if isinstance(r.data, dict)][:sample_size]
+    # islice: table inputs (mmtune.data.tables) read their rows lazily; only the head is needed
+    sample = list(itertools.islice((r.data for r in inp.rows if isinstance(r.data, dict)), sample_size))
     if not sample:
         raise FormatError(f"{inp.path}: cannot detect the format: no JSON objects among its records")
     votes = Counter(c for c in map(classify_row, sample) if c is not None)
@@ -289,11 +294,35 @@ def _images(row: dict[str, Any]) -> list[Any]:
     value = row.get(key)
     if value is None:
         return []
-    if isinstance(value, str):
+    if isinstance(value, str) or _is_image_struct(value):
         return [value]
     if isinstance(value, list):
         return value
     raise RowError(f"must be a path string or a list of them, got {type_name(value)}", key)
+
+
+def _is_image_struct(value: Any) -> bool:
+    """A `datasets` Image value {"bytes", "path"} (parquet / arrow inputs); convert writes its bytes out."""
+    return isinstance(value, dict) and "bytes" in value and set(value) <= {"bytes", "path"}
+
+
+def _content(value: Any, fld: str) -> str:
+    """A turn's text: a string, or a list of parts ({"type": "text", "text"} / {"type": "image"}, the
+    layout TRL's and Hugging Face's chat templates use), joined with `<image>` where each image part is."""
+    if isinstance(value, str):
+        return value
+    if not isinstance(value, list):
+        raise RowError(f"must be a string, got {type_name(value)}", fld)
+    pieces = []
+    for i, part in enumerate(value):
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind == "text" and isinstance(part.get("text"), str):
+            pieces.append(part["text"])
+        elif kind == "image":
+            pieces.append(IMAGE_PLACEHOLDER)
+        else:
+            raise RowError("must be {type: text, text: ...} or {type: image}", f"{fld}[{i}]")
+    return "\n".join(p for p in pieces if p)
 
 
 def _extras(row: dict[str, Any], used: Iterable[str]) -> dict[str, Any]:
@@ -333,8 +362,7 @@ def _turns(row: dict[str, Any], key: str, role_key: str, content_key: str) -> li
         content = turn.get(content_key)
         if content is None:
             raise RowError("missing required field", f"{fld}.{content_key}")
-        if not isinstance(content, str):
-            raise RowError(f"must be a string, got {type_name(content)}", f"{fld}.{content_key}")
+        content = _content(content, f"{fld}.{content_key}")
         out.append({"role": role, "content": content})
     if not any(m["role"] == "assistant" for m in out):
         raise RowError("no assistant turn", key)

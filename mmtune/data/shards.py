@@ -43,8 +43,10 @@ import webdataset as wds
 from PIL import Image
 from tqdm.auto import tqdm
 
+from mmtune.data.convert import TableItem, iter_table_records
 from mmtune.data.images import check_image, is_url, resolve_image_path
 from mmtune.data.schema import Record, RecordError, RejectsWriter, iter_jsonl, validate_record
+from mmtune.data.tables import bytes_extension, is_table_source, printable
 from mmtune.errors import MMTuneError
 
 log = logging.getLogger(__name__)
@@ -161,7 +163,7 @@ def write_shards(
         raise MMTuneError(f"--max-size must be >= 1 byte, got {max_size}")
     paths = [Path(inputs)] if isinstance(inputs, str | Path) else [Path(p) for p in inputs]
     for p in paths:
-        if not p.is_file():
+        if not (p.is_file() or is_table_source(p)):
             raise MMTuneError(f"{p}: records file not found")
     out_dir = Path(out_dir)
     try:
@@ -195,6 +197,17 @@ def write_shards(
         )
         try:
             for path in paths:
+                if is_table_source(path):  # parquet / arrow / datasets: embedded bytes go straight in
+                    for item in tqdm(iter_table_records(path, image_root=image_root, seen=seen_ids),
+                                     desc=f"shard {path.name}", unit="rec",
+                                     disable=None if progress is None else not progress):
+                        if item.error is not None:
+                            rejects.add(item.error.describe(), source=item.row.source, index=item.row.index,
+                                        raw=printable(item.row.data))
+                            continue
+                        writer.write(_table_sample(item, taken))
+                        summary.records += 1
+                    continue
                 lines = tqdm(iter_jsonl(path), desc=f"shard {path.name}", unit="rec",
                              disable=None if progress is None else not progress)
                 for lineno, obj in lines:
@@ -265,6 +278,16 @@ def _sample_for(
         members[f"{i}.{image_extension(full)}"] = Path(full).read_bytes()
     members["__key__"] = shard_key(rec.id, taken)
     members["json"] = rec.to_json().encode("utf-8")
+    return members
+
+
+def _table_sample(item: TableItem, taken: set[str]) -> dict[str, Any]:
+    """The webdataset sample of one table row: its record and its images' bytes as they were stored."""
+    rec = item.record
+    assert rec is not None
+    members: dict[str, Any] = {"__key__": shard_key(rec.id, taken), "json": rec.to_json().encode("utf-8")}
+    for i, (name, data) in enumerate(zip(rec.images, item.image_bytes, strict=True)):
+        members[f"{i}.{bytes_extension(data, name)}"] = data
     return members
 
 
@@ -598,7 +621,9 @@ def iter_records(
 
 
 def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("records", nargs="+", metavar="RECORDS.jsonl", help="unified-record JSONL file(s)")
+    parser.add_argument("records", nargs="+", metavar="RECORDS.jsonl",
+                        help="unified-record JSONL file(s), or parquet / arrow files and datasets.save_to_disk "
+                             "folders (read as `mmtune convert` does; embedded images stored byte for byte)")
     parser.add_argument("--out", required=True, metavar="DIR", help="folder for shard-NNNNNN.tar, index.json, rejects")
     parser.add_argument("--max-count", type=int, default=10000, metavar="N", help="records per shard at most (default 10000)")
     parser.add_argument("--max-size", default="1GB", metavar="BYTES",

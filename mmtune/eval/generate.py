@@ -14,6 +14,14 @@ cache (transformers' `generate` on the spliced embeddings).
 
 prints the answer as its last stdout line (a run folder means its latest
 `checkpoint-*`; the template defaults to the one the run trained with).
+
+    mmtune generate runs/tiny_mllm --input prompts.jsonl --out answers.jsonl --batch-size 16
+
+reads unified records or `{"prompt", "image"?, "id"?}` lines and writes one
+`{"id", "answer"}` line per input line, in input order (batches are sorted by
+length inside `generate_tokenized`, answers are put back in place). A line that
+cannot be prompted (bad JSON, bad record, unreadable image, images for a
+text-only model) gets `{"id", "error"}` instead, so nothing is dropped silently.
 """
 
 from __future__ import annotations
@@ -224,7 +232,14 @@ def trained_template(checkpoint: Path) -> str | None:
 
 def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("checkpoint", help="a saved model / checkpoint folder, or a run folder (latest checkpoint-*)")
-    parser.add_argument("--prompt", required=True, help="the user's message")
+    parser.add_argument("--prompt", help="the user's message (one answer, printed)")
+    parser.add_argument("--input", metavar="PROMPTS.jsonl",
+                        help='a batch: unified records or {"prompt", "image"} lines (needs --out)')
+    parser.add_argument("--out", metavar="ANSWERS.jsonl", help='with --input: one {"id", "answer"} line per input line')
+    parser.add_argument("--batch-size", type=int, default=8, help="prompts decoded together with --input (default 8)")
+    parser.add_argument("--image-root", help="with --input: where relative image paths start (default: its folder)")
+    parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
+                        help="progress bar with --input (default on)")
     parser.add_argument(
         "--image",
         action="append",
@@ -249,8 +264,134 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+class PromptLine(NamedTuple):
+    """One line of a `--input` file: its id and the record to prompt, or why it cannot be prompted."""
+
+    line: int
+    id: str
+    record: Record | None
+    error: str | None = None
+
+
+def read_prompt_file(path: str | Path, image_root: str | Path | None = None) -> list[PromptLine]:
+    """Unified records or `{"prompt", "image" | "images", "id"?}` lines; relative images from `image_root`
+    (default: the file's folder). Every non-blank line gives one `PromptLine`, bad ones with `error` set."""
+    import json
+
+    from mmtune.data.schema import RecordError, validate_record
+
+    path = Path(path)
+    root = Path(image_root) if image_root is not None else path.parent
+    out: list[PromptLine] = []
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise MMTuneError(f"{path}: cannot read the prompts file ({getattr(exc, 'strerror', None) or exc})") from None
+    for lineno, raw in enumerate(text.split("\n"), start=1):
+        if not raw.strip():
+            continue
+        rid = f"{path.stem}-{lineno}"
+        where = f"{path}:{lineno}"
+        try:
+            obj = json.loads(raw)
+        except json.JSONDecodeError as exc:
+            out.append(PromptLine(lineno, rid, None, f"{where}: bad JSON ({exc.msg} at column {exc.colno})"))
+            continue
+        if isinstance(obj, dict) and isinstance(obj.get("id"), str | int) and not isinstance(obj.get("id"), bool):
+            rid = str(obj["id"])
+        try:
+            if isinstance(obj, dict) and "prompt" in obj and "messages" not in obj:
+                obj = _prompt_as_record(obj, rid)
+            record = validate_record(obj, path=str(path), line=lineno)
+        except RecordError as exc:
+            out.append(PromptLine(lineno, rid, None, exc.describe()))
+            continue
+        record.images = [resolve_image_path(p, root) for p in record.images]
+        out.append(PromptLine(lineno, record.id, record))
+    return out
+
+
+def _prompt_as_record(obj: dict[str, Any], rid: str) -> dict[str, Any]:
+    from mmtune.data.schema import RecordError
+
+    prompt = obj["prompt"]
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise RecordError("must be a non-empty string", field="prompt", record_id=rid)
+    extra = sorted(set(obj) - {"prompt", "image", "images", "id"})
+    if extra:
+        raise RecordError(f"unknown field(s) {extra} (a prompt line has prompt, image(s), id)", field=extra[0],
+                          record_id=rid)
+    images = obj.get("images", obj.get("image")) or []
+    images = [images] if isinstance(images, str) else images
+    if isinstance(images, list) and images and prompt.count(IMAGE_PLACEHOLDER) == 0:
+        prompt = f"{IMAGE_PLACEHOLDER}\n" * len(images) + prompt  # as the single-prompt form does
+    return {"id": rid, "messages": [{"role": "user", "content": prompt}], "images": images}
+
+
+def generate_file(
+    bundle: ModelBundle,
+    input_path: str | Path,
+    out_path: str | Path,
+    template: str | Template,
+    *,
+    batch_size: int = 8,
+    image_root: str | Path | None = None,
+    progress: bool = True,
+    **generation: Any,
+) -> tuple[int, int]:
+    """Answer every line of `input_path` into `out_path` (JSONL, written atomically), in input order.
+
+    Returns (answered, errors). Prompts are decoded in batches by `generate_tokenized` (KV cache,
+    left padding); `generation` takes its sampling settings (max_new_tokens, do_sample, ...).
+    """
+    import json
+    import os
+
+    tmpl = template if isinstance(template, Template) else get_template(template, bundle.tokenizer)
+    check_batch_size(batch_size)
+    lines = read_prompt_file(input_path, image_root)
+    prompts: list[TokenizedPrompt | PromptSkip] = []
+    for pl in lines:
+        if pl.record is None:
+            prompts.append(PromptSkip(pl.error or "unreadable line"))
+            continue
+        msgs = prompt_messages(pl.record)
+        images = pl.record.images[: count_placeholders(msgs)]
+        if images and bundle.image_transform is None:
+            prompts.append(PromptSkip(f"{input_path}:{pl.line}: record {pl.id!r} has images but the model is "
+                                      "text-only (mode llm)"))
+            continue
+        try:
+            prompts.append(tokenize_for_generation(bundle, pl.id, msgs, tmpl, images, pl.record.meta))
+        except MMTuneError as exc:
+            prompts.append(PromptSkip(f"{input_path}:{pl.line}: {exc}"))
+    answers = generate_tokenized(bundle, prompts, tmpl, batch_size=batch_size, skip_unreadable_images=True,
+                                 progress=progress, desc="generate", **generation)
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_path.with_name(f".{out_path.name}.tmp")
+    errors = 0
+    with open(tmp, "w", encoding="utf-8") as fh:
+        for pl, answer in zip(lines, answers, strict=True):
+            if isinstance(answer, PromptSkip):
+                errors += 1
+                reason = answer.reason if answer.reason.startswith(str(input_path)) else \
+                    f"{input_path}:{pl.line}: {answer.reason}"
+                row = {"id": pl.id, "line": pl.line, "error": reason}
+            else:
+                row = {"id": pl.id, "answer": answer}
+            fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+    os.replace(tmp, out_path)
+    return len(lines) - errors, errors
+
+
 def cli_main(args: argparse.Namespace) -> int:
     from mmtune.model.io import load_model, resolve_checkpoint
+
+    if (args.prompt is None) == (args.input is None):
+        raise MMTuneError("give either --prompt (one answer, printed) or --input FILE --out FILE (a batch)")
+    if args.input is not None:
+        return _cli_batch(args)
 
     if args.max_new_tokens < 1:
         raise MMTuneError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
@@ -291,4 +432,37 @@ def cli_main(args: argparse.Namespace) -> int:
         seed=args.seed,
     )
     print(answer)
+    return 0
+
+
+def _cli_batch(args: argparse.Namespace) -> int:
+    from mmtune.model.io import load_model, resolve_checkpoint
+
+    if args.out is None:
+        raise MMTuneError("--input needs --out ANSWERS.jsonl")
+    if args.image:
+        raise MMTuneError("--image goes with --prompt; with --input, name images in the input lines")
+    check_batch_size(args.batch_size)
+    if args.max_new_tokens < 1:
+        raise MMTuneError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    if args.do_sample and (args.temperature <= 0 or not 0 < args.top_p <= 1):
+        raise MMTuneError("--temperature must be > 0 and --top-p in (0, 1] when sampling")
+    inp, out = Path(args.input), Path(args.out)
+    if not inp.is_file():
+        raise MMTuneError(f"--input {inp}: file not found")
+    if out.resolve() == inp.resolve():
+        raise MMTuneError(f"--out {out} is the input file; choose another path")
+    ckpt = resolve_checkpoint(args.checkpoint)
+    template = args.template or trained_template(ckpt) or DEFAULT_TEMPLATE
+    if template != "tokenizer":
+        get_template(template)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    print(f"loading {ckpt} (template {template}, device {device})", file=sys.stderr)
+    bundle = load_model(ckpt, device=device, dtype=args.dtype)
+    answered, errors = generate_file(
+        bundle, inp, out, template, batch_size=args.batch_size, image_root=args.image_root, progress=args.progress,
+        max_new_tokens=args.max_new_tokens, do_sample=args.do_sample, temperature=args.temperature,
+        top_p=args.top_p, seed=args.seed,
+    )
+    print(f"answered {answered}, errors {errors}; wrote {out}")
     return 0
