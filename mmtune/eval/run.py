@@ -50,10 +50,11 @@ from typing import Any
 
 import torch
 
-from mmtune.config import ConfigError, ModelConfig, from_dict, load_config, load_yaml
+from mmtune.config import ConfigError, from_dict, load_config, load_yaml
 from mmtune.data.schema import Record, read_records
 from mmtune.data.templates import Template, get_template
 from mmtune.data.tokenize import prompt_text
+from mmtune.device import resolve_device
 from mmtune.errors import MMTuneError
 from mmtune.eval.generate import (
     PromptSkip,
@@ -79,7 +80,8 @@ from mmtune.eval.tasks import (
     resolve_task,
     split_unseen,
 )
-from mmtune.fileio import write_json_atomic
+from mmtune.fileio import atomic_text, write_json_atomic
+from mmtune.outputs import Out, check_outputs
 
 DEFAULT_MAX_NEW_TOKENS = 64
 RESULTS_FILE = "results.json"
@@ -318,13 +320,15 @@ class PredictionCache:
         self.entries: dict[str, str] = {}
         self.bad_lines = 0
         if path.is_file():
-            with path.open(encoding="utf-8") as fh:
-                for line in fh:
-                    try:
-                        obj = json.loads(line)
-                        self.entries[obj["key"]] = obj["output"]
-                    except (json.JSONDecodeError, KeyError, TypeError):
-                        self.bad_lines += 1
+            from mmtune.data.textio import iter_json_lines
+
+            for _, obj, reason, _ in iter_json_lines(path):
+                try:
+                    if reason is not None:
+                        raise TypeError(reason)
+                    self.entries[obj["key"]] = obj["output"]
+                except (KeyError, TypeError):
+                    self.bad_lines += 1
 
     def get(self, key: str) -> str | None:
         return self.entries.get(key)
@@ -333,7 +337,7 @@ class PredictionCache:
         if not new:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        with self.path.open("a", encoding="utf-8") as fh:
+        with self.path.open("a", encoding="utf-8", errors="backslashreplace") as fh:
             for key, output in new.items():
                 fh.write(json.dumps({"key": key, "output": output}, ensure_ascii=False) + "\n")
             fh.flush()
@@ -606,6 +610,7 @@ def run_eval(cfg: EvalConfig, *, output_dir: str | Path | None = None) -> dict[s
     out = Path(output_dir or cfg.output_dir)
     g = cfg.generation
     _check_generation(g)
+    device = resolve_device(g.device, "--device (generation.device)")
     if cfg.k < 0:
         raise ConfigError(f"k must be >= 0, got {cfg.k}")
     models = _model_entries(cfg)
@@ -622,6 +627,12 @@ def run_eval(cfg: EvalConfig, *, output_dir: str | Path | None = None) -> dict[s
                for s, t in zip(specs, cfg.tasks, strict=True)}
 
     checkpoints = {n: resolve_checkpoint(e.path) for n, e in models.items()}
+    check_outputs(
+        [Out(out, "--out" if output_dir else "output_dir", "folder")],
+        inputs=[*(("pool", p) for p in cfg.pool), *(("shots_from", p) for p in cfg.shots_from),
+                *((f"task {s.name!r} records", s.records) for s in specs if s.records)],
+        runs=[r for n, e in models.items() for r in ((f"model {n!r}", e.path), (f"model {n!r}", checkpoints[n]))],
+    )
     read = _reader()
     pool = _read_all(cfg.pool, read, "pool")
     tasks = [load_task(s, pool if cfg.pool else None, pool_name=", ".join(cfg.pool) or "the pool",
@@ -650,7 +661,6 @@ def run_eval(cfg: EvalConfig, *, output_dir: str | Path | None = None) -> dict[s
     cache = PredictionCache(out / CACHE_FILE)
     if cache.bad_lines:
         _log(f"note: {out / CACHE_FILE}: ignored {cache.bad_lines} unreadable line(s) (an interrupted write)")
-    device = g.device or ("cuda" if torch.cuda.is_available() else "cpu")
     results: dict[str, dict[str, dict[str, Any]]] = {}
     model_info: dict[str, Any] = {}
     pred_rows: list[dict[str, Any]] = []
@@ -693,18 +703,15 @@ def _write_outputs(report: dict[str, Any], rows: list[dict[str, Any]], out: Path
 
     order = ["model", "mode", "task", "id", "prompt", "images", "shots", "output", "prediction", "answers",
              "score", "skip", "cached"]
-    tmp = out / (PREDICTIONS_FILE + ".tmp")
-    with tmp.open("w", encoding="utf-8") as fh:
+    with atomic_text(out / PREDICTIONS_FILE) as fh:
         for row in rows:
             line = {k: row[k] for k in order if k in row}
             line.update({k: v for k, v in row.items() if k not in line})
             fh.write(json.dumps(line, ensure_ascii=False) + "\n")
-    os.replace(tmp, out / PREDICTIONS_FILE)
     write_json_atomic(report, out / RESULTS_FILE)
     if cfg is not None:
-        tmp = out / (CONFIG_FILE + ".tmp")
-        tmp.write_text(yaml.safe_dump(asdict(cfg), sort_keys=False), encoding="utf-8")
-        os.replace(tmp, out / CONFIG_FILE)
+        with atomic_text(out / CONFIG_FILE) as fh:
+            fh.write(yaml.safe_dump(asdict(cfg), sort_keys=False))
     if cfg is None or cfg.plot:
         from mmtune.eval.plots import plot_results
 
@@ -945,14 +952,18 @@ def _merge_remainder(args: argparse.Namespace) -> None:
 
 def cli_main(args: argparse.Namespace) -> int:
     _merge_remainder(args)
+    if args.device is not None:
+        args.device = resolve_device(args.device)  # before any work: a bad --device is one line
     target = args.target
     if args.predictions:
         if target:
             raise MMTuneError("--predictions scores a file; leave out the model/config argument")
+        out = Path(args.out or "runs/eval")
+        check_outputs([Out(out, "--out", "folder")],
+                      inputs=[("--predictions", args.predictions), *(("--records", r) for r in args.records)])
         specs = [resolve_task(e, f"task {e['name']!r}") for e in _tasks_from_records(args)]
         read = _reader()
         tasks = [load_task(s, read=read) for s in specs]
-        out = Path(args.out or "runs/eval")
         report = score_predictions_file(tasks, read_predictions(args.predictions), name=args.name or "predictions",
                                         out=out, source=args.predictions)
     elif target and Path(target).suffix.lower() in (".yaml", ".yml") and Path(target).is_file():

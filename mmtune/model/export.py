@@ -43,6 +43,7 @@ from torch import nn
 from mmtune.data.schema import IMAGE_PLACEHOLDER
 from mmtune.data.templates import Template, get_template
 from mmtune.errors import MMTuneError
+from mmtune.fileio import replace_dir
 from mmtune.model.build import ModelBundle, resolve_dtype
 from mmtune.model.io import checkpoint_template
 from mmtune.model.mllm import MMTuneModel
@@ -52,6 +53,7 @@ from mmtune.model.vision import (
     VisionTower,
     open_clip_to_hf_clip,
 )
+from mmtune.outputs import Out, check_outputs
 
 FORMATS = ("hf-llava", "hf")
 RUN_CONFIG_FILE = "run_config.yaml"
@@ -508,15 +510,9 @@ def _verify_hf_causal_lm(folder: Path, expected: dict[str, str], template: Templ
 
 def _replace_dir(tmp: Path, out: Path, overwrite: bool) -> None:
     """Rename `tmp` to `out`; an existing `out` (only with overwrite) is moved aside first, then deleted."""
-    old = None
-    if out.exists():
-        if not overwrite:
-            raise ExportError(f"{out} already exists (pass --overwrite to replace it)")
-        old = out.parent / f".old-{out.name}-{os.getpid()}"
-        os.replace(out, old)
-    os.replace(tmp, out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+    if out.exists() and not overwrite:
+        raise ExportError(f"{out} already exists (pass --overwrite to replace it)")
+    replace_dir(tmp, out)
 
 
 def export_bundle(
@@ -628,10 +624,11 @@ def export_checkpoint(
         raise ExportError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
     ckpt = resolve_checkpoint(source)
     out = Path(out)
+    # Never the checkpoint or the run it came from, nor inside or above them (--overwrite would delete them).
+    check_outputs([Out(out, "--out", "folder", whole=True)],
+                  runs=[("checkpoint", ckpt), *([("run folder", Path(source))] if Path(source) != ckpt else [])])
     if out.exists() and not overwrite:
         raise ExportError(f"{out} already exists (pass --overwrite to replace it)")
-    if out.resolve() == ckpt.resolve() or ckpt.resolve() in out.resolve().parents:
-        raise ExportError(f"--out {out} is inside the checkpoint {ckpt}; export somewhere else")
     name = template or checkpoint_template(ckpt)
     if name is None:
         raise ExportError(
