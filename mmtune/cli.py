@@ -20,6 +20,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "select": ("mmtune.select.api", "condense a pool to k records (random, longest, quality, kmeans, facility, qdit, deita, dedup)"),
     "train": ("mmtune.train.run", "train an LLM or LLaVA-style MLLM from a YAML config (align / instruct stages)"),
     "eval": ("mmtune.eval.run", "evaluate zero-shot / few-shot on (unseen) VQA-style tasks"),
+    "analyze": ("mmtune.eval.analyze", "base vs tuned: token-shift, knowledge consistency, order-swapped judge"),
+    "benchmark": ("mmtune.eval.benchmarks", "import MME / MMBench / TextVQA / SEED-Bench question files as eval records"),
     "generate": ("mmtune.eval.generate", "generate answers from a checkpoint, text-only or with images"),
     "export": ("mmtune.model.export", "export a checkpoint to Hugging Face (hf-llava or hf) format"),
     "demo": ("mmtune.demo", "the whole pipeline on an embedded pool, on one CPU, in minutes"),

@@ -49,6 +49,21 @@ class TokenizerConfig:
 
 
 @dataclass
+class QuantizationConfig:
+    """Load the base LM quantized (QLoRA): `bits: 4` (bitsandbytes NF4/FP4) or `bits: 8`; null = not quantized.
+
+    Needs CUDA and bitsandbytes; the LM itself is frozen and only a LoRA adapter
+    trains (`train.lora.enabled: true`). `compute_dtype` is the dtype the
+    de-quantized matmuls run in.
+    """
+
+    bits: int | None = None  # null | 4 | 8
+    type: str = "nf4"  # nf4 | fp4 (4-bit only)
+    double_quant: bool = True
+    compute_dtype: str = "bfloat16"
+
+
+@dataclass
 class LMConfig:
     """The causal language model: a pretrained one, or random weights from a config."""
 
@@ -58,6 +73,7 @@ class LMConfig:
     dtype: str = "float32"  # float32 | bfloat16 | float16 | auto
     trust_remote_code: bool = False
     attn_implementation: str | None = None
+    quantization: QuantizationConfig = field(default_factory=QuantizationConfig)
 
 
 @dataclass
@@ -91,10 +107,24 @@ class ModelConfig:
 
 
 @dataclass
-class DataConfig:
-    """Training data: unified-record JSONL files or webdataset shard patterns."""
+class DataSource:
+    """One weighted entry of `data.train`: `{path: a.jsonl, weight: 0.7}` (see mmtune.data.mixture)."""
 
-    train: list[str] = field(default_factory=list)
+    path: str
+    weight: float = 1.0
+
+
+@dataclass
+class DataConfig:
+    """Training data: unified-record JSONL files or webdataset shard patterns.
+
+    `train` entries are paths, or `{path, weight}` mappings: with any mapping
+    among them the sources are mixed in proportion to their weights (a plain
+    path weighs 1.0), each streaming on its own (`mmtune.data.mixture`).
+    """
+
+    train: list[DataSource | str] = field(default_factory=list)
+    eval: list[str] = field(default_factory=list)  # validation records / shards (loss every train.eval_every steps)
     image_root: str | None = None
     template: str = "vicuna_v1"  # see mmtune.data.templates.TEMPLATES
     max_length: int = 512
@@ -104,6 +134,18 @@ class DataConfig:
     packing: bool = False
     num_workers: int = 0
     holdout_tasks: list[str] = field(default_factory=list)
+
+    @property
+    def is_mixture(self) -> bool:
+        """True when some `train` entry is a `{path, weight}` mapping."""
+        return any(isinstance(s, DataSource) for s in self.train)
+
+    def train_sources(self) -> list[tuple[str, float]]:
+        """(path, weight) for every `train` entry (a plain path weighs 1.0)."""
+        return [(s.path, s.weight) if isinstance(s, DataSource) else (s, 1.0) for s in self.train]
+
+    def train_paths(self) -> list[str]:
+        return [p for p, _ in self.train_sources()]
 
 
 @dataclass
@@ -123,12 +165,15 @@ class TrainConfig:
     num_epochs: float = 1.0
     batch_size: int = 8
     grad_accum: int = 1
-    lr: float = 2e-5
-    weight_decay: float = 0.0
+    lr: float = 2e-5  # the LM's (and every part's without its own rate)
+    projector_lr: float | None = None  # LLaVA's mm_projector_lr; null = train.lr
+    vision_lr: float | None = None  # the tower's, when it trains; null = train.lr
+    weight_decay: float = 0.0  # matrices only; never biases, norms or embeddings' 1-D gains
     warmup_ratio: float = 0.03
     lr_schedule: str = "cosine"  # cosine | constant
     max_grad_norm: float = 1.0
-    mixed_precision: str = "auto"  # auto | no | bf16 | fp16
+    mixed_precision: str = "auto"  # auto | no | bf16 | fp16 (autocast; trainable weights stay float32)
+    distributed: str = "auto"  # auto (DDP with several processes) | ddp | fsdp (FSDP2 sharding)
     gradient_checkpointing: bool = False
     lora: LoraConfig = field(default_factory=LoraConfig)
     unfreeze_vision: bool = False
@@ -136,6 +181,9 @@ class TrainConfig:
     log_every: int = 1
     save_every: int = 0  # 0: only at the end
     save_total_limit: int = 3
+    eval_every: int = 0  # validation loss on data.eval every N steps (0: at the end only)
+    eval_samples: int = 0  # validate on the first N eval examples (0: all of data.eval)
+    save_best: bool = False  # keep the model with the lowest validation loss in output_dir/best
     resume_from: str | None = None  # a checkpoint folder or "latest"
     progress: bool = True
 

@@ -11,7 +11,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("MPLBACKEND", "Agg")
 
 FIXTURES = Path(__file__).parent / "fixtures"
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+# ../shared next to the checkout; MMTUNE_SHARED points elsewhere (e.g. from a git worktree).
+SHARED_DATA = Path(os.environ.get("MMTUNE_SHARED") or Path(__file__).resolve().parents[2] / "shared") / "data"
 
 
 @pytest.fixture

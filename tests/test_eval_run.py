@@ -12,7 +12,7 @@ from helpers import build_tiny
 from mmtune.cli import main
 from mmtune.data.schema import Record, read_records, write_records
 from mmtune.data.synthetic import make_pool
-from mmtune.eval import run
+from mmtune.eval import backends, run
 from mmtune.eval.generate import generate_answers
 from mmtune.eval.tasks import (
     SHORT_ANSWER_SUFFIX,
@@ -101,7 +101,7 @@ def test_eval_config_end_to_end_then_cached_rerun(setup, tmp_path, capsys, monke
     def no_generation(*args, **kwargs):
         raise AssertionError("a fully cached rerun must not generate")
 
-    monkeypatch.setattr(run, "generate_prompts", no_generation)
+    monkeypatch.setattr(backends, "generate_prompts", no_generation)
     assert main(["eval", str(write_config(setup, out)), "--max-new-tokens", "3"]) == 0
     again = json.loads((out / "results.json").read_text())
     assert again["totals"] == {"generated": 0, "cached": 36}
@@ -186,7 +186,7 @@ def test_fake_generation_right_answers_score_one_wrong_score_zero(setup, tmp_pat
             out.append(right if correct else wrong)
         return out
 
-    monkeypatch.setattr(run, "generate_prompts", fake)
+    monkeypatch.setattr(backends, "generate_prompts", fake)
     out = tmp_path / "out"
     tasks = [{"name": "count", "preset": "vqav2"}, {"name": "exists", "preset": "pope"},
              {"name": "add", "preset": "gqa"}, {"name": "mc", "preset": "scienceqa", "records": str(tmp_path / "mc.jsonl")}]
@@ -210,7 +210,7 @@ def test_missing_answers_and_images_are_counted_skips(setup, tmp_path, monkeypat
     recs[0].answers = None
     recs[1].images = [str(tmp_path / "gone.png")]
     write_records(recs, tmp_path / "eval.jsonl")
-    monkeypatch.setattr(run, "generate_prompts", lambda b, prompts, t, **kw: ["" for _ in prompts])
+    monkeypatch.setattr(backends, "generate_prompts", lambda b, prompts, t, **kw: ["" for _ in prompts])
     out = tmp_path / "out"
     assert main(["eval", str(setup / "model"), "--records", str(tmp_path / "eval.jsonl"), "--metric", "vqa",
                  "--out", str(out), "--no-progress", "--holdout-tasks", ""]) == 0
@@ -279,7 +279,7 @@ def test_unseen_tasks_default_to_the_training_run_config(setup, tmp_path, monkey
     trained = tmp_path / "tuned"
     shutil.copytree(setup / "model", trained)
     (trained / "run_config.yaml").write_text(yaml.safe_dump({"data": {"holdout_tasks": ["count"]}}))
-    monkeypatch.setattr(run, "generate_prompts", lambda b, prompts, t, **kw: ["yes" for _ in prompts])
+    monkeypatch.setattr(backends, "generate_prompts", lambda b, prompts, t, **kw: ["yes" for _ in prompts])
     out = tmp_path / "out"
     cfg = write_config(setup, out, models={"tuned": str(trained)}, holdout_tasks=None,
                        tasks=[{"name": "count", "preset": "vqav2"}, {"name": "exists", "preset": "pope"}])

@@ -301,6 +301,7 @@ def test_oom_in_the_optimizer_step_says_what_holds_the_memory(tmp_path, capsys, 
     err = capsys.readouterr().err
     assert "out of memory in the optimizer step of step 1" in err
     assert "train.lora.enabled=true" in err and "trainable parameters" in err
+    assert "parameters in float32" in err and "train.distributed=fsdp" in err  # the real state dtype
 
 
 def test_record_without_trainable_tokens_is_a_counted_skip(tmp_path):

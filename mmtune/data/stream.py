@@ -234,7 +234,7 @@ class ExampleStream:
     ) -> ExampleStream:
         """The stream a run's `data:` section describes (train sources, template, lengths, holdouts, workers)."""
         return cls(
-            cfg.train, tokenizer, cfg.template, max_length=cfg.max_length, num_image_tokens=num_image_tokens,
+            cfg.train_paths(), tokenizer, cfg.template, max_length=cfg.max_length, num_image_tokens=num_image_tokens,
             image_transform=image_transform, image_root=cfg.image_root, shuffle_buffer=cfg.shuffle_buffer,
             seed=seed, epochs=epochs, holdout_tasks=cfg.holdout_tasks, rank=rank, world_size=world_size,
             num_workers=cfg.num_workers,

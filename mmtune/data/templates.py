@@ -11,8 +11,9 @@ Each template also has a Jinja `chat_template` that renders the same text, so
 an exported tokenizer/processor prompts the model exactly as mmtune trained it.
 
 Templates: `alpaca` (Stanford Alpaca, with and without input), `vicuna_v1`
-(as LLaVA-1.5 uses it), `chatml`, and `tokenizer` (the tokenizer's own
-`chat_template`). `few_shot` builds in-context prompts from solved examples.
+(as LLaVA-1.5 uses it), `chatml`, `plain` (LLaVA-1.5 stage-1 pretraining:
+image, caption) and `tokenizer` (the tokenizer's own `chat_template`, Jinja
+as released: Qwen2.5, Llama-3, Mistral v0.3, llava-hf processors). `few_shot` builds in-context prompts from solved examples.
 """
 
 from __future__ import annotations
@@ -173,6 +174,43 @@ CHATML_JINJA = (
 
 
 # --------------------------------------------------------------------------- #
+# Plain (LLaVA-1.5 stage-1 pretraining)
+# --------------------------------------------------------------------------- #
+
+
+def _render_plain(messages: Messages, add_generation_prompt: bool, eos: str, meta: dict[str, Any] | None) -> list[Segment]:
+    """LLaVA's `conv_llava_plain` as its `preprocess_plain` trains it: the image, then the caption and "\n".
+
+    The user turn is replaced by its image placeholders alone (the
+    instruction text is dropped, as LLaVA does); there is no system prompt and
+    no role tag. The caption and the "\n" separator after it are trained;
+    there is no EOS (LLaVA's stage 1 has none either).
+    """
+    segs: list[Segment] = []
+    for msg in messages:
+        if msg["role"] == "user":
+            n = msg["content"].count(IMAGE_PLACEHOLDER)
+            if n:
+                segs.append(Segment(IMAGE_PLACEHOLDER * n))
+        elif msg["role"] == "assistant":
+            segs.append(Segment(msg["content"] + "\n", train=True))
+    return segs
+
+
+PLAIN_JINJA = (
+    "{% for message in messages %}"
+    "{% if message['role'] == 'user' %}"
+    "{% if message['content'] is string %}{{ '<image>' * (message['content'].split('<image>') | length - 1) }}"
+    "{% else %}{% for item in message['content'] %}{% if item['type'] == 'image' %}{{ '<image>' }}{% endif %}{% endfor %}{% endif %}"
+    "{% elif message['role'] == 'assistant' %}"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for item in message['content'] %}{% if item['type'] == 'text' %}{{ item['text'] }}{% endif %}{% endfor %}{% endif %}"
+    "{{ '\\n' }}{% endif %}"
+    "{% endfor %}"
+)
+
+
+# --------------------------------------------------------------------------- #
 # Registry
 # --------------------------------------------------------------------------- #
 
@@ -212,38 +250,216 @@ TEMPLATES: dict[str, Template] = {
     "alpaca": Template("alpaca", _render_alpaca, ALPACA_JINJA),
     "vicuna_v1": Template("vicuna_v1", _render_vicuna, VICUNA_JINJA, stop_strings=("USER:",)),
     "chatml": Template("chatml", _render_chatml, CHATML_JINJA, stop_strings=("<|im_end|>",)),
+    "plain": Template("plain", _render_plain, PLAIN_JINJA, stop_strings=("\n",)),
 }
 
 
-def tokenizer_template(tokenizer: Any) -> Template:
-    """The tokenizer's own `chat_template`, with trained spans found by prefix rendering.
+# --------------------------------------------------------------------------- #
+# The tokenizer's own chat_template
+# --------------------------------------------------------------------------- #
 
-    Each assistant turn's text is the difference between rendering the
-    conversation through that turn and rendering it up to the generation prompt.
+# Stands in for one assistant answer while a chat_template renders the
+# conversation; it holds no whitespace, so templates that trim/strip content
+# leave it whole. A rendering in which it does not appear exactly once cannot
+# be labelled exactly and is refused.
+_SENTINEL = "MMTUNEANSWER{}Q7ZK"
+
+
+def content_parts(text: str) -> list[dict[str, str]]:
+    """A string content as a processor takes it: image and text parts in the string's order.
+
+    Each `<image>` becomes `{"type": "image"}` (a newline right after it is
+    the separator mmtune writes and is dropped: list-of-parts templates add
+    their own); the text between images becomes `{"type": "text"}` parts.
     """
-    if not getattr(tokenizer, "chat_template", None):
-        raise TemplateError("template 'tokenizer' asked for, but the tokenizer has no chat_template")
+    parts: list[dict[str, str]] = []
+    pieces = text.split(IMAGE_PLACEHOLDER)
+    for k, piece in enumerate(pieces):
+        if k > 0:
+            parts.append({"type": "image"})
+            if piece.startswith("\n"):
+                piece = piece[1:]
+        if piece:
+            parts.append({"type": "text", "text": piece})
+    return parts
 
-    def render(messages: Messages, add_generation_prompt: bool, eos: str, meta: dict[str, Any] | None) -> list[Segment]:
-        msgs = list(messages)
-        segs: list[Segment] = []
-        done = ""
-        for i, msg in enumerate(msgs):
-            if msg["role"] != "assistant":
+
+class TokenizerTemplate:
+    """Renders with a tokenizer's (or processor's) Jinja chat_template; labels come from sentinel renders.
+
+    Written here rather than taken from transformers'
+    `return_assistant_tokens_mask`, because that needs `{% generation %}`
+    tags, which most released templates (Qwen2.5, Llama-3, Mistral) lack.
+
+    The training text is the template's rendering of the whole conversation,
+    exactly `apply_chat_template(messages)`. For each assistant turn the
+    conversation is rendered again with that answer replaced by a sentinel:
+    the text before the sentinel must be a prefix of the real rendering and
+    the text after it a suffix, so whatever lies between is that answer as the
+    template wrote it (trimmed or not). This stays exact for templates that
+    rewrite earlier turns (Mistral v0.3 moves the system prompt into the last
+    user turn), where rendering prefixes of the conversation does not; the
+    last answer is trained after exactly its inference prompt (see
+    `_training_text`). The
+    end-of-turn marker right after an answer (a special token such as
+    `<|im_end|>`, `<|eot_id|>`, `</s>`, with any whitespace before it) is
+    trained too; a template that ends answers with no special token (the
+    llava-hf one) gets the tokenizer's EOS inserted after each answer, so the
+    model learns to stop. Templates that read message content as a list of
+    typed parts (llava-hf processors) get string contents converted by
+    `content_parts`. A template that renders an answer twice, drops it, or
+    changes text outside it depending on it is refused, naming the template.
+    """
+
+    def __init__(self, tokenizer: Any, name: str = "tokenizer") -> None:
+        if not getattr(tokenizer, "chat_template", None):
+            raise TemplateError(f"template {name!r} asked for, but the tokenizer has no chat_template")
+        self.tokenizer = tokenizer
+        self.name = name
+        self.source = str(getattr(tokenizer, "name_or_path", "") or "the tokenizer")
+        self.parts = self._detect_parts()
+        self.markers = [t for t in dict.fromkeys(getattr(tokenizer, "all_special_tokens", [])) if t]
+        self.eot = self._detect_end_of_turn()
+
+    # -- rendering ---------------------------------------------------------- #
+
+    def _refuse(self, why: str) -> TemplateError:
+        return TemplateError(f"template {self.name!r} (chat_template of {self.source}): {why}; choose a named template")
+
+    def _apply(self, messages: Sequence[dict[str, Any]], add_generation_prompt: bool) -> str:
+        msgs = [self._content(m) for m in messages]
+        try:
+            out = self.tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=add_generation_prompt)
+        except Exception as exc:  # jinja raise_exception / TemplateError: report as one line naming the template
+            raise self._refuse(f"cannot render this conversation ({' '.join(str(exc).split())[:200]})") from None
+        return out if isinstance(out, str) else str(out)
+
+    def _content(self, msg: dict[str, Any]) -> dict[str, Any]:
+        if self.parts and isinstance(msg.get("content"), str):
+            return {**msg, "content": content_parts(msg["content"])}
+        return dict(msg)
+
+    def _detect_parts(self) -> bool:
+        probe = _SENTINEL.format("P")
+        for parts in (False, True):
+            self.parts = parts
+            try:
+                text = self._apply([{"role": "user", "content": probe}], True)
+            except TemplateError:
                 continue
-            prompt = tokenizer.apply_chat_template(msgs[:i], tokenize=False, add_generation_prompt=True)
-            full = tokenizer.apply_chat_template(msgs[: i + 1], tokenize=False)
-            if not prompt.startswith(done) or not full.startswith(prompt):
-                raise TemplateError("the tokenizer's chat_template is not prefix-stable; choose a named template")
-            segs.append(Segment(prompt[len(done):]))
-            segs.append(Segment(full[len(prompt):], train=True))
-            done = full
-        tail = tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=add_generation_prompt)
-        if len(tail) > len(done):
-            segs.append(Segment(tail[len(done):]))
+            if probe in text:
+                return parts
+        raise self._refuse("renders neither string nor list-of-parts message content")
+
+    def _detect_end_of_turn(self) -> str | None:
+        """The special token the template writes right after an answer (None: it writes none)."""
+        msgs = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
+        full = self._apply(msgs, False)
+        (_, end), = self._answer_spans(msgs, full, False, with_marker=False)
+        return self._marker_after(full, end)
+
+    def _marker_after(self, text: str, pos: int) -> str | None:
+        stripped = text[pos:].lstrip()
+        for tok in sorted(self.markers, key=len, reverse=True):
+            if tok != IMAGE_PLACEHOLDER and stripped.startswith(tok):
+                return tok
+        return None
+
+    def _locate(self, messages: Messages, i: int, full: str, agp: bool, sentinel: str) -> tuple[int, int]:
+        """[start, end) of message i's rendered content in `full` (the rendering of `messages`)."""
+        probe = [dict(m, content=sentinel) if j == i else m for j, m in enumerate(messages)]
+        text = self._apply(probe, agp)
+        if text.count(sentinel) != 1:
+            raise self._refuse(f"message {i} ({messages[i]['role']}) is rendered {text.count(sentinel)} times, not once")
+        a = text.index(sentinel)
+        before, after = text[:a], text[a + len(sentinel):]
+        if not (full.startswith(before) and full.endswith(after) and len(before) + len(after) <= len(full)):
+            raise self._refuse(f"the text around message {i} depends on its content")
+        return len(before), len(full) - len(after)
+
+    def _answer_spans(self, messages: Messages, full: str, agp: bool, *, with_marker: bool = True) -> list[tuple[int, int]]:
+        """[start, end) of each assistant answer (and its end-of-turn marker) in `full`."""
+        spans = []
+        for i, msg in enumerate(messages):
+            if msg["role"] == "assistant":
+                spans.append(self._extend(full, self._locate(messages, i, full, agp, _SENTINEL.format(i)), with_marker))
+        if any(b[0] < a[1] for a, b in zip(spans, spans[1:])):
+            raise self._refuse("assistant turns are rendered out of order")
+        return spans
+
+    def _extend(self, text: str, span: tuple[int, int], with_marker: bool = True) -> tuple[int, int]:
+        start, end = span
+        if with_marker and self.eot is not None and self._marker_after(text, end) == self.eot:
+            end = text.index(self.eot, end) + len(self.eot)
+        return start, end
+
+    def _training_text(self, messages: Messages) -> tuple[str, list[tuple[int, int]]]:
+        """A conversation ending in an answer: the inference prompt of that answer, then the answer.
+
+        The prompt is `apply_chat_template(messages[:k], add_generation_prompt=True)`,
+        so the last answer is trained on exactly the text the model is prompted
+        with at inference, even where the template renders a finished
+        conversation differently (Mistral v0.3 drops the system prompt unless
+        the last message is a user turn). For other templates this equals
+        `apply_chat_template(messages)`.
+        """
+        k = len(messages) - 1
+        head = list(messages[:k])
+        prompt = self._apply(head, True)
+        spans = self._answer_spans(head, prompt, True) if any(m["role"] == "assistant" for m in head) else []
+        full = self._apply(messages, False)
+        a, b = self._locate(messages, k, full, False, _SENTINEL.format(k))
+        if full.startswith(prompt) and a >= len(prompt):
+            start = len(prompt)  # prefix-stable: the answer's part of the rendering begins where the prompt ends
+        else:
+            # Where the prompt ends inside `full`: the text after the last prompt message's content.
+            if not head:
+                raise self._refuse("the rendering of a lone answer does not start with the generation prompt")
+            u = k - 1
+            mark_u, mark_a = _SENTINEL.format("U"), _SENTINEL.format("A")
+            p_u = self._apply([dict(m, content=mark_u) if j == u else m for j, m in enumerate(head)], True)
+            f_u = self._apply([dict(m, content={u: mark_u, k: mark_a}[j]) if j in (u, k) else m
+                               for j, m in enumerate(messages)], False)
+            if p_u.count(mark_u) != 1 or f_u.count(mark_u) != 1 or f_u.count(mark_a) != 1:
+                raise self._refuse("cannot find where the generation prompt ends in a finished conversation")
+            gen = p_u[p_u.index(mark_u) + len(mark_u):]
+            after_u = f_u[f_u.index(mark_u) + len(mark_u): f_u.index(mark_a)]
+            if not after_u.startswith(gen) or not full[:a].endswith(after_u[len(gen):]):
+                raise self._refuse("its generation prompt is not how a finished conversation continues")
+            start = a - (len(after_u) - len(gen))
+        text = prompt + full[start:]
+        shift = len(prompt) - start
+        spans.append(self._extend(text, (a + shift, b + shift)))
+        return text, spans
+
+    def render(self, messages: Messages, add_generation_prompt: bool, eos: str, meta: dict[str, Any] | None) -> list[Segment]:
+        if messages and messages[-1]["role"] == "assistant" and not add_generation_prompt:
+            full, spans = self._training_text(messages)
+        else:
+            full = self._apply(messages, add_generation_prompt)
+            spans = self._answer_spans(messages, full, add_generation_prompt) if any(
+                m["role"] == "assistant" for m in messages) else []
+        segs: list[Segment] = []
+        pos = 0
+        for a, b in spans:
+            if a > pos:
+                segs.append(Segment(full[pos:a]))
+            segs.append(Segment(full[a:b], train=True))
+            if self.eot is None and eos:  # nothing marks the end of an answer: teach EOS (see class docstring)
+                segs.append(Segment(eos, train=True))
+            pos = b
+        if pos < len(full):
+            segs.append(Segment(full[pos:]))
         return segs
 
-    return Template("tokenizer", render, tokenizer.chat_template)
+    def template(self) -> Template:
+        stops = (self.eot,) if self.eot else ()
+        return Template(self.name, self.render, self.tokenizer.chat_template, stop_strings=stops)
+
+
+def tokenizer_template(tokenizer: Any) -> Template:
+    """The tokenizer's own `chat_template` (see `TokenizerTemplate`)."""
+    return TokenizerTemplate(tokenizer).template()
 
 
 def get_template(name: str, tokenizer: Any = None) -> Template:

@@ -61,6 +61,16 @@ def image_token_id(tokenizer: Any) -> int:
     return int(tid)
 
 
+def adds_bos(text: str, tokenizer: Any) -> bool:
+    """Whether to let the tokenizer add its special tokens: not when the template already wrote BOS.
+
+    Templates of Llama-3 and Mistral start with `bos_token` themselves;
+    `add_special_tokens=True` on top would give two BOS tokens.
+    """
+    bos = getattr(tokenizer, "bos_token", None)
+    return not (bos and text.startswith(bos))
+
+
 def _encode_segments(segments: Sequence[Segment], tokenizer: Any) -> tuple[list[int], list[bool]]:
     text = "".join(s.text for s in segments)
     starts: list[int] = []
@@ -71,7 +81,7 @@ def _encode_segments(segments: Sequence[Segment], tokenizer: Any) -> tuple[list[
         trained.append(s.train)
         pos += len(s.text)
     # Character -> is-trained lookup through segment boundaries.
-    enc = tokenizer(text, add_special_tokens=True, return_offsets_mapping=True)
+    enc = tokenizer(text, add_special_tokens=adds_bos(text, tokenizer), return_offsets_mapping=True)
     ids: list[int] = list(enc["input_ids"])
     flags: list[bool] = []
     for a, b in enc["offset_mapping"]:
@@ -183,7 +193,7 @@ def tokenize_prompt(
 ) -> list[int]:
     """Token ids of a prompt that ends where the model should start answering."""
     text = template.render_text(messages, add_generation_prompt=True, eos_token=tokenizer.eos_token or "", meta=meta)
-    ids = list(tokenizer(text, add_special_tokens=True)["input_ids"])
+    ids = list(tokenizer(text, add_special_tokens=adds_bos(text, tokenizer))["input_ids"])
     n_ph = text.count(IMAGE_PLACEHOLDER)
     if n_ph:
         img_id = image_token_id(tokenizer)

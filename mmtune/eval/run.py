@@ -35,7 +35,6 @@ reason), `split.json`, `results.png` (tasks x modes per model),
 from __future__ import annotations
 
 import argparse
-import gc
 import hashlib
 import json
 import os
@@ -48,22 +47,17 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-import torch
 
 from mmtune.config import ConfigError, from_dict, load_config, load_yaml
 from mmtune.data.schema import Record, read_records
-from mmtune.data.templates import Template, get_template
-from mmtune.data.tokenize import prompt_text
 from mmtune.device import resolve_device
 from mmtune.errors import MMTuneError
-from mmtune.eval.generate import (
-    PromptSkip,
-    TokenizedPrompt,
-    check_batch_size,
-    generate_tokenized,
-    tokenize_for_generation,
-)
-from mmtune.eval.metrics import MetricError, ScoreReport, get_scorer
+# The model backends (mmtune checkpoints, llava-hf folders, causal LMs) live in mmtune.eval.backends;
+# generate_prompts and fingerprint_model stay importable from here.
+from mmtune.eval.backends import EvalModel, detect_backend, fingerprint_model, generate_prompts, open_model  # noqa: F401
+from mmtune.eval.benchmarks import SUBMISSION_WRITERS
+from mmtune.eval.generate import PromptSkip
+from mmtune.eval.metrics import SCORERS, MetricError, ScoreReport, get_scorer
 from mmtune.eval.tasks import (
     Mode,
     ShotSampler,
@@ -90,6 +84,7 @@ SPLIT_FILE = "split.json"
 PLOT_FILE = "results.png"
 CACHE_FILE = "cache.jsonl"
 CONFIG_FILE = "eval_config.yaml"
+TABLE_FILE = "results.md"
 
 
 # --------------------------------------------------------------------------- #
@@ -114,7 +109,10 @@ class GenerationSettings:
 @dataclass
 class ModelEntry:
     path: str = ""
-    template: str | None = None  # default: eval template, else the one the model trained with
+    # mmtune | llava-hf | causal-lm (mmtune.eval.backends.BACKENDS); default: detected from the folder
+    backend: str | None = None
+    # default: mmtune runs: the eval template, else the one the model trained with; HF folders: their chat template
+    template: str | None = None
     modes: list[str] | None = None  # default: the eval config's modes
 
 
@@ -168,137 +166,8 @@ def _check_generation(g: GenerationSettings) -> None:
 
 
 # --------------------------------------------------------------------------- #
-# Batched generation of whole conversations
+# The prediction cache
 # --------------------------------------------------------------------------- #
-
-
-def _max_positions(model: Any) -> int | None:
-    conf = getattr(getattr(model, "lm", None), "config", None)
-    if conf is not None and hasattr(conf, "get_text_config"):
-        conf = conf.get_text_config()
-    n = getattr(conf, "max_position_embeddings", None)
-    return int(n) if isinstance(n, int) else None
-
-
-def generate_prompts(
-    bundle: Any,
-    prompts: Sequence[Record],
-    template: str | Template,
-    *,
-    batch_size: int = 16,
-    max_new_tokens: int = 64,
-    do_sample: bool = False,
-    temperature: float = 1.0,
-    top_p: float = 1.0,
-    seed: int | None = None,
-    progress: bool = False,
-    desc: str = "generate",
-) -> list[str | PromptSkip]:
-    """One output per prompt record, in order: batched, left-padded, KV-cached.
-
-    Each record's messages are the whole prompt (e.g. few-shot examples and
-    their answers, then the question) and must end on a user turn; images are
-    absolute paths in reading order. Decoding is `generate_answers`' own
-    (`mmtune.eval.generate.generate_tokenized`); only the prompts differ, as
-    `generate_answers` cuts every record at its first assistant turn. A prompt
-    with images for a text-only model, whose images cannot be read, or that
-    leaves no room for `max_new_tokens` within the LM's context, becomes a
-    `PromptSkip` with its reason.
-    """
-    tmpl = template if isinstance(template, Template) else get_template(template, bundle.tokenizer)
-    check_batch_size(batch_size)
-    limit = _max_positions(bundle.model)
-    prepared: list[TokenizedPrompt | PromptSkip] = []
-    for rec in prompts:
-        if not rec.messages or rec.messages[-1]["role"] != "user":
-            raise MMTuneError(f"record {rec.id!r}: a prompt must end on a user turn")
-        if rec.images and bundle.image_transform is None:
-            prepared.append(PromptSkip("record has images but the model is text-only"))
-            continue
-        prompt = tokenize_for_generation(bundle, rec.id, rec.messages, tmpl, rec.images, rec.meta)
-        if limit is not None and len(prompt.ids) + max_new_tokens > limit:
-            prepared.append(PromptSkip("prompt too long for the model's context"))
-            continue
-        prepared.append(prompt)
-    return generate_tokenized(
-        bundle, prepared, tmpl, batch_size=batch_size, max_new_tokens=max_new_tokens, do_sample=do_sample,
-        temperature=temperature, top_p=top_p, seed=seed, skip_unreadable_images=True, progress=progress,
-        desc=desc, leave=False,
-    )
-
-
-# --------------------------------------------------------------------------- #
-# Model handles, fingerprints, the prediction cache
-# --------------------------------------------------------------------------- #
-
-# Training state that does not change what the model generates.
-_NOT_MODEL_FILES = {"optimizer.pt", "optimizer.safetensors", "optimizer.bin", "scheduler.pt", "rng.pt",
-                    "trainer_state.json", "run_config.yaml", "metrics.jsonl"}
-_FULL_HASH_BYTES = 64 << 20
-_SAMPLE_BYTES = 4 << 20
-
-
-def fingerprint_model(folder: str | Path) -> str:
-    """A short hash of a saved model folder's files (training-state files excluded).
-
-    Files up to 64 MiB are hashed whole; larger weight files by their size and
-    three 4 MiB samples (start, middle, end), so fingerprinting a 7B checkpoint
-    stays fast. Frozen pretrained parts that the folder only names (hub ids,
-    folders in `model_config.yaml`) enter through that file's text.
-    """
-    folder = Path(folder)
-    h = hashlib.sha256()
-    for p in sorted(folder.rglob("*")):
-        if not p.is_file() or p.name in _NOT_MODEL_FILES or p.name.startswith("."):
-            continue
-        size = p.stat().st_size
-        h.update(f"{p.relative_to(folder).as_posix()}\0{size}\0".encode())
-        with p.open("rb") as fh:
-            if size <= _FULL_HASH_BYTES:
-                for chunk in iter(partial(fh.read, 1 << 20), b""):
-                    h.update(chunk)
-            else:
-                for start in (0, size // 2, size - _SAMPLE_BYTES):
-                    fh.seek(start)
-                    h.update(fh.read(_SAMPLE_BYTES))
-    return h.hexdigest()[:16]
-
-
-class ModelHandle:
-    """A checkpoint whose tokenizer is read at once and whose weights load on first use.
-
-    A fully cached rerun renders prompts (tokenizer only) and never loads weights.
-    """
-
-    def __init__(self, folder: Path, *, device: str, dtype: str | None, trust_remote_code: bool = False) -> None:
-        from mmtune.model.io import load_model_config, load_saved_tokenizer
-
-        self.folder = folder
-        self.device = device
-        self.dtype = dtype
-        self.trust_remote_code = trust_remote_code  # the user's word, never the checkpoint's
-        self.config = load_model_config(folder, trust_remote_code=trust_remote_code)
-        self._bundle: Any = None
-        self.tokenizer = load_saved_tokenizer(folder, trust_remote_code=trust_remote_code)
-
-    @property
-    def takes_images(self) -> bool:
-        return self.config.mode == "mllm"
-
-    @property
-    def bundle(self) -> Any:
-        if self._bundle is None:
-            from mmtune.model.io import load_model
-
-            self._bundle = load_model(self.folder, device=self.device, dtype=self.dtype,
-                                      trust_remote_code=self.trust_remote_code)
-        return self._bundle
-
-    def release(self) -> None:
-        self._bundle = None
-        gc.collect()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
 
 
 def cache_key(fingerprint: str, task: str, record_id: str, prompt: str, images: Sequence[str],
@@ -383,6 +252,7 @@ def score_rows(spec: TaskSpec, records: Sequence[Record], rows: list[dict[str, A
         items.append({
             "id": rec.id, "prediction": row.get("prediction"), "answers": rec.answers, "choices": rec.choices,
             "question_type": rec.meta.get("question_type"), "answer_type": rec.meta.get("answer_type"),
+            "category": rec.meta.get("category"), "meta": rec.meta,
         })
     try:
         report = _scorer(spec)(items)
@@ -528,8 +398,7 @@ class _ModelRun:
     """One model being evaluated: its name, lazy weights, template, fingerprint, and the run's shared state."""
 
     name: str
-    handle: ModelHandle
-    template: Template
+    handle: EvalModel
     fingerprint: str
     dtype: str
     cache: PredictionCache
@@ -562,7 +431,7 @@ def _evaluate(run: _ModelRun, task: TaskData, mode: Mode, max_new_tokens: int, s
         if shots:
             row["shots"] = [s.id for s in shots]
         prompt = build_prompt(rec, task.spec, mode, shots)
-        row["prompt"] = prompt_text(prompt.messages, run.handle.tokenizer, run.template, meta=prompt.meta)
+        row["prompt"] = run.handle.render(prompt.messages, prompt.meta)
         row["images"] = list(prompt.images)
         key = cache_key(run.fingerprint, task.name, rec.id, row["prompt"], prompt.images, settings)
         cached = run.cache.get(key)
@@ -573,8 +442,8 @@ def _evaluate(run: _ModelRun, task: TaskData, mode: Mode, max_new_tokens: int, s
     t0 = time.perf_counter()
     if todo:
         g = run.g
-        outputs = generate_prompts(
-            run.handle.bundle, [p for _, p, _ in todo], run.template, batch_size=g.batch_size,
+        outputs = run.handle.generate(
+            [p for _, p, _ in todo], batch_size=g.batch_size,
             max_new_tokens=max_new_tokens, do_sample=g.do_sample, temperature=g.temperature, top_p=g.top_p,
             seed=g.seed if g.do_sample else None, progress=run.progress, desc=f"{run.name}/{task.name}/{mode.name}",
         )
@@ -604,9 +473,6 @@ def _evaluate(run: _ModelRun, task: TaskData, mode: Mode, max_new_tokens: int, s
 
 def run_eval(cfg: EvalConfig, *, output_dir: str | Path | None = None) -> dict[str, Any]:
     """Run every (model, task, mode) of `cfg`, write the outputs, return the results dict."""
-    from mmtune.eval.generate import DEFAULT_TEMPLATE
-    from mmtune.model.io import checkpoint_template, resolve_checkpoint
-
     out = Path(output_dir or cfg.output_dir)
     g = cfg.generation
     _check_generation(g)
@@ -626,13 +492,20 @@ def run_eval(cfg: EvalConfig, *, output_dir: str | Path | None = None) -> dict[s
                         else g.max_new_tokens or s.max_new_tokens or DEFAULT_MAX_NEW_TOKENS)
                for s, t in zip(specs, cfg.tasks, strict=True)}
 
-    checkpoints = {n: resolve_checkpoint(e.path) for n, e in models.items()}
     check_outputs(
         [Out(out, "--out" if output_dir else "output_dir", "folder")],
         inputs=[*(("pool", p) for p in cfg.pool), *(("shots_from", p) for p in cfg.shots_from),
                 *((f"task {s.name!r} records", s.records) for s in specs if s.records)],
-        runs=[r for n, e in models.items() for r in ((f"model {n!r}", e.path), (f"model {n!r}", checkpoints[n]))],
+        runs=[(f"model {n!r}", e.path) for n, e in models.items()],
     )
+    # Tokenizers/processors load here; weights on first generation (a fully cached rerun loads none).
+    handles: dict[str, EvalModel] = {}
+    for n, e in models.items():
+        kind = e.backend or detect_backend(e.path)
+        # The eval-wide template applies to mmtune runs; HF folders keep their own chat template.
+        template = e.template or (cfg.template if kind == "mmtune" else None)
+        handles[n] = open_model(e.path, backend=kind, template=template, device=device, dtype=g.dtype,
+                                trust_remote_code=cfg.trust_remote_code)
     read = _reader()
     pool = _read_all(cfg.pool, read, "pool")
     tasks = [load_task(s, pool if cfg.pool else None, pool_name=", ".join(cfg.pool) or "the pool",
@@ -641,7 +514,7 @@ def run_eval(cfg: EvalConfig, *, output_dir: str | Path | None = None) -> dict[s
     if any(m.few_shot for ms in model_modes.values() for m in ms) and not shot_pool:
         raise ConfigError("few-shot modes need solved examples: give shots_from / --shots-from "
                           "(training records) or a pool")
-    trained = {n: _trained_holdout(c) for n, c in checkpoints.items()}
+    trained = {n: _trained_holdout(h.folder) if h.kind == "mmtune" else None for n, h in handles.items()}
     universe = [*pool, *(shot_pool if cfg.shots_from else []), *(r for t in tasks for r in t.records)]
     holdout = _resolve_holdout(cfg, trained, universe)
     split = _describe_protocol(cfg, tasks, pool, shot_pool, holdout, trained)
@@ -666,19 +539,20 @@ def run_eval(cfg: EvalConfig, *, output_dir: str | Path | None = None) -> dict[s
     pred_rows: list[dict[str, Any]] = []
     totals: Counter[str] = Counter()
     for mname, entry in models.items():
-        ckpt = checkpoints[mname]
-        handle = ModelHandle(ckpt, device=device, dtype=g.dtype, trust_remote_code=cfg.trust_remote_code)
-        template_name = entry.template or cfg.template or checkpoint_template(ckpt) or DEFAULT_TEMPLATE
-        mrun = _ModelRun(mname, handle, get_template(template_name, handle.tokenizer), fingerprint_model(ckpt),
-                         g.dtype or handle.config.lm.dtype, cache, g, cfg.progress)
-        model_info[mname] = {"path": str(ckpt), "fingerprint": mrun.fingerprint, "template": template_name,
-                             "mode": handle.config.mode, "trained_holdout_tasks": trained[mname]}
+        handle = handles[mname]
+        mrun = _ModelRun(mname, handle, handle.fingerprint(), handle.default_dtype, cache, g, cfg.progress)
+        model_info[mname] = {**handle.info(), "fingerprint": mrun.fingerprint,
+                             "trained_holdout_tasks": trained[mname]}
         results[mname] = {t.name: {} for t in tasks}
         for task in tasks:
             for mode in model_modes[mname]:
                 n_new = g.cot_max_new_tokens if mode.cot else max_new[task.name]
                 res, rows = _evaluate(mrun, task, mode, n_new, sampler(task) if mode.few_shot else None, shots_root)
                 res["unseen"] = unseen[task.name]
+                writer = SUBMISSION_WRITERS.get(task.spec.metric)
+                if writer is not None:  # the benchmark's own submission layout (e.g. MMBench's)
+                    files = writer(task.records, rows, out / "submissions" / f"{mname}__{task.name}__{mode.name}")
+                    res["submission"] = [str(f) for f in files]
                 results[mname][task.name][mode.name] = res
                 totals.update(generated=res["generated"], cached=res["cached"])
                 pred_rows.extend(rows)
@@ -709,6 +583,9 @@ def _write_outputs(report: dict[str, Any], rows: list[dict[str, Any]], out: Path
             line.update({k: v for k, v in row.items() if k not in line})
             fh.write(json.dumps(line, ensure_ascii=False) + "\n")
     write_json_atomic(report, out / RESULTS_FILE)
+    md = out / (TABLE_FILE + ".tmp")
+    md.write_text(markdown_table(report), encoding="utf-8")
+    os.replace(md, out / TABLE_FILE)
     if cfg is not None:
         with atomic_text(out / CONFIG_FILE) as fh:
             fh.write(yaml.safe_dump(asdict(cfg), sort_keys=False))
@@ -783,6 +660,12 @@ def score_predictions_file(
             rows.append(row)
         res = score_rows(t.spec, t.records, rows)
         res.update({"mode": "predictions", "k": 0, "unseen": None})
+        writer = SUBMISSION_WRITERS.get(t.spec.metric)
+        if writer is not None:
+            for r in rows:
+                if "prediction" in r:
+                    r.setdefault("output", r["prediction"])
+            res["submission"] = [str(f) for f in writer(t.records, rows, out / "submissions" / f"{name}__{t.name}")]
         results[name][t.name] = {"predictions": res}
         rows_all.extend(rows)
     out.mkdir(parents=True, exist_ok=True)
@@ -818,14 +701,14 @@ def format_table(report: dict[str, Any]) -> str:
             if e is None:
                 row.append("-")
             else:
-                score = "n/a" if e["score"] is None else f"{100 * e['score']:.2f}"
-                row.append(f"{score} ({e['counted']}/{e['total']})")
+                row.append(f"{official_cell(e)} ({e['counted']}/{e['total']})")
         body.append(row)
     widths = [max(len(r[i]) for r in [header, *body]) for i in range(len(header))]
     lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
              for r in [header, *body]]
     lines.insert(1, "  ".join("-" * w for w in widths))
-    notes = ["score in % (counted/total records; the rest were skipped, see results.json)"]
+    notes = ["score in % or the benchmark's official figure (counted/total records; the rest were skipped, "
+             "see results.json)"]
     skips = [f"  {m}/{mode} {t}: " + ", ".join(f"{reason} ({n})" for reason, n in e["skips"].items())
              for m, per_task in results.items() for t, per_mode in per_task.items()
              for mode, e in per_mode.items() if e["skipped"]]
@@ -840,12 +723,48 @@ def format_table(report: dict[str, Any]) -> str:
     return "\n".join(lines + notes)
 
 
+def official_cell(entry: dict[str, Any]) -> str:
+    """A result's headline as its benchmark reports it: the official figure when the scorer gives one
+    (MME perception/cognition totals, MMBench circular accuracy), else the score in %."""
+    off = (entry.get("details") or {}).get("official")
+    if isinstance(off, dict) and off.get("text"):
+        return str(off["text"])
+    return "n/a" if entry.get("score") is None else f"{100 * entry['score']:.2f}"
+
+
+def markdown_table(report: dict[str, Any]) -> str:
+    """results.md: one row per model (and mode), one column per benchmark; each cell the official metric
+    with `counted/total` and the skipped count, so every denominator is visible."""
+    results = report["results"]
+    tasks = list(dict.fromkeys(t for per_task in results.values() for t in per_task))
+    header = ["model"] + tasks
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * len(tasks)) + "|"]
+    for m, per_task in results.items():
+        for mode in dict.fromkeys(md for per_mode in per_task.values() for md in per_mode):
+            cells = [f"{m}" + ("" if mode in ("zero-shot", "predictions") else f" ({mode})")]
+            for t in tasks:
+                e = per_task.get(t, {}).get(mode)
+                cells.append("-" if e is None else
+                             f"{official_cell(e)} ({e['counted']}/{e['total']}, {e['skipped']} skipped)")
+            lines.append("| " + " | ".join(cells) + " |")
+    metrics = {t: next((e["metric"] for per_task in results.values() for e in per_task.get(t, {}).values()), "")
+               for t in tasks}
+    notes = ["", "Cells: official metric (counted/total records, skipped); see results.json for skip reasons.",
+             "Metrics: " + ", ".join(f"{t} = {m}" for t, m in metrics.items()) + "."]
+    models = report.get("models") or {}
+    if models:
+        notes.append("Models: " + "; ".join(
+            f"{n} = {i.get('path', i.get('predictions', ''))} ({i.get('backend', 'predictions file')})"
+            for n, i in models.items()) + ".")
+    return "\n".join(lines + notes) + "\n"
+
+
 # --------------------------------------------------------------------------- #
 # CLI
 # --------------------------------------------------------------------------- #
 
-DEFAULT_PROMPT = {"vqa": "short_answer", "exact_match": "short_answer", "pope": "short_answer",
-                  "multiple_choice": "multiple_choice"}
+DEFAULT_PROMPT = {"vqa": "short_answer", "exact_match": "short_answer", "pope": "short_answer", "mme": "short_answer",
+                  "multiple_choice": "multiple_choice", "mmbench_circular": "multiple_choice", "seed": "multiple_choice"}
 
 
 def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
@@ -861,8 +780,9 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
 def _add_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--records", action="append", default=[],
                         help="eval records (unified JSONL with answers); one task per `task` name in it")
-    parser.add_argument("--metric", choices=["vqa", "exact_match", "multiple_choice", "pope"], default=None)
-    parser.add_argument("--preset", default=None, help="a task preset (vqav2, gqa, scienceqa, pope) for metric/prompt")
+    parser.add_argument("--metric", choices=list(SCORERS), default=None)
+    parser.add_argument("--preset", default=None, help="a task preset (vqav2, gqa, scienceqa, pope, mme, mmbench, textvqa, seed) "
+                             "for metric/prompt")
     parser.add_argument("--prompt", choices=["short_answer", "multiple_choice", "free"], default=None,
                         help="prompt style (default: by metric)")
     parser.add_argument("--suffix", default=None, help="instruction suffix replacing the prompt style's")
@@ -902,7 +822,7 @@ def _tasks_from_records(args: argparse.Namespace) -> list[dict[str, Any]]:
     if not args.records:
         raise MMTuneError("give --records EVAL.jsonl (or an eval config)")
     if not args.metric and not args.preset:
-        raise MMTuneError("give --metric (vqa, exact_match, multiple_choice, pope) or --preset")
+        raise MMTuneError(f"give --metric ({', '.join(SCORERS)}) or --preset")
     base: dict[str, Any] = {}
     if args.preset:
         base["preset"] = args.preset

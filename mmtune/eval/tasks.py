@@ -42,7 +42,7 @@ from mmtune.data.images import resolve_image_path
 from mmtune.data.schema import IMAGE_PLACEHOLDER, Record, read_records
 from mmtune.data.templates import few_shot, prompt_messages
 from mmtune.errors import MMTuneError
-from mmtune.eval.metrics import DEFAULT_OPTIONS, SCORERS, VQA_RULES
+from mmtune.eval.metrics import DEFAULT_OPTIONS, MULTIPLE_CHOICE_METRICS, SCORERS, VQA_RULES
 
 SHORT_ANSWER_SUFFIX = "\nAnswer the question using a single word or phrase."
 MULTIPLE_CHOICE_SUFFIX = "\nAnswer with the option's letter from the given choices directly."
@@ -93,6 +93,8 @@ class TaskSpec:
     limit: int | None = None  # evaluate the first N records only
     append_choices: str = "auto"  # auto (unless already listed) | always | never
     answers_from_assistant: bool = False  # use the last assistant turn when a record has no `answers`
+    # TextVQA as LLaVA-1.5 prompts it: "\nReference OCR token: a, b, c" after the question, from meta.ocr_tokens
+    ocr_tokens: bool = False
 
     @property
     def instruction_suffix(self) -> str:
@@ -100,7 +102,7 @@ class TaskSpec:
 
     @property
     def is_multiple_choice(self) -> bool:
-        return self.metric == "multiple_choice"
+        return self.metric in MULTIPLE_CHOICE_METRICS
 
     def check(self) -> TaskSpec:
         """Validate the field values (an unknown metric/prompt names the task)."""
@@ -505,6 +507,22 @@ class ShotSampler:
         return [e for e in drawn if e.id != query.id][:k]
 
 
+OCR_PREFIX = "\nReference OCR token: "
+
+
+def _with_ocr(record: Record) -> Record:
+    """The record whose first user turn ends with LLaVA's TextVQA OCR line (when it carries `meta.ocr_tokens`)."""
+    tokens = record.meta.get("ocr_tokens")
+    if not isinstance(tokens, list) or not tokens:
+        return record
+    msgs = [dict(m) for m in record.messages]
+    for m in msgs:
+        if m["role"] == "user":
+            m["content"] = m["content"].rstrip() + OCR_PREFIX + ", ".join(str(t) for t in tokens)
+            break
+    return replace(record, messages=msgs)
+
+
 def build_prompt(record: Record, spec: TaskSpec, mode: Mode, shots: Sequence[Record] = ()) -> Record:
     """The prompt record for one query: messages ending on the user turn the model answers.
 
@@ -514,6 +532,9 @@ def build_prompt(record: Record, spec: TaskSpec, mode: Mode, shots: Sequence[Rec
     step-by-step reasoning ending in "The answer is ...".
     """
     query = _with_choices(record, spec) if spec.is_multiple_choice else record
+    if spec.ocr_tokens:
+        query = _with_ocr(query)
+        shots = [_with_ocr(s) for s in shots]
     if mode.cot:
         suffix = COT_MC_SUFFIX if spec.is_multiple_choice else COT_SUFFIX
     else:

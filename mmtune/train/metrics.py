@@ -121,6 +121,8 @@ def plot_loss_curve(metrics_path: str | os.PathLike[str], png_path: str | os.Pat
 
     steps = [r["step"] for r in rows]
     losses = [r["loss"] for r in rows]
+    evals = [r for r in read_metrics(metrics_path)
+             if isinstance(r.get("eval_loss"), int | float) and math.isfinite(r["eval_loss"])]
     fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
     ax.plot(steps, losses, lw=1, alpha=0.5 if len(rows) > 20 else 1.0, label="loss")
     if len(rows) > 20:
@@ -130,8 +132,11 @@ def plot_loss_curve(metrics_path: str | os.PathLike[str], png_path: str | os.Pat
             ema = 0.9 * ema + 0.1 * v
             smooth.append(ema)
         ax.plot(steps, smooth, lw=2, label="loss (EMA 0.9)")
+    if evals:
+        ax.plot([r["step"] for r in evals], [r["eval_loss"] for r in evals], "o-", lw=1.5, ms=4,
+                label="validation loss (data.eval)")
     ax.set_xlabel("step")
-    ax.set_ylabel("training loss")
+    ax.set_ylabel("loss")
     ax.grid(alpha=0.3)
     ax.legend()
     if title:

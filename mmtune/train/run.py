@@ -32,6 +32,7 @@ import argparse
 import contextlib
 import dataclasses
 import gc
+import json
 import logging
 import math
 import os
@@ -55,6 +56,8 @@ from mmtune.train.metrics import (
     MetricsLogger,
     plot_loss_curve,
 )
+from mmtune.train.param_groups import describe_groups, norm_parameter_names
+from mmtune.train.precision import dtype_name, keep_trainable_fp32, optimizer_state_dtype
 from mmtune.train.trainer import (
     FaultInjector,
     NonFiniteLossError,
@@ -71,6 +74,8 @@ from mmtune.train.trainer import (
 log = logging.getLogger("mmtune.train")
 
 STATE_FORMAT = "mmtune.trainer/1"
+BEST_DIR = "best"  # train.save_best: the model of the lowest validation loss
+BEST_FILE = "best.json"
 LOG_FILE = "train.log"
 EXIT_STOPPED = 143  # 128 + SIGTERM: stopped on request, checkpoint saved
 
@@ -125,7 +130,7 @@ def _check_output_dir(cfg: RunConfig, overwrite: bool) -> None:
 
     tc, mc = cfg.train, cfg.model
     out = Path(tc.output_dir)
-    inputs = [*(("data.train", p) for p in cfg.data.train),
+    inputs = [*(("data.train", p) for p in cfg.data.train_paths()), *(("data.eval", p) for p in cfg.data.eval),
               *(("model.tokenizer.train_files", p) for p in mc.tokenizer.train_files)]
     runs = []
     for what, value in (("model.lm.name_or_path", mc.lm.name_or_path),
@@ -174,7 +179,7 @@ def _restore_previous_run(cfg: RunConfig, previous: Path) -> None:
 def _train(cfg: RunConfig) -> TrainResult:
     from accelerate import Accelerator
 
-    precision = resolve_mixed_precision(cfg.train.mixed_precision)
+    precision = resolve_mixed_precision(cfg.train.mixed_precision, _stored_dtype(cfg))
     # Several processes without CUDA (torchrun / accelerate on CPU): accelerate
     # only sets up its gloo process group when told the run is on CPU.
     multi_cpu = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
@@ -192,6 +197,15 @@ def _train(cfg: RunConfig) -> TrainResult:
     finally:
         recipe.close()
         _release_accelerator(accelerator)
+
+
+def _stored_dtype(cfg: RunConfig) -> torch.dtype | None:
+    """The dtype frozen weights are stored in: `model.lm.dtype` (QLoRA: its compute dtype)."""
+    from mmtune.model.build import resolve_dtype
+
+    q = cfg.model.lm.quantization
+    dtype = resolve_dtype(q.compute_dtype if q.bits else cfg.model.lm.dtype)
+    return dtype if isinstance(dtype, torch.dtype) else None
 
 
 def _check_config(cfg: RunConfig) -> None:
@@ -214,6 +228,12 @@ def _check_config(cfg: RunConfig) -> None:
         raise MMTuneError(f"train.save_every must be >= 0, got {tc.save_every}")
     if not cfg.data.train:
         raise MMTuneError("data.train is empty: give unified-record JSONL files or shard patterns")
+    if tc.eval_every < 0:
+        raise MMTuneError(f"train.eval_every must be >= 0, got {tc.eval_every}")
+    if tc.eval_samples < 0:
+        raise MMTuneError(f"train.eval_samples must be >= 0 (0: all of data.eval), got {tc.eval_samples}")
+    if (tc.eval_every or tc.save_best) and not cfg.data.eval:
+        raise MMTuneError("train.eval_every / train.save_best need data.eval: validation records or shards")
 
 
 def _release_accelerator(accelerator: Any) -> None:
@@ -257,6 +277,7 @@ class _Recipe:
         self.batcher: Any = None
         self._rng_to_restore: dict[str, Any] | None = None
         self.optimizer: Any = None
+        self._group_lines = ""
         self.scheduler: Any = None
         self.bundle: Any = None
         self.step = 0
@@ -268,6 +289,8 @@ class _Recipe:
         self.resumed_from: Path | None = None
         self.last_loss: float | None = None
         self.skip_counts: dict[str, int] = {}
+        self.validation: Any = None
+        self.best_loss: float | None = None
 
     # ------------------------------------------------------------------ setup
     def run(self) -> TrainResult:
@@ -298,14 +321,20 @@ class _Recipe:
 
         self._build_model()
         self._build_data()
+        if self.cfg.data.eval:
+            from mmtune.train.validate import ValidationSet
+
+            self.validation = ValidationSet(self.cfg, self.bundle, rank=self.rank, world_size=self.world)
         self.total_steps = self._count_total_steps()
-        self.optimizer = build_optimizer(self.model.named_parameters(), self.tc)
+        self.optimizer = build_optimizer(self.model.named_parameters(), self.tc, norm_parameter_names(self.model))
+        self._group_lines = describe_groups(self.optimizer.param_groups)
         self.scheduler = build_scheduler(self.optimizer, self.tc, self.total_steps)
         self.ddp_model, self.optimizer = self.acc.prepare(self.model, self.optimizer)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         if state is not None:
             self._load_training_state(self.resumed_from, state)
         resume_step = self.step if state is not None else None
+        self.best_loss = self._previous_best(resume_step)
         self.metrics = MetricsLogger(self.out, enabled=self.main, resume_step=resume_step)
         self.trace = BatchTrace(self.out, self.rank, resume_step=resume_step)
         self._announce()
@@ -362,6 +391,10 @@ class _Recipe:
         if self.tc.lora.enabled and not model.has_lora:
             apply_lora(model, self.tc.lora)
         model.set_trainable(self.tc.stage, self.tc.unfreeze_vision)
+        upcast = keep_trainable_fp32(model)
+        if upcast:
+            log.info("%d trainable tensor(s) stored in float32 (master weights); frozen ones stay %s",
+                     len(upcast), self.cfg.model.lm.dtype)
         if self.tc.gradient_checkpointing:
             model.gradient_checkpointing_enable()
         model.train()
@@ -377,7 +410,7 @@ class _Recipe:
         from mmtune.data.tokenizer import record_texts
 
         texts: list[str] = []
-        for src in self.cfg.data.train:
+        for src in self.cfg.data.train_paths():
             records = iter_records(src) if is_shard_source(src) else read_records(src, strict=False)
             texts.extend(record_texts(records))
         return texts
@@ -387,13 +420,24 @@ class _Recipe:
         from mmtune.data.stream import ExampleStream
 
         dc = self.cfg.data
-        stream = ExampleStream(
-            dc.train, self.bundle.tokenizer, dc.template,
-            max_length=dc.max_length, num_image_tokens=self.bundle.num_image_tokens,
-            image_transform=self.bundle.image_transform, image_root=dc.image_root,
-            shuffle=True, shuffle_buffer=dc.shuffle_buffer, seed=self.tc.seed, epochs=epochs,
-            holdout_tasks=dc.holdout_tasks, rank=self.rank, world_size=self.world, num_workers=dc.num_workers,
-        )
+
+        def make(sources: list[str], epochs: int | None) -> ExampleStream:
+            return ExampleStream(
+                sources, self.bundle.tokenizer, dc.template,
+                max_length=dc.max_length, num_image_tokens=self.bundle.num_image_tokens,
+                image_transform=self.bundle.image_transform, image_root=dc.image_root,
+                shuffle=True, shuffle_buffer=dc.shuffle_buffer, seed=self.tc.seed, epochs=epochs,
+                holdout_tasks=dc.holdout_tasks, rank=self.rank, world_size=self.world, num_workers=dc.num_workers,
+            )
+
+        stream: Any
+        if dc.is_mixture and epochs is None:  # weighted sources, each endless with its own epochs
+            from mmtune.data.mixture import mixture_from_config
+
+            stream = mixture_from_config(dc.train_sources(), lambda path: make([path], None), seed=self.tc.seed,
+                                         rank=self.rank)
+        else:  # plain sources (or counting num_epochs of a mixture: one pass over all of its sources)
+            stream = make(dc.train_paths(), epochs)
         return Batcher(stream, batch_size=self.tc.batch_size, pad_token_id=self.bundle.tokenizer.pad_token_id,
                        group_by_length=dc.group_by_length, packing=dc.packing, seed=self.tc.seed)
 
@@ -469,6 +513,9 @@ class _Recipe:
         lines = [
             f"mmtune train: {self.cfg.model.mode} model, {what}; trainable parameters:",
             self.model.trainable_summary(),
+            "optimizer groups (AdamW; weights and moments in float32):" if all(
+                p.dtype == torch.float32 for p in self.params) else "optimizer groups (AdamW):",
+            self._group_lines,
             (f"  steps {self.step} -> {self.total_steps}, {self.world} process(es) x batch {tc.batch_size} "
              f"x grad_accum {tc.grad_accum}, mixed precision {self.acc.mixed_precision}, device {self.acc.device}"),
             f"  output: {self.out}" + (f" (resumed from {self.resumed_from.name})" if self.resumed_from else ""),
@@ -504,6 +551,9 @@ class _Recipe:
                 if self.step % tc.log_every == 0 or self.step == self.total_steps or out.stop:
                     self._log_row(window, bar)
                     window = _Window()
+                if self.validation is not None and not out.stop and (
+                        (tc.eval_every and self.step % tc.eval_every == 0) or self.step == self.total_steps):
+                    self._validate(bar)
                 if out.stop:
                     stop_reason = stop.name or "a signal to another process"
                     self._save()
@@ -597,15 +647,21 @@ class _Recipe:
         except torch.OutOfMemoryError:
             # AdamW allocates its two moment buffers at the first step: 2 x the trainable parameters.
             n = sum(p.numel() for p in self.params)
+            dtype = optimizer_state_dtype(self.params)
+            gb = 2 * n * torch.empty((), dtype=dtype).element_size() / 1e9
             raise TrainingOOMError(
-                f"out of memory in the optimizer step of step {step_no} (AdamW keeps 2 x {n:,} trainable "
-                f"parameters in float32); train fewer parameters (train.lora.enabled=true, train.stage=align) "
+                f"out of memory in the optimizer step of step {step_no} (AdamW keeps 2 states x {n:,} trainable "
+                f"parameters in {dtype_name(dtype)}, {gb:.2f} GB{self._per_process_note()}); train fewer parameters "
+                f"(train.lora.enabled=true, train.stage=align), shard them (train.distributed=fsdp) "
                 f"or use a larger device. Last checkpoint: {self._last_good()}"
             ) from None
         if not self.acc.optimizer_step_was_skipped:  # fp16 overflow: the scaler skipped the step
             self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         return _StepStats(loss_sum, n_micro, tokens, slots, n_ex, n_img, bool(stop_flag), grad_norm, lr)
+
+    def _per_process_note(self) -> str:
+        return ""
 
     def _clip(self) -> float | None:
         if self.tc.max_grad_norm and self.tc.max_grad_norm > 0:
@@ -623,6 +679,11 @@ class _Recipe:
             for kind, n in counts.items():
                 skips[kind] = skips.get(kind, 0) + int(n)
         self.skip_counts = skips
+        per_source = gather_object([dict(getattr(self.batcher.stream, "source_counts", {}))])
+        sources: dict[str, int] = {}
+        for counts in per_source:
+            for name, n in counts.items():
+                sources[name] = sources.get(name, 0) + int(n)
         elapsed = max(time.perf_counter() - window.started, 1e-9)
         row = {
             "step": self.step,
@@ -637,10 +698,60 @@ class _Recipe:
             "images": int(window.images),
             "grad_norm": window.grad_norm,
         }
+        if sources:  # a weighted mixture: examples each source has given (all processes), its epoch (rank 0's)
+            row["sources"] = sources
+            row["source_epochs"] = dict(self.batcher.stream.epochs)
         if self.metrics is not None:
             self.metrics.log(row)
         bar.set_postfix(loss=f"{row['loss']:.4f}", tok_s=f"{row['tokens_per_s']:.0f}", lr=f"{window.lr:.2e}",
                         refresh=False)
+
+    # ------------------------------------------------------------- validation
+    def _validate(self, bar: Any) -> None:
+        res = self.validation.evaluate(self.model, self.acc.device, lambda t: self.acc.reduce(t, reduction="sum"))
+        row = {"step": self.step, "eval_loss": res.loss, "eval_examples": res.examples, "eval_tokens": res.tokens}
+        if self.metrics is not None:
+            self.metrics.log(row)
+        bar.set_postfix(eval_loss=f"{res.loss:.4f}", refresh=False)
+        log.info("step %d: validation loss %.4f over %d examples", self.step, res.loss, res.examples)
+        if self.tc.save_best and math.isfinite(res.loss) and (self.best_loss is None or res.loss < self.best_loss):
+            self.best_loss = res.loss
+            self._save_best(res.loss)
+
+    def _previous_best(self, resume_step: int | None) -> float | None:
+        """The validation loss of DIR/best when it was saved at or before the step this run resumes from."""
+        info = self.out / BEST_DIR / BEST_FILE
+        if resume_step is None or not info.is_file():
+            return None
+        try:
+            data = json.loads(info.read_text(encoding="utf-8"))
+            return float(data["eval_loss"]) if int(data["step"]) <= resume_step else None
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+
+    def _save_best(self, loss: float) -> None:
+        """DIR/best: the model (and run config) of the lowest validation loss so far, replaced atomically."""
+        import shutil
+
+        from mmtune.fileio import write_json_atomic
+        from mmtune.model.io import save_model
+
+        self.acc.wait_for_everyone()
+        if self.main:
+            tmp, final, old = self.out / f".{BEST_DIR}.tmp", self.out / BEST_DIR, self.out / f".{BEST_DIR}.old"
+            for stale in (tmp, old):
+                shutil.rmtree(stale, ignore_errors=True)
+            tmp.mkdir(parents=True)
+            with _quiet_hf_progress():
+                save_model(self.bundle, tmp)
+            save_config(self.cfg, tmp / ckpt.RUN_CONFIG_FILE)
+            write_json_atomic({"step": self.step, "eval_loss": loss}, tmp / BEST_FILE)
+            if final.exists():
+                os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+            log.info("step %d: best validation loss so far (%.4f), model saved to %s", self.step, loss, final)
+        self.acc.wait_for_everyone()
 
     # ------------------------------------------------------------ checkpoints
     def _last_good(self) -> str:

@@ -45,34 +45,48 @@ class TrainingOOMError(MMTuneError):
 # --------------------------------------------------------------------------- #
 
 
-def resolve_mixed_precision(name: str) -> str:
-    """`auto` -> bf16 on a CUDA GPU that supports it, else no; fp16 needs CUDA."""
+def resolve_mixed_precision(name: str, weights_dtype: torch.dtype | None = None) -> str:
+    """The autocast mode: `auto` -> the half type the frozen weights are stored in (`model.lm.dtype`),
+    else bf16 on a CUDA GPU that supports it, else no; fp16 needs CUDA.
+
+    Trainable weights are float32 masters whatever `model.lm.dtype` says (see
+    `mmtune.train.precision`), so a model stored in bfloat16 computes under
+    bf16 autocast; `no` with half-precision weights is refused, because the
+    float32 and half parts could not be multiplied together without it.
+    """
     name = str(name).lower()
     cuda = torch.cuda.is_available()
+    half = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(weights_dtype)  # type: ignore[arg-type]
     if name == "auto":
-        return "bf16" if cuda and torch.cuda.is_bf16_supported() else "no"
+        if half is not None:
+            name = half
+        else:
+            return "bf16" if cuda and torch.cuda.is_bf16_supported() else "no"
     if name not in ("no", "bf16", "fp16"):
         raise MMTuneError(f"train.mixed_precision must be auto, no, bf16 or fp16; got {name!r}")
     if name == "fp16" and not cuda:
         raise MMTuneError("train.mixed_precision fp16 needs a CUDA GPU; use bf16 or no on CPU")
+    if name == "no" and half is not None:
+        raise MMTuneError(f"train.mixed_precision no with model.lm.dtype {weights_dtype}: trainable weights are kept in "
+                          f"float32 and the frozen ones in {weights_dtype}, which needs autocast; set "
+                          f"train.mixed_precision {half} (or auto), or model.lm.dtype float32")
     return name
 
 
-def build_optimizer(params: Iterable[tuple[str, torch.nn.Parameter]], cfg: TrainConfig) -> torch.optim.Optimizer:
-    """AdamW over the trainable parameters; weight decay on matrices only (nanoGPT's rule).
+def build_optimizer(
+    params: Iterable[tuple[str, torch.nn.Parameter]], cfg: TrainConfig, norm_names: set[str] | None = None
+) -> torch.optim.Optimizer:
+    """AdamW over the trainable parameters, one group per part and decay kind (`mmtune.train.param_groups`).
 
-    Biases and norm gains (1-D tensors) are not decayed: shrinking them towards
-    zero is not regularisation, it only changes the scale of activations.
+    Biases and norm parameters (`norm_names`, and every 1-D tensor) are not
+    decayed: shrinking them towards zero is not regularisation, it only changes
+    the scale of activations.
     """
-    decay, no_decay = [], []
-    for _, p in params:
-        if not p.requires_grad:
-            continue
-        (decay if p.ndim >= 2 else no_decay).append(p)
-    if not decay and not no_decay:
+    from mmtune.train.param_groups import param_groups
+
+    groups = param_groups(params, cfg, norm_names)
+    if not groups:
         raise MMTuneError("nothing to train: every parameter is frozen (check train.stage / train.lora)")
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    groups = [g for g in groups if g["params"]]
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8)
 
 

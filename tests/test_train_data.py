@@ -1,0 +1,181 @@
+"""Training-data features of `mmtune train`: validation loss, weighted mixtures, img2dataset shards, trackers.
+
+Tiny CPU runs of configs/tiny_llm.yaml / tiny_mllm.yaml, a few steps each.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from mmtune.cli import main
+from mmtune.train.metrics import read_metrics
+
+REPO = Path(__file__).resolve().parents[1]
+FIX = REPO / "tests" / "fixtures" / "train"
+TEXT = FIX / "text.jsonl"
+MIXED = FIX / "mixed.jsonl"
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def llm_args(out, *extra, data=f"[{TEXT}]"):
+    return ["train", str(REPO / "configs" / "tiny_llm.yaml"), "--output-dir", str(out), f"data.train={data}",
+            f"model.tokenizer.train_files=[{TEXT}]", "train.batch_size=4", "train.progress=false", *extra]
+
+
+def train_rows(out):
+    return [r for r in read_metrics(Path(out) / "metrics.jsonl") if "loss" in r]
+
+
+def eval_rows(out):
+    return [r for r in read_metrics(Path(out) / "metrics.jsonl") if "eval_loss" in r]
+
+
+# --------------------------------------------------------------------------- #
+# Validation during training
+# --------------------------------------------------------------------------- #
+
+
+def test_validation_loss_logged_plotted_and_best_kept(tmp_path):
+    from mmtune.config import RunConfig, load_config
+    from mmtune.model.io import load_model
+    from mmtune.train.validate import ValidationSet
+
+    out = tmp_path / "val"
+    args = llm_args(out, "--max-steps", "6", f"data.eval=[{TEXT}]", "train.eval_every=2", "train.eval_samples=5",
+                    "train.save_best=true", "train.save_every=2", "train.save_total_limit=0", "train.lr=3e-3")
+    assert main(args) == 0
+    evals = eval_rows(out)
+    assert [r["step"] for r in evals] == [2, 4, 6]
+    assert all(math.isfinite(r["eval_loss"]) and r["eval_examples"] == 5 and r["eval_tokens"] > 0 for r in evals)
+    assert evals[-1]["eval_loss"] < evals[0]["eval_loss"]  # it learns; eval data shares the text fixtures' style
+    assert (out / "loss.png").read_bytes()[:4] == b"\x89PNG"
+    # the validation loss is the model's at that step: recompute step 6's from checkpoint-6
+    cfg = load_config(out / "run_config.yaml", RunConfig)
+    bundle = load_model(out / "checkpoint-6")
+    again = ValidationSet(cfg, bundle, rank=0, world_size=1).evaluate(bundle.model, "cpu", lambda t: t)
+    assert again.loss == pytest.approx(evals[-1]["eval_loss"], rel=1e-5)
+    assert again.examples == 5
+    # save_best: DIR/best holds the model of the lowest validation loss, and says which step that was
+    best = min(evals, key=lambda r: r["eval_loss"])
+    info = json.loads((out / "best" / "best.json").read_text())
+    assert info["step"] == best["step"] and info["eval_loss"] == pytest.approx(best["eval_loss"])
+    a = load_model(out / "best").model.state_dict()
+    b = load_model(out / f"checkpoint-{best['step']}").model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    # validation does not disturb training: the same run without data.eval has the same losses
+    plain = tmp_path / "plain"
+    assert main(llm_args(plain, "--max-steps", "6", "train.lr=3e-3")) == 0
+    assert [r["loss"] for r in train_rows(out)] == pytest.approx([r["loss"] for r in train_rows(plain)], abs=1e-7)
+
+
+def test_validation_config_errors(tmp_path, capsys):
+    assert main(llm_args(tmp_path / "x", "--max-steps", "2", "train.eval_every=2")) == 2
+    assert "data.eval" in capsys.readouterr().err
+    assert main(llm_args(tmp_path / "y", "--max-steps", "2", f"data.eval=[{TEXT}]", "train.eval_samples=-1")) == 2
+
+
+# --------------------------------------------------------------------------- #
+# Weighted mixtures
+# --------------------------------------------------------------------------- #
+
+
+def second_source(tmp_path) -> Path:
+    """text.jsonl again with other ids: a source the same size as the first (so a plain concat gives 50/50)."""
+    out = tmp_path / "b.jsonl"
+    rows = [json.loads(line) for line in TEXT.read_text().splitlines() if line.strip()]
+    out.write_text("".join(json.dumps({**r, "id": "b-" + r["id"]}) + "\n" for r in rows))
+    return out
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    from helpers import build_tiny
+
+    bundle, _ = build_tiny("tiny_llm")
+    return bundle.tokenizer
+
+
+def mixture(tokenizer, paths, weights, seed=0):
+    from mmtune.data.mixture import MixtureStream
+    from mmtune.data.stream import ExampleStream
+
+    streams = [ExampleStream([str(p)], tokenizer, "vicuna_v1", max_length=256, epochs=None, seed=seed,
+                             shuffle_buffer=8) for p in paths]
+    return MixtureStream(streams, weights, names=[str(p) for p in paths], seed=seed)
+
+
+def test_mixture_ratio_epochs_and_resume(tmp_path, tokenizer):
+    b = second_source(tmp_path)
+    mix = mixture(tokenizer, [TEXT, b], [0.7, 0.3])
+    n = 1500
+    it = iter(mix)
+    ids = [next(it)[0].id for _ in range(n)]
+    share = sum(not i.startswith("b-") for i in ids) / n
+    # binomial sd = sqrt(0.7 * 0.3 / 1500) = 0.012; a concatenation of the two equal sources would give 0.5
+    assert abs(share - 0.7) < 0.045
+    counts = mix.source_counts
+    assert counts == {str(TEXT): n - sum(i.startswith("b-") for i in ids), str(b): sum(i.startswith("b-") for i in ids)}
+    # each source counts its own epochs (24 records each): the heavier one has gone round more often
+    assert mix.epochs == {name: (c - 1) // 24 for name, c in counts.items()}
+    assert mix.epochs[str(TEXT)] > mix.epochs[str(b)]
+    # every record of a source appears once per epoch of that source
+    a_ids = [i for i in ids if not i.startswith("b-")][:48]
+    assert len(set(a_ids[:24])) == 24 and set(a_ids[:24]) == set(a_ids[24:48])
+
+    # resume: a fresh mixture loaded with the state after 37 examples continues exactly
+    ref = mixture(tokenizer, [TEXT, b], [0.7, 0.3])
+    it = iter(ref)
+    for _ in range(37):
+        next(it)
+    state = json.loads(json.dumps(ref.state_dict()))  # as it goes through a checkpoint
+    want = [next(it)[0].id for _ in range(60)]
+    again = mixture(tokenizer, [TEXT, b], [0.7, 0.3])
+    again.load_state_dict(state)
+    it2 = iter(again)
+    assert [next(it2)[0].id for _ in range(60)] == want
+    assert again.source_counts == ref.source_counts
+    with pytest.raises(Exception, match="weights"):
+        mixture(tokenizer, [TEXT, b], [0.5, 0.5]).load_state_dict(state)
+
+
+def test_mixture_training_resumes_exactly_and_logs_sources(tmp_path):
+    b = second_source(tmp_path)
+    data = f"[{{path: {TEXT}, weight: 3}}, {{path: {b}, weight: 1}}]"
+    common = ("--max-steps", "6", "train.save_every=3", "train.save_total_limit=0")
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    os.environ["MMTUNE_TRACE_BATCHES"] = "1"
+    try:
+        assert main(llm_args(full, *common, data=data)) == 0
+        os.environ["MMTUNE_FAULT_INJECT"] = "sigterm@4"
+        assert main(llm_args(cut, *common, data=data)) == 143
+        del os.environ["MMTUNE_FAULT_INJECT"]
+        assert main(llm_args(cut, *common, "--resume-from", "latest", data=data)) == 0
+    finally:
+        os.environ.pop("MMTUNE_TRACE_BATCHES", None)
+        os.environ.pop("MMTUNE_FAULT_INJECT", None)
+
+    def trace(out):
+        return [(r["step"], tuple(r["ids"])) for r in map(json.loads, (out / "batches.jsonl").read_text().splitlines())]
+
+    assert trace(full) == trace(cut)
+    assert [r["loss"] for r in train_rows(full)] == pytest.approx([r["loss"] for r in train_rows(cut)], abs=1e-6)
+    rows = train_rows(full)
+    assert all(set(r["sources"]) == {str(TEXT), str(b)} for r in rows)
+    last = rows[-1]["sources"]
+    assert sum(last.values()) >= 24  # every example that reached a batch was counted by its source
+    assert rows[-1]["sources"] == train_rows(cut)[-1]["sources"]
+    trained = [i for _, ids in trace(full) for i in ids]
+    assert any(i.startswith("b-") for i in trained) and any(not i.startswith("b-") for i in trained)
