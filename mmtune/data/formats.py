@@ -176,7 +176,7 @@ def _read_jsonl(path: Path, text: str, whole_error: json.JSONDecodeError) -> Inp
             row.data = value
         else:
             row.data, row.error = printable(raw), reason
-        if not (reason or "").startswith("bad JSON"):
+        if reason is None or reason.startswith("unpaired surrogate"):
             parsed += 1
         if first_ok is None:
             first_ok = row.error is None
@@ -184,6 +184,8 @@ def _read_jsonl(path: Path, text: str, whole_error: json.JSONDecodeError) -> Inp
     # A broken pretty-printed JSON document fails on its first line and on most others;
     # reporting each of its lines as a bad record would only hide the real problem.
     if parsed == 0 or (not first_ok and parsed * 2 < len(rows)):
+        if undecodable(text):
+            raise FormatError(f"{name}: not a UTF-8 text file (expected JSON or JSONL)")
         raise FormatError(f"{name}: not valid JSON or JSONL ({_json_error(whole_error)})")
     return InputFile(path, "jsonl", rows=rows)
 
