@@ -27,6 +27,7 @@ import torch
 
 from mmtune.config import ModelConfig, load_config, save_config
 from mmtune.errors import MMTuneError
+from mmtune.integrity import corruption_message, find_corruption
 from mmtune.model.build import ModelBundle, build_model
 
 MODEL_CONFIG_FILE = "model_config.yaml"
@@ -112,6 +113,9 @@ def load_model(
     from safetensors.torch import load_file
 
     folder = resolve_checkpoint(folder)
+    bad = find_corruption(folder)  # a truncated / garbled file is named, with the earlier intact checkpoint
+    if bad is not None:
+        raise MMTuneError(corruption_message(folder, *bad))
     cfg = load_model_config(folder, trust_remote_code=trust_remote_code)
     parts = read_parts(folder)
     if dtype is not None:

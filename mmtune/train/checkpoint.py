@@ -15,6 +15,7 @@ back with `torch.load(weights_only=True)`, which refuses arbitrary pickles.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import random
 import re
@@ -28,6 +29,7 @@ import torch
 
 from mmtune.errors import MMTuneError
 from mmtune.fileio import write_json_atomic
+from mmtune.integrity import corruption_message, find_corruption
 
 CHECKPOINT_PREFIX = "checkpoint-"
 TMP_PREFIX = ".tmp-checkpoint-"
@@ -96,8 +98,25 @@ def resolve_resume(resume_from: str | None, output_dir: str | os.PathLike[str]) 
     if not resume_from:
         return None
     if resume_from == "latest":
-        return latest_checkpoint(output_dir)
-    return resolve_checkpoint(resume_from)
+        # The newest checkpoint that is whole; a broken newer one is named and skipped.
+        ckpts = list_checkpoints(output_dir)
+        for _, folder in reversed(ckpts):
+            bad = find_corruption(folder)
+            if bad is None:
+                if folder != ckpts[-1][1]:
+                    logging.getLogger("mmtune.train").warning(
+                        "resume_from=latest: resuming from %s, the newest intact checkpoint", folder)
+                return folder
+            logging.getLogger("mmtune.train").warning("resume_from=latest: skipping %s: %s", folder,
+                                                       corruption_message(folder, *bad))
+        if ckpts:
+            raise CheckpointError(corruption_message(ckpts[-1][1], *find_corruption(ckpts[-1][1])))
+        return None
+    folder = resolve_checkpoint(resume_from)
+    bad = find_corruption(folder)
+    if bad is not None:
+        raise CheckpointError(corruption_message(folder, *bad))
+    return folder
 
 
 def step_of(folder: str | os.PathLike[str]) -> int:
