@@ -402,6 +402,7 @@ class TableItem:
 
 def iter_table_records(
     path: str | Path, fmt: str = "auto", image_root: str | Path | None = None, *, seen: dict[str, str] | None = None,
+    id_prefix: str | None = None,
 ) -> Iterator[TableItem]:
     """The rows of a parquet / arrow / datasets input as records with their image bytes, one row at a time.
 
@@ -421,7 +422,7 @@ def iter_table_records(
     for row in inp.rows:
         sink.blobs = []
         try:
-            record = conv.convert_row(row, FORMATS[name], inp.stem, root)
+            record = conv.convert_row(row, FORMATS[name], inp.stem, root, id_prefix)
         except RecordError as exc:
             yield TableItem(row, None, error=exc)
             continue

@@ -44,7 +44,7 @@ import webdataset as wds
 from PIL import Image
 from tqdm.auto import tqdm
 
-from mmtune.data.convert import TableItem, iter_table_records
+from mmtune.data.convert import TableItem, default_id_prefixes, iter_table_records
 from mmtune.data.images import check_image, is_url, resolve_image_path
 from mmtune.data.schema import (
     Record,
@@ -203,6 +203,7 @@ def write_shards(
 
     taken: set[str] = set()
     seen_ids: dict[str, str] = {}
+    prefixes = default_id_prefixes(paths)  # default ids of table rows stay unique across inputs
     try:
         with RejectsWriter(rejects_file) as rejects:
             # encoder=False: every member is bytes we made (original image bytes, UTF-8 JSON);
@@ -214,7 +215,8 @@ def write_shards(
             try:
                 for path in paths:
                     if is_table_source(path):  # parquet / arrow / datasets: embedded bytes go straight in
-                        for item in tqdm(iter_table_records(path, image_root=image_root, seen=seen_ids),
+                        for item in tqdm(iter_table_records(path, image_root=image_root, seen=seen_ids,
+                                                            id_prefix=prefixes[str(path)]),
                                          desc=f"shard {path.name}", unit="rec",
                                          disable=None if progress is None else not progress):
                             if item.error is not None:
