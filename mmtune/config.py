@@ -104,6 +104,9 @@ class ModelConfig:
     projector: ProjectorConfig = field(default_factory=ProjectorConfig)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     image_token: str = "<image>"
+    # A LlavaForConditionalGeneration folder (llava-hf, or an hf-llava export): tower, projector, LM,
+    # tokenizer and image settings all come from it (mmtune.model.hf_llava); leave lm/vision unset.
+    init_from: str | None = None
 
 
 @dataclass
@@ -131,6 +134,7 @@ class DataConfig:
     shuffle_buffer: int = 1000
     group_by_length: bool = True
     group_factor: int = 16  # length grouping sorts batch_size * group_factor examples at a time
+    group_by_modality: bool = False  # image-only / text-only batches (LLaVA-1.5's group_by_modality_length)
     packing: bool = False
     num_workers: int = 0
     holdout_tasks: list[str] = field(default_factory=list)
@@ -184,6 +188,7 @@ class TrainConfig:
     eval_every: int = 0  # validation loss on data.eval every N steps (0: at the end only)
     eval_samples: int = 0  # validate on the first N eval examples (0: all of data.eval)
     save_best: bool = False  # keep the model with the lowest validation loss in output_dir/best
+    report_to: list[str] = field(default_factory=list)  # trackers: tensorboard, wandb, mlflow, trackio
     resume_from: str | None = None  # a checkpoint folder or "latest"
     progress: bool = True
 

@@ -123,9 +123,10 @@ def _train_config(base: Path, out: Path, stage: str, steps: int, shards: str, co
 
 
 def _loss_range(run_dir: Path) -> tuple[float, float, int]:
+    from mmtune.runs import METRICS_FILE
     from mmtune.train.metrics import read_metrics
 
-    rows = read_metrics(run_dir / "metrics.jsonl")
+    rows = read_metrics(run_dir / METRICS_FILE)
     if not rows:
         raise MMTuneError(f"{run_dir}: training logged no step")
     head = [r["loss"] for r in rows[:3]]

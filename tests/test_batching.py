@@ -177,7 +177,23 @@ def sig(batch: dict[str, Any]) -> tuple[Any, ...]:
             batch["position_ids"].numpy().tobytes() if "position_ids" in batch else None)
 
 
-@pytest.mark.parametrize("kw", [dict(group_by_length=False), dict(group_factor=3),
+def test_group_by_modality_keeps_image_and_text_batches_apart(data: dict[str, Any]) -> None:
+    """LLaVA-1.5's group_by_modality_length: no batch mixes the kinds, except the leftovers' batch."""
+    b = Batcher(stream(data), batch_size=4, group_factor=9, seed=3, group_by_modality=True)
+    batches = list(b)
+    has_img = {rid: bool(r) for rid, r in data["reds"].items()}
+    mixed = [x["ids"] for x in batches if len({has_img[i] for i in x["ids"]}) > 1]
+    assert len(mixed) <= 1  # 36 = 9 image + 27 text records: 1 + 3 leftovers share one batch
+    assert sorted(i for x in batches for i in x["ids"]) == sorted(data["reds"])
+    assert sum(1 for x in batches if all(has_img[i] for i in x["ids"])) == 2
+    # control: plain length grouping does mix the kinds
+    plain = Batcher(stream(data), batch_size=4, group_factor=9, seed=3)
+    assert sum(1 for x in plain if len({has_img[i] for i in x["ids"]}) > 1) > 1
+    assert Batcher.from_config(stream(data), __import__("mmtune.config").config.DataConfig(group_by_modality=True),
+                               batch_size=4).group_by_modality
+
+
+@pytest.mark.parametrize("kw", [dict(group_by_length=False), dict(group_factor=3), dict(group_by_modality=True),
                                 dict(packing=True, group_factor=4, pack_length=2 * MAX_LEN)])
 def test_resume_gives_exactly_the_remaining_batches(data: dict[str, Any], kw: dict[str, Any]) -> None:
     make = lambda: Batcher(stream(data, epochs=2), batch_size=3, seed=9, **kw)  # noqa: E731

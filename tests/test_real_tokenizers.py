@@ -198,6 +198,17 @@ def test_llama2_chat_template_with_llama2_tokenizer() -> None:
         tok.chat_template = saved
 
 
+def test_a_record_the_template_refuses_is_a_counted_skip() -> None:
+    """Mistral's template raises on two user turns in a row: that record is skipped (named), not a crash."""
+    from mmtune.data.tokenize import SkipRecord
+
+    tok = load("mistral-7b-instruct-v0.3")
+    msgs = [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}, {"role": "assistant", "content": "c"}]
+    with pytest.raises(SkipRecord, match=r"record 'twice'.*template 'tokenizer'.*alternate") as err:
+        tokenize_record(Record(id="twice", messages=msgs), tok, get_template("tokenizer", tok), max_length=512)
+    assert err.value.kind == "template_error"
+
+
 def test_unhandleable_template_is_refused_naming_it() -> None:
     tok = load("qwen2.5-instruct")
     saved = tok.chat_template

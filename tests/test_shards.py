@@ -227,8 +227,12 @@ def test_folder_without_index_and_copied_shards(tmp_path: Path, records_file: tu
     bare = tmp_path / "bare"
     bare.mkdir()
     shutil.copy(out / "shard-000000.tar", bare / "shard-000000.tar")
+    # a folder of .tar files without index.json (img2dataset's layout) stands for its tars, in name order
+    assert expand_shards(str(bare)) == [str(bare / "shard-000000.tar")]
+    empty = tmp_path / "empty"
+    empty.mkdir()
     with pytest.raises(MMTuneError, match="index.json"):
-        expand_shards(str(bare))
+        expand_shards(str(empty))
     # without an index a truncated shard still reports, with an unknown count
     data = (bare / "shard-000000.tar").read_bytes()
     (bare / "shard-000000.tar").write_bytes(data[:3000])

@@ -179,3 +179,137 @@ def test_mixture_training_resumes_exactly_and_logs_sources(tmp_path):
     assert rows[-1]["sources"] == train_rows(cut)[-1]["sources"]
     trained = [i for _, ids in trace(full) for i in ids]
     assert any(i.startswith("b-") for i in trained) and any(not i.startswith("b-") for i in trained)
+
+
+# --------------------------------------------------------------------------- #
+# img2dataset shards for stage align
+# --------------------------------------------------------------------------- #
+
+CAPTIONS = ["a red circle", "a blue square", "a green triangle", "a red square", "a blue circle", "a green circle"]
+
+
+def img2dataset_folder(tmp_path) -> Path:
+    """What `img2dataset --output_format webdataset --caption_col caption` writes: NNNNN.tar with
+    KEY.jpg + KEY.txt + KEY.json per sample and NNNNN_stats.json (successes) next to it."""
+    import io
+    import tarfile
+
+    from PIL import Image
+
+    out = tmp_path / "cc_shards"
+    out.mkdir()
+    colours = {"red": (220, 30, 30), "blue": (30, 30, 220), "green": (30, 200, 30)}
+    for shard in range(2):
+        members = []
+        for j, caption in enumerate(CAPTIONS[shard * 3: shard * 3 + 3]):
+            key = f"{shard:05d}{j:04d}"
+            buf = io.BytesIO()
+            Image.new("RGB", (40, 30), colours[caption.split()[1]]).save(buf, "JPEG")
+            info = {"url": f"http://example.com/{key}.jpg", "key": key, "status": "success", "width": 40, "height": 30}
+            members.append((f"{key}.jpg", buf.getvalue()))
+            if j == 1:  # caption only in the json (img2dataset with --save_additional_columns, no txt)
+                info["caption"] = caption
+            else:
+                members.append((f"{key}.txt", caption.encode()))
+            members.append((f"{key}.json", json.dumps(info).encode()))
+        if shard == 1:  # one sample with no caption at all: counted, not trained
+            members += [("000010009.jpg", members[0][1]), ("000010009.json", b'{"key": "000010009"}')]
+        with tarfile.open(out / f"{shard:05d}.tar", "w") as tar:
+            for name, data in members:
+                ti = tarfile.TarInfo(name)
+                ti.size = len(data)
+                tar.addfile(ti, io.BytesIO(data))
+        n = 3 + (shard == 1)
+        (out / f"{shard:05d}_stats.json").write_text(json.dumps({"count": n, "successes": n, "failed_to_download": 0}))
+    return out
+
+
+def test_img2dataset_shards_stream_as_plain_caption_records(tmp_path, tokenizer):
+    from mmtune.data.shards import expand_shards, is_shard_source, iter_records
+    from mmtune.data.stream import ExampleStream
+    from mmtune.data.tokenize import IGNORE_INDEX
+
+    folder = img2dataset_folder(tmp_path)
+    assert is_shard_source(str(folder)) and len(expand_shards(str(folder))) == 2
+    recs = {r.id: r for r in iter_records(str(folder))}
+    assert len(recs) == 6  # the caption-less sample is not a record
+    r = recs["000000001"]
+    assert r.messages == [{"role": "user", "content": "<image>"}, {"role": "assistant", "content": "a blue square"}]
+    assert r.task == "caption" and r.meta["url"].endswith("000000001.jpg")
+    stream = ExampleStream([str(folder)], tokenizer, "plain", max_length=128, num_image_tokens=4,
+                           image_transform=lambda img: __import__("torch").zeros(3, 8, 8), shuffle=False, epochs=1)
+    examples = list(stream)
+    assert len(examples) == 6 and stream.skip_counts == {"invalid_record": 1}
+    ex, images = examples[0]
+    assert len(images) == 1
+    trained = [t for t, lab in zip(ex.input_ids, ex.labels, strict=True) if lab != IGNORE_INDEX]
+    assert tokenizer.decode(trained).strip() == CAPTIONS[0]  # only the caption (and its "\n") is trained
+
+
+def test_stage_align_trains_on_img2dataset_shards(tmp_path):
+    folder = img2dataset_folder(tmp_path)
+    out = tmp_path / "align"
+    args = ["train", str(REPO / "configs" / "tiny_mllm.yaml"), "--output-dir", str(out), f"data.train=[{folder}]",
+            f"model.tokenizer.train_files=[{MIXED}]", "data.template=plain", "train.stage=align",
+            "train.batch_size=3", "data.group_by_length=false", "train.progress=false", "--max-steps", "3"]
+    os.environ["MMTUNE_TRACE_BATCHES"] = "1"
+    try:
+        assert main(args) == 0
+    finally:
+        os.environ.pop("MMTUNE_TRACE_BATCHES", None)
+    rows = train_rows(out)
+    assert len(rows) == 3 and all(math.isfinite(r["loss"]) for r in rows)
+    assert set(rows[-1]["skips"]) == {"invalid_record"}  # the caption-less sample, once per epoch streamed
+    ids = {i for line in (out / "batches.jsonl").read_text().splitlines() for i in json.loads(line)["ids"]}
+    assert ids == {"000000000", "000000001", "000000002", "000010000", "000010001", "000010002"}
+
+
+# --------------------------------------------------------------------------- #
+# Experiment trackers
+# --------------------------------------------------------------------------- #
+
+
+def test_report_to_tensorboard_and_wandb_offline(tmp_path, monkeypatch):
+    pytest.importorskip("tensorboard")
+    pytest.importorskip("wandb")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    out = tmp_path / "tracked"
+    assert main(llm_args(out, "--max-steps", "3", "train.report_to=[tensorboard, wandb]", f"data.eval=[{TEXT}]",
+                         "train.eval_samples=4")) == 0
+    # tensorboard: every metrics row's numbers, at its step, and the run config as hparams
+    events = list((out / "trackers" / out.name).rglob("events.out.tfevents.*"))
+    assert events
+    scalars: dict[str, list[tuple[int, float]]] = {}
+    for ev in events:
+        acc = EventAccumulator(str(ev))
+        acc.Reload()
+        for tag in acc.Tags()["scalars"]:
+            scalars.setdefault(tag, []).extend((e.step, e.value) for e in acc.Scalars(tag))
+    rows = train_rows(out)
+    assert sorted(scalars["loss"]) == [(r["step"], pytest.approx(r["loss"], rel=1e-6)) for r in rows]
+    assert [s for s, _ in scalars["eval_loss"]] == [3]
+    hparams = next((out / "trackers" / out.name).rglob("hparams.yml")).read_text()
+    assert "train.lr: 0.001" in hparams and "data.template: vicuna_v1" in hparams
+    assert not (out / "tb").exists()  # report_to replaces the implicit DIR/tb
+    # wandb, offline: a local run (its records file, what `wandb sync` uploads) with the config and the history
+    runs = list((out / "trackers" / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(runs) == 1
+    data = runs[0].read_bytes()
+    assert b"train.report_to" in data and b"data.template" in data  # the run config
+    assert b"eval_loss" in data and b"tokens_per_s" in data  # the logged rows
+
+
+def test_report_to_names_the_missing_package(tmp_path, capsys, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "mlflow" else real(name, *a))
+    assert main(llm_args(tmp_path / "a", "--max-steps", "1", "train.report_to=[mlflow]")) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "pip install mlflow" in err
+    assert not (tmp_path / "a" / "checkpoint-1").exists()
+    assert main(llm_args(tmp_path / "b", "--max-steps", "1", "train.report_to=[tensorbord]")) == 2
+    assert "did you mean 'tensorboard'" in capsys.readouterr().err

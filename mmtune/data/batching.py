@@ -8,6 +8,10 @@
   by length and cut into batches, and the batches are shuffled with
   (seed, buffer number), so each batch holds similar lengths (little padding)
   while batch order stays random;
+* `group_by_modality` (LLaVA-1.5's `group_by_modality_length`): batches hold
+  only image records or only text-only records (each kind sorted by length
+  when `group_by_length`); the leftovers of both kinds, fewer than a batch
+  each, share the buffer's last batch(es), as LLaVA's last mixed megabatch;
 * `packing`: the buffer's examples are packed first-fit-decreasing into rows of
   `pack_length` tokens; a batch is `batch_size` rows. Each packed example gets
   `position_ids` restarting at 0 and its first label set to -100 (it has no
@@ -160,6 +164,7 @@ class Batcher:
         pack_length: int | None = None,
         seed: int = 0,
         drop_last: bool = False,
+        group_by_modality: bool = False,
     ) -> None:
         if batch_size < 1:
             raise MMTuneError(f"batch_size must be >= 1, got {batch_size}")
@@ -173,6 +178,9 @@ class Batcher:
                 raise MMTuneError("Batcher needs pad_token_id (the stream's tokenizer has no pad token)")
         self.pad_token_id = int(pad_token_id)
         self.group_by_length = group_by_length
+        self.group_by_modality = group_by_modality
+        if group_by_modality and packing:
+            raise MMTuneError("group_by_modality and packing cannot be combined (a packed row mixes examples)")
         self.group_factor = group_factor
         self.packing = packing
         self.pack_length = pack_length or getattr(stream, "max_length", None)
@@ -195,11 +203,13 @@ class Batcher:
                     group_factor: int = 16) -> Batcher:
         """Batching as a run's `data:` section asks (group_by_length, packing into max_length rows)."""
         return cls(stream, batch_size=batch_size, group_by_length=cfg.group_by_length, group_factor=group_factor,
-                   packing=cfg.packing, pack_length=cfg.max_length if cfg.packing else None, seed=seed)
+                   packing=cfg.packing, pack_length=cfg.max_length if cfg.packing else None, seed=seed,
+                   group_by_modality=cfg.group_by_modality)
 
     @property
     def buffer_size(self) -> int:
-        return self.batch_size * (self.group_factor if (self.group_by_length or self.packing) else 1)
+        grouped = self.group_by_length or self.packing or self.group_by_modality
+        return self.batch_size * (self.group_factor if grouped else 1)
 
     @property
     def padding_share(self) -> float:
@@ -234,7 +244,7 @@ class Batcher:
         return {"batch_size": self.batch_size, "group_by_length": self.group_by_length,
                 "group_factor": self.group_factor, "packing": self.packing,
                 "pack_length": self.pack_length if self.packing else None, "seed": self.seed,
-                "drop_last": self.drop_last}
+                "drop_last": self.drop_last, **({"group_by_modality": True} if self.group_by_modality else {})}
 
     # ------------------------------------------------------------- iteration
     def __iter__(self) -> Iterator[dict[str, Any]]:
@@ -265,6 +275,8 @@ class Batcher:
     def _plan(self, buffer: Sequence[Example], buffer_index: int) -> Plan:
         n = len(buffer)
         lengths = [len(ex) for ex, _ in buffer]
+        if self.group_by_modality:
+            return self._plan_by_modality(buffer, lengths, buffer_index)
         if self.packing:
             rows = pack_rows(lengths, int(self.pack_length))  # type: ignore[arg-type]
         elif self.group_by_length:
@@ -272,6 +284,21 @@ class Batcher:
         else:
             return [[[i] for i in range(n)]]
         batches = [rows[k: k + self.batch_size] for k in range(0, len(rows), self.batch_size)]
+        random.Random(f"mmtune-batches:{self.seed}:{buffer_index}").shuffle(batches)
+        return batches
+
+    def _plan_by_modality(self, buffer: Sequence[Example], lengths: list[int], buffer_index: int) -> Plan:
+        bs = self.batch_size
+        batches: list[list[list[int]]] = []
+        rest: list[int] = []
+        for with_images in (True, False):
+            group = [i for i, (ex, _) in enumerate(buffer) if bool(ex.image_spans) == with_images]
+            if self.group_by_length:
+                group.sort(key=lambda k: (lengths[k], k))
+            full = len(group) - len(group) % bs
+            batches += [[[i] for i in group[k: k + bs]] for k in range(0, full, bs)]
+            rest += group[full:]
+        batches += [[[i] for i in rest[k: k + bs]] for k in range(0, len(rest), bs)]
         random.Random(f"mmtune-batches:{self.seed}:{buffer_index}").shuffle(batches)
         return batches
 

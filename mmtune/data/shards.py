@@ -19,6 +19,17 @@ compares the samples it got with the index; `stream_samples` is the
 shuffling, node/worker-splitting reader; `iter_records` gives the records back
 (optionally extracting their images), which makes records -> shards -> records
 lossless, images byte for byte.
+
+img2dataset's webdataset output (`NNNNN.tar` with `KEY.jpg` + `KEY.txt` /
+`KEY.json` "caption", `NNNNN_stats.json` beside it) is read too: each such
+sample comes out as a caption record (user "<image>", assistant the caption),
+which the `plain` template renders as LLaVA's stage 1 trains it; a folder of
+such tars (no index.json) is a shard source, and the stats file gives the
+expected sample count.
+
+Parquet / arrow / `datasets` folders given to `mmtune shard` are read as
+`mmtune convert` reads them (`iter_table_records`); their embedded image bytes
+become the tar members unchanged.
 """
 
 from __future__ import annotations
@@ -46,13 +57,7 @@ from tqdm.auto import tqdm
 
 from mmtune.data.convert import TableItem, default_id_prefixes, iter_table_records
 from mmtune.data.images import check_image, is_url, resolve_image_path
-from mmtune.data.schema import (
-    Record,
-    RecordError,
-    RejectsWriter,
-    iter_jsonl,
-    validate_record,
-)
+from mmtune.data.schema import IMAGE_PLACEHOLDER, Record, RecordError, RejectsWriter, iter_jsonl, validate_record
 from mmtune.data.tables import bytes_extension, is_table_source, printable
 from mmtune.errors import MMTuneError
 from mmtune.fileio import write_json_atomic
@@ -322,7 +327,9 @@ def is_shard_source(source: str) -> bool:
         return True
     if s.endswith((".tar", ".tar.gz", ".tgz")):
         return True
-    return os.path.isdir(s) and os.path.isfile(os.path.join(s, INDEX_NAME))
+    if not os.path.isdir(s):
+        return False
+    return os.path.isfile(os.path.join(s, INDEX_NAME)) or bool(glob.glob(os.path.join(glob.escape(s), "*.tar")))
 
 
 def expand_shards(source: str | Sequence[str]) -> list[str]:
@@ -341,8 +348,13 @@ def expand_shards(source: str | Sequence[str]) -> list[str]:
             continue
         if os.path.isdir(src):
             index = _read_index(os.path.abspath(src))
-            if index is None:
-                raise MMTuneError(f"{src}: a folder given as shards needs the {INDEX_NAME} `mmtune shard` writes")
+            if index is None:  # e.g. img2dataset's output folder: its *.tar files, in name order
+                found = sorted(glob.glob(os.path.join(glob.escape(src), "*.tar")))
+                if not found:
+                    raise MMTuneError(f"{src}: a folder given as shards needs the {INDEX_NAME} `mmtune shard` writes "
+                                      "or .tar shards (img2dataset's layout)")
+                urls.extend(found)
+                continue
             listed = [os.path.join(src, name) for name in index]
             missing = [u for u in listed if not os.path.isfile(u)]
             if missing:
@@ -388,7 +400,20 @@ def expected_count(url: str) -> int | None:
     if url.startswith(REMOTE_PREFIXES):
         return None
     index = _read_index(os.path.dirname(os.path.abspath(url)))
-    return None if index is None else index.get(os.path.basename(url))
+    if index is None:
+        return _img2dataset_count(url)
+    return index.get(os.path.basename(url))
+
+
+def _img2dataset_count(url: str) -> int | None:
+    """Samples in an img2dataset shard: `successes` of the `NNNNN_stats.json` it writes next to `NNNNN.tar`."""
+    stats = url[: -len(".tar")] + "_stats.json" if url.endswith(".tar") else None
+    if stats is None or not os.path.isfile(stats):
+        return None
+    try:
+        return int(json.loads(Path(stats).read_text(encoding="utf-8"))["successes"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 @dataclass
@@ -401,6 +426,7 @@ class ShardSample:
     json_bytes: bytes | None
     images: list[tuple[str, bytes]]  # (extension, bytes) in image order
     error: str | None = None  # set when the sample is incomplete (truncated/corrupt shard)
+    reject: str | None = None  # complete but unusable (an img2dataset sample without a caption)
 
     @property
     def image_bytes(self) -> list[bytes]:
@@ -411,6 +437,8 @@ class ShardSample:
         where = f"{self.url}, sample {self.key!r}"
         if self.error is not None:
             raise RecordError(self.error, path=where)
+        if self.reject is not None:
+            raise RecordError(self.reject, record_id=self.key, path=where)
         try:
             obj = json.loads(self.json_bytes.decode("utf-8"))  # type: ignore[union-attr]
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -482,7 +510,53 @@ def read_shard(url: str, expected: int | None = None) -> Iterator[ShardSample | 
         log.warning("shard %s: read errors (%s); incomplete samples are skipped and counted", url, errors[0])
 
 
+CAPTION_IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")  # img2dataset's output formats
+
+
+def _caption_sample(raw: dict[str, Any], url: str, index: int) -> ShardSample | None:
+    """An img2dataset sample (KEY.jpg + KEY.txt and/or KEY.json with "caption") as a caption record.
+
+    The record is what LLaVA's stage 1 trains on, rendered by the `plain`
+    template as the image then the caption: user "<image>", assistant the
+    caption (task "caption", source "img2dataset", the json's url / size in meta).
+    None when `raw` is not such a sample (an mmtune shard sample has numbered images).
+    """
+    exts = [e for e in CAPTION_IMAGE_EXTS if e in raw]
+    if not exts or any(_IMAGE_MEMBER.fullmatch(k) for k in raw):
+        return None
+    key = str(raw.get("__key__", "?"))
+    info: dict[str, Any] = {}
+    if "json" in raw:
+        try:
+            parsed = json.loads(raw["json"].decode("utf-8"))
+            info = parsed if isinstance(parsed, dict) else {}
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            info = {}
+    caption = None
+    if "txt" in raw:
+        try:
+            caption = raw["txt"].decode("utf-8").strip()
+        except UnicodeDecodeError:
+            caption = None
+    if not caption and isinstance(info.get("caption"), str):
+        caption = info["caption"].strip()
+    sample = ShardSample(url, key, index, None, [(exts[0], raw[exts[0]])])
+    if not caption:
+        sample.reject = "img2dataset sample without a caption (no .txt, no 'caption' in .json)"
+        return sample
+    meta = {k: info[k] for k in ("url", "key", "width", "height", "original_width", "original_height")
+            if k in info and isinstance(info[k], str | int | float)}
+    record = {"id": key, "messages": [{"role": "user", "content": IMAGE_PLACEHOLDER},
+                                      {"role": "assistant", "content": caption}],
+              "images": [f"{key}.{exts[0]}"], "source": "img2dataset", "task": "caption", "meta": meta}
+    sample.json_bytes = json.dumps(record, ensure_ascii=False).encode("utf-8")
+    return sample
+
+
 def _to_sample(raw: dict[str, Any], url: str, index: int) -> ShardSample:
+    caption = _caption_sample(raw, url, index)
+    if caption is not None:
+        return caption
     images: dict[int, tuple[str, bytes]] = {}
     for name, value in raw.items():
         m = _IMAGE_MEMBER.fullmatch(name)

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from mmtune.data.schema import IMAGE_PLACEHOLDER, Record
-from mmtune.data.templates import Segment, Template
+from mmtune.data.templates import Segment, Template, TemplateError
 from mmtune.errors import MMTuneError
 
 IGNORE_INDEX = -100
@@ -145,7 +145,10 @@ def tokenize_record(
     Raises SkipRecord when the record has no trained token after truncation or
     its images alone do not fit in max_length.
     """
-    segments = template.render(record.messages, eos_token=tokenizer.eos_token or "", meta=record.meta)
+    try:
+        segments = template.render(record.messages, eos_token=tokenizer.eos_token or "", meta=record.meta)
+    except TemplateError as exc:  # e.g. a chat_template that refuses this record's roles: a counted skip
+        raise SkipRecord(record.id, "template_error", str(exc)) from None
     ids, flags = _encode_segments(segments, tokenizer)
     img_id = image_token_id(tokenizer) if record.images else None
     spans: list[tuple[int, int]] = []

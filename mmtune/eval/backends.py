@@ -39,18 +39,21 @@ from typing import Any, ClassVar
 
 import torch
 
+from mmtune import runs
 from mmtune.data.schema import IMAGE_PLACEHOLDER, Record
 from mmtune.errors import MMTuneError
-from mmtune.eval.generate import PromptSkip, TokenizedPrompt, check_batch_size, generate_tokenized, \
-    tokenize_for_generation
+from mmtune.eval.generate import (
+    PromptSkip,
+    TokenizedPrompt,
+    check_batch_size,
+    generate_tokenized,
+    tokenize_for_generation,
+)
 
 # --------------------------------------------------------------------------- #
 # Fingerprints (the prediction cache's model key)
 # --------------------------------------------------------------------------- #
 
-# Training state that does not change what the model generates.
-_NOT_MODEL_FILES = {"optimizer.pt", "optimizer.safetensors", "optimizer.bin", "scheduler.pt", "rng.pt",
-                    "trainer_state.json", "run_config.yaml", "metrics.jsonl"}
 _FULL_HASH_BYTES = 64 << 20
 _SAMPLE_BYTES = 4 << 20
 
@@ -66,7 +69,8 @@ def fingerprint_model(folder: str | Path) -> str:
     folder = Path(folder)
     h = hashlib.sha256()
     for p in sorted(folder.rglob("*")):
-        if not p.is_file() or p.name in _NOT_MODEL_FILES or p.name.startswith("."):
+        # Training state (optimizer, RNG of every rank, ...) does not change what the model generates.
+        if not p.is_file() or runs.is_training_state_file(p.name) or p.name.startswith("."):
             continue
         size = p.stat().st_size
         h.update(f"{p.relative_to(folder).as_posix()}\0{size}\0".encode())
@@ -200,10 +204,10 @@ class MMTuneBackend(EvalModel):
                  trust_remote_code: bool = False) -> None:
         from mmtune.data.templates import get_template
         from mmtune.eval.generate import DEFAULT_TEMPLATE
-        from mmtune.model.io import checkpoint_template, load_model_config, load_saved_tokenizer, resolve_checkpoint
+        from mmtune.model.io import load_model_config, load_saved_tokenizer
 
-        folder = resolve_checkpoint(folder)
-        super().__init__(folder, template=template or checkpoint_template(folder) or DEFAULT_TEMPLATE,
+        folder = runs.resolve_model_folder(folder)
+        super().__init__(folder, template=template or runs.trained_template(folder) or DEFAULT_TEMPLATE,
                          device=device, dtype=dtype, trust_remote_code=trust_remote_code)
         # Refuses a checkpoint that would run its own code unless the user passed --trust-remote-code.
         self.config = load_model_config(folder, trust_remote_code=trust_remote_code)
@@ -213,10 +217,8 @@ class MMTuneBackend(EvalModel):
 
     @classmethod
     def matches(cls, path: Path) -> bool:
-        from mmtune.model.io import resolve_checkpoint
-
         try:
-            resolve_checkpoint(path)
+            runs.resolve_model_folder(path)
         except MMTuneError:
             return False
         return True
@@ -356,9 +358,15 @@ def _hf_config(path: Path) -> dict[str, Any] | None:
 
 
 def _as_parts(content: str) -> list[dict[str, str]]:
-    """mmtune's string content with `<image>` placeholders -> the list of typed parts processors take."""
+    """mmtune's string content with `<image>` placeholders -> the list of typed parts processors take.
+
+    LLaVA's processor templates (llava-hf's and `mmtune export`'s) render an image part as "<image>\n",
+    so a placeholder takes the newline that follows it along.
+    """
+    import re
+
     parts: list[dict[str, str]] = []
-    for i, piece in enumerate(content.split(IMAGE_PLACEHOLDER)):
+    for i, piece in enumerate(re.split(re.escape(IMAGE_PLACEHOLDER) + "\n?", content)):
         if i:
             parts.append({"type": "image"})
         if piece:
@@ -500,13 +508,16 @@ class LlavaHFBackend(_HFBackend):
     kind = "llava-hf"
 
     def __init__(self, folder: Path, *, template: str | None, device: str, dtype: str | None,
-                 trust_remote_code: bool = False) -> None:
+                 image_backend: str | None = None, trust_remote_code: bool = False) -> None:
         super().__init__(folder, template=template, device=device, dtype=dtype,
                          trust_remote_code=trust_remote_code)
         from transformers import AutoProcessor
 
         try:
-            self.processor = AutoProcessor.from_pretrained(str(folder), trust_remote_code=trust_remote_code)
+            # image_backend: "pil" or "torchvision" (transformers' default); `mmtune export` prints the one
+            # that reproduces the exported model's training pixels exactly.
+            kw = {"backend": image_backend} if image_backend else {}
+            self.processor = AutoProcessor.from_pretrained(str(folder), trust_remote_code=trust_remote_code, **kw)
         except (OSError, ValueError) as exc:
             raise MMTuneError(f"{folder}: cannot load the processor ({str(exc).splitlines()[0]})") from None
         self.processor.tokenizer.padding_side = "left"
@@ -642,8 +653,13 @@ def detect_backend(path: str | Path) -> str:
 
 
 def open_model(path: str | Path, *, backend: str | None = None, template: str | None = None,
-               device: str | None = None, dtype: str | None = None, trust_remote_code: bool = False) -> EvalModel:
-    """An `EvalModel` for `path` (backend detected unless named; see the module docstring)."""
+               device: str | None = None, dtype: str | None = None, image_backend: str | None = None,
+               trust_remote_code: bool = False) -> EvalModel:
+    """An `EvalModel` for `path` (backend detected unless named; see the module docstring).
+
+    `image_backend` (llava-hf only): the processor's image backend, "pil" or "torchvision".
+    `trust_remote_code`: the user's word, never the checkpoint's.
+    """
     kind = backend or detect_backend(path)
     if kind not in BACKENDS:
         import difflib
@@ -652,5 +668,6 @@ def open_model(path: str | Path, *, backend: str | None = None, template: str | 
         hint = f"; did you mean {close[0]!r}?" if close else ""
         raise MMTuneError(f"unknown model backend {kind!r}{hint} (have: {', '.join(BACKENDS)})")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    extra = {"image_backend": image_backend} if image_backend and kind == "llava-hf" else {}
     return BACKENDS[kind](Path(path), template=template, device=device, dtype=dtype,
-                          trust_remote_code=trust_remote_code)
+                          trust_remote_code=trust_remote_code, **extra)

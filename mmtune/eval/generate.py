@@ -42,6 +42,7 @@ from mmtune.data.tokenize import stop_token_ids, tokenize_prompt
 from mmtune.device import resolve_device
 from mmtune.errors import MMTuneError
 from mmtune.outputs import Out, check_outputs
+from mmtune.runs import RUN_CONFIG_FILE, resolve_model_folder, trained_template
 
 if TYPE_CHECKING:  # the model layer loads transformers; `mmtune eval --predictions` needs none of it
     from mmtune.model.build import ModelBundle
@@ -225,13 +226,6 @@ def generate_answers(
 # --------------------------------------------------------------------------- #
 
 
-def trained_template(checkpoint: Path) -> str | None:
-    """The template a checkpoint was trained with (its run's data.template), or None."""
-    from mmtune.model.io import checkpoint_template
-
-    return checkpoint_template(checkpoint)
-
-
 def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("checkpoint", help="a saved model / checkpoint folder, or a run folder (latest checkpoint-*)")
     parser.add_argument("--prompt", help="the user's message (one answer, printed)")
@@ -379,7 +373,7 @@ def generate_file(
 
 
 def cli_main(args: argparse.Namespace) -> int:
-    from mmtune.model.io import load_model, resolve_checkpoint
+    from mmtune.model.io import load_model
 
     if (args.prompt is None) == (args.input is None):
         raise MMTuneError("give either --prompt (one answer, printed) or --input FILE --out FILE (a batch)")
@@ -391,11 +385,11 @@ def cli_main(args: argparse.Namespace) -> int:
         raise MMTuneError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     if args.do_sample and (args.temperature <= 0 or not 0 < args.top_p <= 1):
         raise MMTuneError("--temperature must be > 0 and --top-p in (0, 1] when sampling")
-    ckpt = resolve_checkpoint(args.checkpoint)
+    ckpt = resolve_model_folder(args.checkpoint)
     template = args.template or trained_template(ckpt)
     if template is None:
         template = DEFAULT_TEMPLATE
-        print(f"no run_config.yaml with data.template next to {ckpt}; using template {template}", file=sys.stderr)
+        print(f"no {RUN_CONFIG_FILE} with data.template next to {ckpt}; using template {template}", file=sys.stderr)
     if template != "tokenizer":
         get_template(template)  # fail early (one line) on an unknown name, before loading the model
     images = [_check_image_arg(p) for p in args.image]
@@ -440,7 +434,7 @@ def _check_image_arg(path: str) -> str:
 
 
 def _cli_batch(args: argparse.Namespace) -> int:
-    from mmtune.model.io import load_model, resolve_checkpoint
+    from mmtune.model.io import load_model
 
     if args.out is None:
         raise MMTuneError("--input needs --out ANSWERS.jsonl")
@@ -454,7 +448,7 @@ def _cli_batch(args: argparse.Namespace) -> int:
     inp, out = Path(args.input), Path(args.out)
     if not inp.is_file():
         raise MMTuneError(f"--input {inp}: file not found")
-    ckpt = resolve_checkpoint(args.checkpoint)
+    ckpt = resolve_model_folder(args.checkpoint)
     check_outputs([Out(out, "--out")], inputs=[("--input", inp)], runs=[("checkpoint", ckpt)])
     template = args.template or trained_template(ckpt) or DEFAULT_TEMPLATE
     if template != "tokenizer":

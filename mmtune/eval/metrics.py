@@ -598,9 +598,8 @@ SCORERS: dict[str, Callable[..., ScoreReport]] = {
 # Metrics whose records are multiple choice (choices listed in the prompt, letter answers).
 MULTIPLE_CHOICE_METRICS = frozenset({"multiple_choice", "mmbench_circular", "seed"})
 # The benchmark scorers (MME, MMBench CircularEval, SEED-Bench) live in their own module, which builds on
-# this one's helpers and adds itself to SCORERS when imported; importing it here, after everything it
-# uses is defined, makes the registry complete whichever module is imported first.
-import mmtune.eval.bench_metrics  # noqa: E402,F401
+# this one's helpers and adds itself to SCORERS when imported; mmtune/eval/__init__.py imports it, so the
+# registry is complete whichever eval module is imported first (and this module imports nothing above it).
 
 
 def get_scorer(name: str) -> Callable[..., ScoreReport]:

@@ -48,13 +48,21 @@ from pathlib import Path
 from typing import Any
 
 
-from mmtune.config import ConfigError, from_dict, load_config, load_yaml
+from mmtune import runs
+from mmtune.config import ConfigError, from_dict, load_config
 from mmtune.data.schema import Record, read_records
 from mmtune.device import resolve_device
 from mmtune.errors import MMTuneError
+
 # The model backends (mmtune checkpoints, llava-hf folders, causal LMs) live in mmtune.eval.backends;
 # generate_prompts and fingerprint_model stay importable from here.
-from mmtune.eval.backends import EvalModel, detect_backend, fingerprint_model, generate_prompts, open_model  # noqa: F401
+from mmtune.eval.backends import (  # noqa: F401
+    EvalModel,
+    detect_backend,
+    fingerprint_model,
+    generate_prompts,
+    open_model,
+)
 from mmtune.eval.benchmarks import SUBMISSION_WRITERS
 from mmtune.eval.generate import PromptSkip
 from mmtune.eval.metrics import SCORERS, MetricError, ScoreReport, get_scorer
@@ -114,6 +122,7 @@ class ModelEntry:
     # default: mmtune runs: the eval template, else the one the model trained with; HF folders: their chat template
     template: str | None = None
     modes: list[str] | None = None  # default: the eval config's modes
+    image_backend: str | None = None  # llava-hf folders: the processor's image backend (pil | torchvision)
 
 
 @dataclass
@@ -216,13 +225,10 @@ class PredictionCache:
 
 def _trained_holdout(folder: Path) -> list[str] | None:
     """`data.holdout_tasks` from the run_config.yaml next to a checkpoint (None when there is none)."""
-    for d in (folder, folder.parent):
-        path = d / "run_config.yaml"
-        if path.is_file():
-            data = (load_yaml(path).get("data") or {})
-            value = data.get("holdout_tasks") or []
-            return [str(v) for v in value] if isinstance(value, list) else [str(value)]
-    return None
+    if runs.read_run_config(folder) is None:
+        return None
+    value = runs.run_config_value(folder, "data.holdout_tasks") or []
+    return [str(v) for v in value] if isinstance(value, list) else [str(value)]
 
 
 # --------------------------------------------------------------------------- #
@@ -505,7 +511,7 @@ def run_eval(cfg: EvalConfig, *, output_dir: str | Path | None = None) -> dict[s
         # The eval-wide template applies to mmtune runs; HF folders keep their own chat template.
         template = e.template or (cfg.template if kind == "mmtune" else None)
         handles[n] = open_model(e.path, backend=kind, template=template, device=device, dtype=g.dtype,
-                                trust_remote_code=cfg.trust_remote_code)
+                                image_backend=e.image_backend, trust_remote_code=cfg.trust_remote_code)
     read = _reader()
     pool = _read_all(cfg.pool, read, "pool")
     tasks = [load_task(s, pool if cfg.pool else None, pool_name=", ".join(cfg.pool) or "the pool",

@@ -6,7 +6,7 @@ bundle.model.set_trainable("instruct")
 """
 
 from mmtune.model.build import ModelBundle, build_model
-from mmtune.model.io import load_model, resolve_checkpoint, save_model
+from mmtune.model.io import load_model, save_model
 from mmtune.model.lora import apply_lora, merge_lora
 from mmtune.model.mllm import MMTuneModel
 
@@ -17,6 +17,5 @@ __all__ = [
     "build_model",
     "load_model",
     "merge_lora",
-    "resolve_checkpoint",
     "save_model",
 ]

@@ -26,6 +26,7 @@ from mmtune.model.projector import build_projector
 from mmtune.model.vision import build_vision_tower
 
 MODES = ("llm", "mllm")
+LLAVA_PROJECTOR_FILE = "mm_projector.bin"  # what LLaVA's stage 1 (--tune_mm_mlp_adapter) writes
 DTYPES = {
     "float32": torch.float32,
     "fp32": torch.float32,
@@ -149,19 +150,29 @@ def build_model(
     """
     if cfg.mode not in MODES:
         raise MMTuneError(f"model.mode must be llm or mllm, got {cfg.mode!r}")
+    init = None
+    if cfg.init_from:
+        init, cfg = _read_init_from(cfg, lm_folder is None)
     if tokenizer is None:
         tok_cfg = copy.deepcopy(cfg.tokenizer)
         if not tok_cfg.name_or_path and not tok_cfg.train_vocab_size:
-            if not cfg.lm.name_or_path:
+            if init is None and not cfg.lm.name_or_path:
                 raise MMTuneError("model.tokenizer needs name_or_path or train_vocab_size (the LM is random-init)")
-            tok_cfg.name_or_path = cfg.lm.name_or_path
+            tok_cfg.name_or_path = str(init.folder) if init is not None else cfg.lm.name_or_path
             tok_cfg.trust_remote_code = cfg.lm.trust_remote_code
         tokenizer = build_tokenizer(tok_cfg, corpus)
     img_id = image_token_id(tokenizer)
 
+    if init is not None and img_id != init.image_token_index:
+        raise MMTuneError(f"model.init_from: {init.folder}: image_token_index is {init.image_token_index} but the "
+                          f"tokenizer's {cfg.image_token} is {img_id}")
+
     owned: set[str] = set()
-    lm_random = lm_folder is None and not cfg.lm.name_or_path
-    lm = build_lm(cfg.lm, vocab_size=len(tokenizer), from_folder=lm_folder)
+    lm_random = lm_folder is None and not cfg.lm.name_or_path and init is None
+    if init is not None and init.lm is not None:
+        lm = init.lm
+    else:
+        lm = build_lm(cfg.lm, vocab_size=len(tokenizer), from_folder=lm_folder)
     if lm_random or lm_folder is not None:
         owned.add("lm")
     fit_vocab(lm, tokenizer)
@@ -176,7 +187,13 @@ def build_model(
         vision_random = bool(vcfg.config and not vcfg.pretrained) or (
             vcfg.backend == "open_clip" and not vcfg.config and not vcfg.pretrained
         )
-        vision = build_vision_tower(vcfg, load_weights=vision_state is None, dtype=tower_dtype)
+        if init is not None:
+            from mmtune.model.vision import HFVisionTower
+
+            base = init.vision_model.to(tower_dtype) if tower_dtype is not None else init.vision_model
+            vision = HFVisionTower(base, init.processor_cfg, vcfg.feature_layer, vcfg.select_strategy)
+        else:
+            vision = build_vision_tower(vcfg, load_weights=vision_state is None, dtype=tower_dtype)
         if vision_state is not None:
             _load_state(vision, vision_state, "vision")
         if vision_random or vision_state is not None:
@@ -184,7 +201,9 @@ def build_model(
         lm_dim = int(lm.config.get_text_config().hidden_size)
         projector = build_projector(cfg.projector, vision.hidden_size, lm_dim)
         if projector_state is None and cfg.projector.checkpoint:
-            projector_state = _projector_checkpoint(cfg.projector.checkpoint)
+            projector_state = _projector_checkpoint(cfg.projector.checkpoint, cfg.projector.type)
+        if projector_state is None and init is not None:
+            projector_state = init.projector_state
         if projector_state is not None:
             _load_state(projector, projector_state, "projector")
         transform = vision.image_transform(vcfg.pad_to_square)
@@ -196,6 +215,23 @@ def build_model(
     return ModelBundle(model, tokenizer, transform, model.num_image_tokens, cfg)
 
 
+def _read_init_from(cfg: ModelConfig, load_lm: bool) -> tuple[Any, ModelConfig]:
+    """`model.init_from`: the LLaVA folder's parts, and a copy of `cfg` describing them."""
+    from mmtune.model.hf_llava import read_llava_folder
+
+    if cfg.lm.name_or_path or cfg.lm.config:
+        raise MMTuneError("model.init_from takes the LM from the LLaVA folder: leave model.lm.name_or_path and "
+                          "model.lm.config unset")
+    if cfg.vision.model_name or cfg.vision.config or cfg.vision.pretrained:
+        raise MMTuneError("model.init_from takes the vision tower from the LLaVA folder: leave model.vision.model_name, "
+                          "config and pretrained unset")
+    dtype = resolve_dtype(cfg.lm.dtype)
+    init = read_llava_folder(cfg.init_from, dtype=None if dtype == "auto" else dtype, load_lm=load_lm)
+    cfg = copy.deepcopy(cfg)
+    init.apply_to(cfg)
+    return init, cfg
+
+
 def _load_state(module: nn.Module, state: dict[str, torch.Tensor], what: str) -> None:
     try:
         module.load_state_dict(state, strict=True)
@@ -204,15 +240,37 @@ def _load_state(module: nn.Module, state: dict[str, torch.Tensor], what: str) ->
         raise MMTuneError(f"saved {what} weights do not fit the configured {what}: {first}") from None
 
 
-def _projector_checkpoint(path: str) -> dict[str, torch.Tensor]:
-    """Projector weights from an align run: a .safetensors file, a checkpoint folder or a run folder."""
-    from mmtune.model.io import PROJECTOR_FILE, resolve_checkpoint
+def _projector_checkpoint(path: str, kind: str = "mlp2x_gelu") -> dict[str, torch.Tensor]:
+    """Projector weights: mmtune's projector.safetensors (file, model or run folder) or LLaVA's mm_projector.bin.
 
+    LLaVA's file (a folder holding it, or the file itself) is read with
+    `torch.load(weights_only=True)`, which unpickles tensors only, and its
+    `model.mm_projector.{0,2}.*` keys are renamed onto mmtune's projector.
+    """
+    from mmtune.model.projector import from_llava_projector_state, is_llava_projector_state
+    from mmtune.runs import PROJECTOR_FILE, resolve_model_folder
+
+    where = "model.projector.checkpoint"
     p = Path(path)
     if p.is_dir():
-        p = resolve_checkpoint(p) / PROJECTOR_FILE
+        p = p / LLAVA_PROJECTOR_FILE if (p / LLAVA_PROJECTOR_FILE).is_file() else resolve_model_folder(p) / PROJECTOR_FILE
     if not p.is_file():
-        raise MMTuneError(f"model.projector.checkpoint: {p} not found")
-    from safetensors.torch import load_file
+        raise MMTuneError(f"{where}: {p} not found")
+    if p.suffix == ".safetensors":
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
 
-    return load_file(str(p))
+        try:
+            state = load_file(str(p))
+        except (SafetensorError, OSError) as exc:
+            raise MMTuneError(f"{where}: {p} is not a readable safetensors file ({exc})") from None
+    else:
+        try:
+            state = torch.load(str(p), map_location="cpu", weights_only=True)
+        except Exception as exc:  # pickle/zip errors vary by torch version: report one line naming the file
+            raise MMTuneError(f"{where}: {p} cannot be read as torch weights ({' '.join(str(exc).split())[:200]})") from None
+        if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+            raise MMTuneError(f"{where}: {p} does not hold a dict of tensors")
+    if is_llava_projector_state(state):
+        state = from_llava_projector_state(state, kind, f"{where} {p}")
+    return state

@@ -45,7 +45,6 @@ from mmtune.data.templates import Template, get_template
 from mmtune.errors import MMTuneError
 from mmtune.fileio import replace_dir
 from mmtune.model.build import ModelBundle, resolve_dtype
-from mmtune.model.io import checkpoint_template
 from mmtune.model.mllm import MMTuneModel
 from mmtune.model.vision import (
     HFVisionTower,
@@ -54,9 +53,14 @@ from mmtune.model.vision import (
     open_clip_to_hf_clip,
 )
 from mmtune.outputs import Out, check_outputs
+from mmtune.runs import (
+    RUN_CONFIG_FILE,
+    resolve_model_folder,
+    trained_template,
+)
 
 FORMATS = ("hf-llava", "hf")
-RUN_CONFIG_FILE = "run_config.yaml"
+EXPORT_INFO_FILE = "mmtune_export.json"
 
 # The LLaVA chat templates take message contents as a list of parts
 # ({"type": "image"} / {"type": "text", "text": ...}), the way processors are
@@ -450,6 +454,11 @@ def _write_hf_llava(bundle: ModelBundle, template: Template, folder: Path, dtype
     expected = _digests(hf)
     hf.save_pretrained(str(folder))
     build_processor(bundle, template).save_pretrained(str(folder))
+    # What `model.init_from` needs to reproduce mmtune's pixels exactly (mmtune.model.hf_llava reads it).
+    from mmtune.fileio import write_json_atomic
+
+    write_json_atomic({"image_backend": image_backend(bundle.model.vision), "template": template.name},
+                      folder / EXPORT_INFO_FILE)
     del hf
     return expected
 
@@ -618,18 +627,18 @@ def export_checkpoint(
     `fmt`: hf-llava (MLLM) or hf (LLM); None picks by the checkpoint's mode.
     `template`: the chat template to ship (default: data.template of the run's run_config.yaml).
     """
-    from mmtune.model.io import load_model, load_model_config, resolve_checkpoint
+    from mmtune.model.io import load_model, load_model_config
 
     if fmt is not None and fmt not in FORMATS:
         raise ExportError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
-    ckpt = resolve_checkpoint(source)
+    ckpt = resolve_model_folder(source)
     out = Path(out)
     # Never the checkpoint or the run it came from, nor inside or above them (--overwrite would delete them).
     check_outputs([Out(out, "--out", "folder", whole=True)],
                   runs=[("checkpoint", ckpt), *([("run folder", Path(source))] if Path(source) != ckpt else [])])
     if out.exists() and not overwrite:
         raise ExportError(f"{out} already exists (pass --overwrite to replace it)")
-    name = template or checkpoint_template(ckpt)
+    name = template or trained_template(ckpt)
     if name is None:
         raise ExportError(
             f"{ckpt}: no {RUN_CONFIG_FILE} with data.template here or in its run folder; "

@@ -19,7 +19,6 @@ is a few tens of MB. Everything is safetensors; nothing is unpickled.
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 from typing import Any
 
@@ -30,16 +29,19 @@ from mmtune.errors import MMTuneError
 from mmtune.integrity import corruption_message, find_corruption
 from mmtune.model.build import ModelBundle, build_model
 
-MODEL_CONFIG_FILE = "model_config.yaml"
-PARTS_FILE = "model_parts.json"
-TOKENIZER_DIR = "tokenizer"
-PROJECTOR_FILE = "projector.safetensors"
-VISION_FILE = "vision.safetensors"
-LM_DIR = "lm"
-ADAPTER_DIR = "adapter"
-FORMAT_VERSION = 1
+# The folder's file names belong to mmtune.runs (the one owner of the run-folder layout).
+from mmtune.runs import (
+    ADAPTER_DIR,
+    LM_DIR,
+    MODEL_CONFIG_FILE,
+    PARTS_FILE,
+    PROJECTOR_FILE,
+    TOKENIZER_DIR,
+    VISION_FILE,
+    resolve_model_folder,
+)
 
-_CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+FORMAT_VERSION = 1
 
 
 def save_model(bundle: ModelBundle, folder: str | Path) -> None:
@@ -112,7 +114,7 @@ def load_model(
     """
     from safetensors.torch import load_file
 
-    folder = resolve_checkpoint(folder)
+    folder = resolve_model_folder(folder)
     bad = find_corruption(folder)  # a truncated / garbled file is named, with the earlier intact checkpoint
     if bad is not None:
         raise MMTuneError(corruption_message(folder, *bad))
@@ -231,38 +233,3 @@ def read_parts(folder: Path) -> dict[str, Any]:
 
 
 _DTYPE_NAMES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def is_model_folder(path: str | Path) -> bool:
-    return (Path(path) / MODEL_CONFIG_FILE).is_file()
-
-
-def resolve_checkpoint(path: str | Path) -> Path:
-    """A saved model folder as is; a run folder -> its latest `checkpoint-STEP` (highest STEP)."""
-    path = Path(path)
-    if not path.exists():
-        raise MMTuneError(f"{path}: no such checkpoint or run folder")
-    if is_model_folder(path):
-        return path
-    if path.is_dir():
-        steps = []
-        for child in path.iterdir():
-            m = _CHECKPOINT_RE.match(child.name)
-            if m and child.is_dir() and is_model_folder(child):
-                steps.append((int(m.group(1)), child))
-        if steps:
-            return max(steps)[1]
-    raise MMTuneError(f"{path}: not a saved model ({MODEL_CONFIG_FILE} missing) and holds no checkpoint-* folder")
-
-
-def checkpoint_template(checkpoint: Path) -> str | None:
-    """`data.template` of the run_config.yaml in `checkpoint` or its run folder, if any."""
-    from mmtune.config import load_yaml
-
-    for folder in (checkpoint, checkpoint.parent):
-        path = folder / "run_config.yaml"
-        if path.is_file():
-            template = (load_yaml(path).get("data") or {}).get("template")
-            if isinstance(template, str) and template:
-                return template
-    return None

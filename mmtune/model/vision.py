@@ -301,9 +301,13 @@ class HFVisionTower(VisionTower):
 
 
 def _hf_image_processor(kind: str, cfg: dict[str, Any]) -> Any:
+    """The tower family's image processor; `cfg["_backend"] == "pil"` picks the PIL implementation."""
+    import transformers
     from transformers import CLIPImageProcessor, SiglipImageProcessor
 
     cls = SiglipImageProcessor if kind == "siglip" else CLIPImageProcessor
+    if cfg.get("_backend") == "pil":
+        cls = getattr(transformers, cls.__name__ + "Pil", cls)
     return cls(**{k: v for k, v in cfg.items() if not k.startswith("_")})
 
 

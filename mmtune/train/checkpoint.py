@@ -18,7 +18,6 @@ import json
 import logging
 import os
 import random
-import re
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -27,66 +26,36 @@ from typing import Any
 import numpy as np
 import torch
 
-from mmtune.errors import MMTuneError
+from mmtune import runs
 from mmtune.fileio import write_json_atomic
 from mmtune.integrity import corruption_message, find_corruption
 
-CHECKPOINT_PREFIX = "checkpoint-"
-TMP_PREFIX = ".tmp-checkpoint-"
-OLD_PREFIX = ".old-checkpoint-"
-STATE_FILE = "trainer_state.json"
-OPTIMIZER_FILE = "optimizer.pt"
-SCHEDULER_FILE = "scheduler.pt"
-RNG_FILE = "rng.pt"
-RUN_CONFIG_FILE = "run_config.yaml"
+# The layout and what counts as a complete checkpoint belong to mmtune.runs (the
+# finders are imported here because resume, rotation and the tests reach them as ckpt.NAME).
+from mmtune.runs import (
+    OLD_PREFIX,
+    STATE_FILE,
+    CheckpointError,
+    checkpoint_path,
+    is_training_checkpoint,
+    latest_checkpoint,
+    list_checkpoints,
+    old_checkpoint_path,
+    resolve_checkpoint,
+    rng_file,
+    temp_checkpoint_path,
+)
 
-_CKPT_RE = re.compile(r"^checkpoint-(\d+)$")
-
-
-class CheckpointError(MMTuneError):
-    """A checkpoint that cannot be found or read (one line naming the folder)."""
-
+__all__ = [
+    "CheckpointError", "begin_checkpoint", "capture_rng_state", "commit_checkpoint", "latest_checkpoint",
+    "list_checkpoints", "load_state_file", "read_trainer_state", "remove_stale_temps", "resolve_checkpoint",
+    "resolve_resume", "restore_rng_state", "rng_file", "rotate_checkpoints", "save_state_file", "step_of",
+    "write_checkpoint",
+]
 
 # --------------------------------------------------------------------------- #
 # Finding checkpoints
 # --------------------------------------------------------------------------- #
-
-
-def is_checkpoint(folder: str | os.PathLike[str]) -> bool:
-    """True for a complete checkpoint folder (its state file is the last thing written)."""
-    return (Path(folder) / STATE_FILE).is_file()
-
-
-def list_checkpoints(output_dir: str | os.PathLike[str]) -> list[tuple[int, Path]]:
-    """Complete `checkpoint-STEP` folders of a run, oldest step first."""
-    root = Path(output_dir)
-    if not root.is_dir():
-        return []
-    found = []
-    for child in root.iterdir():
-        m = _CKPT_RE.match(child.name)
-        if m and child.is_dir() and is_checkpoint(child):
-            found.append((int(m.group(1)), child))
-    return sorted(found)
-
-
-def latest_checkpoint(output_dir: str | os.PathLike[str]) -> Path | None:
-    """The complete checkpoint with the highest step, or None."""
-    ckpts = list_checkpoints(output_dir)
-    return ckpts[-1][1] if ckpts else None
-
-
-def resolve_checkpoint(path: str | os.PathLike[str]) -> Path:
-    """A checkpoint folder, or a run folder meaning its latest checkpoint."""
-    p = Path(path).expanduser()
-    if is_checkpoint(p):
-        return p
-    if p.is_dir():
-        latest = latest_checkpoint(p)
-        if latest is not None:
-            return latest
-        raise CheckpointError(f"{p}: neither a checkpoint folder (no {STATE_FILE}) nor a run folder with checkpoint-* inside")
-    raise CheckpointError(f"{p}: checkpoint folder not found")
 
 
 def resolve_resume(resume_from: str | None, output_dir: str | os.PathLike[str]) -> Path | None:
@@ -129,17 +98,9 @@ def step_of(folder: str | os.PathLike[str]) -> int:
 # --------------------------------------------------------------------------- #
 
 
-def checkpoint_path(output_dir: str | os.PathLike[str], step: int) -> Path:
-    return Path(output_dir) / f"{CHECKPOINT_PREFIX}{step}"
-
-
-def temp_path(output_dir: str | os.PathLike[str], step: int) -> Path:
-    return Path(output_dir) / f"{TMP_PREFIX}{step}"
-
-
 def begin_checkpoint(output_dir: str | os.PathLike[str], step: int) -> Path:
     """Create an empty temp folder for checkpoint `step` (removing a stale one)."""
-    tmp = temp_path(output_dir, step)
+    tmp = temp_checkpoint_path(output_dir, step)
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
@@ -174,13 +135,13 @@ def commit_checkpoint(output_dir: str | os.PathLike[str], step: int, state: dict
     An existing `checkpoint-STEP` (a re-save of the same step) is moved aside
     first and deleted only after the new one is in place.
     """
-    tmp = temp_path(output_dir, step)
+    tmp = temp_checkpoint_path(output_dir, step)
     write_json_atomic(state, tmp / STATE_FILE, fsync=True, sort_keys=True)
     _fsync_tree(tmp)
     final = checkpoint_path(output_dir, step)
     old = None
     if final.exists():
-        old = Path(output_dir) / f"{OLD_PREFIX}{step}"
+        old = old_checkpoint_path(output_dir, step)
         if old.exists():
             shutil.rmtree(old)
         os.replace(final, old)
@@ -233,11 +194,11 @@ def remove_stale_temps(output_dir: str | os.PathLike[str]) -> list[Path]:
     removed = []
     for child in root.iterdir():
         if child.name.startswith(OLD_PREFIX):
-            final = root / (CHECKPOINT_PREFIX + child.name[len(OLD_PREFIX):])
-            if not final.exists() and is_checkpoint(child):
+            final = root / (runs.CHECKPOINT_PREFIX + child.name[len(OLD_PREFIX):])
+            if not final.exists() and is_training_checkpoint(child):
                 os.replace(child, final)
                 continue
-        if child.name.startswith((TMP_PREFIX, OLD_PREFIX)) and child.is_dir():
+        if child.name.startswith((runs.TMP_PREFIX, OLD_PREFIX)) and child.is_dir():
             shutil.rmtree(child, ignore_errors=True)
             removed.append(child)
     return removed
@@ -269,7 +230,7 @@ def load_state_file(path: str | os.PathLike[str]) -> Any:
         raise CheckpointError(f"{path}: missing from the checkpoint")
     try:
         return torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - any unpickling failure is a corrupt file
+    except Exception as exc:
         raise CheckpointError(f"{path}: cannot be read ({type(exc).__name__}: {exc})".splitlines()[0]) from None
 
 
@@ -306,8 +267,3 @@ def restore_rng_state(state: dict[str, Any]) -> None:
             torch.cuda.set_rng_state_all(cuda_states)
         else:  # a different GPU count: at least this process's device continues its stream
             torch.cuda.set_rng_state(cuda_states[min(torch.cuda.current_device(), len(cuda_states) - 1)])
-
-
-def rng_file(rank: int) -> str:
-    """`rng.pt` for process 0 (the contract's name), `rng-rank{r}.pt` for the others."""
-    return RNG_FILE if rank == 0 else f"rng-rank{rank}.pt"

@@ -16,8 +16,7 @@ import os
 from pathlib import Path
 from typing import Any, TextIO
 
-METRICS_FILE = "metrics.jsonl"
-LOSS_PNG = "loss.png"
+from mmtune.runs import METRICS_FILE
 
 
 def read_metrics(path: str | os.PathLike[str]) -> list[dict[str, Any]]:

@@ -46,18 +46,17 @@ from typing import Any
 
 import torch
 
-from mmtune.config import RunConfig, load_config, save_config, to_dict
+from mmtune import runs
+from mmtune.config import RunConfig, load_config, to_dict
 from mmtune.errors import MMTuneError
 from mmtune.train import checkpoint as ckpt
-from mmtune.train.metrics import (
-    LOSS_PNG,
-    METRICS_FILE,
-    BatchTrace,
-    MetricsLogger,
-    plot_loss_curve,
-)
+from mmtune.train.metrics import BatchTrace, MetricsLogger, plot_loss_curve
 from mmtune.train.param_groups import describe_groups, norm_parameter_names
-from mmtune.train.precision import dtype_name, keep_trainable_fp32, optimizer_state_dtype
+from mmtune.train.precision import (
+    dtype_name,
+    keep_trainable_fp32,
+    optimizer_state_dtype,
+)
 from mmtune.train.trainer import (
     FaultInjector,
     NonFiniteLossError,
@@ -74,9 +73,6 @@ from mmtune.train.trainer import (
 log = logging.getLogger("mmtune.train")
 
 STATE_FORMAT = "mmtune.trainer/1"
-BEST_DIR = "best"  # train.save_best: the model of the lowest validation loss
-BEST_FILE = "best.json"
-LOG_FILE = "train.log"
 EXIT_STOPPED = 143  # 128 + SIGTERM: stopped on request, checkpoint saved
 
 
@@ -183,8 +179,13 @@ def _train(cfg: RunConfig) -> TrainResult:
     # Several processes without CUDA (torchrun / accelerate on CPU): accelerate
     # only sets up its gloo process group when told the run is on CPU.
     multi_cpu = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
+    from mmtune.train.trackers import TRACKERS_DIR, check_trackers
+
+    report_to = check_trackers(cfg.train.report_to)  # before anything is built: a missing package is one line
     accelerator = Accelerator(
         cpu=multi_cpu,
+        log_with=report_to or None,
+        project_dir=str(Path(cfg.train.output_dir) / TRACKERS_DIR) if report_to else None,
         gradient_accumulation_steps=cfg.train.grad_accum,
         mixed_precision=precision,
         # The schedule is stepped here once per optimizer step, not by accelerate
@@ -335,7 +336,10 @@ class _Recipe:
             self._load_training_state(self.resumed_from, state)
         resume_step = self.step if state is not None else None
         self.best_loss = self._previous_best(resume_step)
-        self.metrics = MetricsLogger(self.out, enabled=self.main, resume_step=resume_step)
+        # train.report_to goes through accelerate's trackers; without it, DIR/tb when tensorboard is installed
+        self.metrics = MetricsLogger(self.out, enabled=self.main, resume_step=resume_step,
+                                     tensorboard=not self.tc.report_to)
+        self._init_trackers()
         self.trace = BatchTrace(self.out, self.rank, resume_step=resume_step)
         self._announce()
         with StopSignal() as stop:
@@ -346,9 +350,7 @@ class _Recipe:
             self.out.mkdir(parents=True, exist_ok=True)
             for stale in ckpt.remove_stale_temps(self.out):
                 print(f"mmtune train: removed the unfinished checkpoint {stale} of an interrupted save", file=sys.stderr)
-            tmp = self.out / f".{ckpt.RUN_CONFIG_FILE}.tmp"
-            save_config(self.cfg, tmp)
-            os.replace(tmp, self.out / ckpt.RUN_CONFIG_FILE)
+            runs.write_run_config(self.cfg, self.out)
         self.acc.wait_for_everyone()
 
     def _setup_logging(self) -> None:
@@ -356,7 +358,7 @@ class _Recipe:
         root = logging.getLogger("mmtune")
         self._log_level = root.level
         root.setLevel(logging.INFO)
-        name = LOG_FILE if self.rank == 0 else f"train-rank{self.rank}.log"
+        name = runs.log_file(self.rank)
         fh = logging.FileHandler(self.out / name, encoding="utf-8")
         fh.setLevel(logging.INFO)
         fh.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
@@ -439,7 +441,8 @@ class _Recipe:
         else:  # plain sources (or counting num_epochs of a mixture: one pass over all of its sources)
             stream = make(dc.train_paths(), epochs)
         return Batcher(stream, batch_size=self.tc.batch_size, pad_token_id=self.bundle.tokenizer.pad_token_id,
-                       group_by_length=dc.group_by_length, packing=dc.packing, seed=self.tc.seed)
+                       group_by_length=dc.group_by_length, packing=dc.packing, seed=self.tc.seed,
+                       group_by_modality=dc.group_by_modality)
 
     def _build_data(self) -> None:
         # Endless: epochs follow one another inside the stream, and every rank
@@ -474,16 +477,16 @@ class _Recipe:
 
     def _load_training_state(self, folder: Path, state: dict[str, Any]) -> None:
         try:
-            self.optimizer.load_state_dict(ckpt.load_state_file(folder / ckpt.OPTIMIZER_FILE))
+            self.optimizer.load_state_dict(ckpt.load_state_file(folder / runs.OPTIMIZER_FILE))
         except ValueError as exc:  # torch's "parameter group doesn't match the size of optimizer's group"
             raise MMTuneError(f"{folder}: the optimizer state does not fit this run's trainable parameters "
                               f"(train.stage / train.lora / unfreeze_vision changed?): {exc}") from None
-        self.scheduler.load_state_dict(ckpt.load_state_file(folder / ckpt.SCHEDULER_FILE))
+        self.scheduler.load_state_dict(ckpt.load_state_file(folder / runs.SCHEDULER_FILE))
         data_states = state.get("data_state") or []
         if len(data_states) != self.world:
             raise MMTuneError(f"{folder}: data position saved for {len(data_states)} process(es), this run has {self.world}")
         self._load_data_state(data_states[self.rank])
-        self._rng_to_restore = ckpt.load_state_file(folder / ckpt.rng_file(self.rank))
+        self._rng_to_restore = ckpt.load_state_file(folder / runs.rng_file(self.rank))
         self.step = int(state["step"])
         self.tokens = int(state.get("tokens", 0))
         self.examples = int(state.get("examples", 0))
@@ -569,7 +572,7 @@ class _Recipe:
             bar.close()
         self.acc.wait_for_everyone()
         if self.main:
-            png = plot_loss_curve(self.out / METRICS_FILE, self.out / LOSS_PNG, title=f"mmtune train ({tc.stage})")
+            png = plot_loss_curve(self.out / runs.METRICS_FILE, self.out / runs.LOSS_PNG, title=f"mmtune train ({tc.stage})")
             if png is not None:
                 log.info("loss curve: %s", png)
         return self._result(stop_reason)
@@ -703,8 +706,29 @@ class _Recipe:
             row["source_epochs"] = dict(self.batcher.stream.epochs)
         if self.metrics is not None:
             self.metrics.log(row)
+        self._track(row)
         bar.set_postfix(loss=f"{row['loss']:.4f}", tok_s=f"{row['tokens_per_s']:.0f}", lr=f"{window.lr:.2e}",
                         refresh=False)
+
+    # --------------------------------------------------------------- trackers
+    def _init_trackers(self) -> None:
+        if not self.tc.report_to:
+            return
+        from mmtune.train.trackers import TRACKERS_DIR, flat_config
+
+        name = self.out.resolve().name or "mmtune"
+        folder = self.out / TRACKERS_DIR
+        if self.main:
+            folder.mkdir(parents=True, exist_ok=True)
+        kwargs = {"wandb": {"dir": str(folder), "name": name}, "mlflow": {"logging_dir": str(folder / "mlruns")}}
+        self.acc.init_trackers(name, config=flat_config(self.cfg),
+                               init_kwargs={k: v for k, v in kwargs.items() if k in self.tc.report_to})
+
+    def _track(self, row: dict[str, Any]) -> None:
+        if self.tc.report_to:
+            from mmtune.train.trackers import tracker_values
+
+            self.acc.log(tracker_values(row), step=int(row["step"]))
 
     # ------------------------------------------------------------- validation
     def _validate(self, bar: Any) -> None:
@@ -712,6 +736,7 @@ class _Recipe:
         row = {"step": self.step, "eval_loss": res.loss, "eval_examples": res.examples, "eval_tokens": res.tokens}
         if self.metrics is not None:
             self.metrics.log(row)
+        self._track(row)
         bar.set_postfix(eval_loss=f"{res.loss:.4f}", refresh=False)
         log.info("step %d: validation loss %.4f over %d examples", self.step, res.loss, res.examples)
         if self.tc.save_best and math.isfinite(res.loss) and (self.best_loss is None or res.loss < self.best_loss):
@@ -720,7 +745,7 @@ class _Recipe:
 
     def _previous_best(self, resume_step: int | None) -> float | None:
         """The validation loss of DIR/best when it was saved at or before the step this run resumes from."""
-        info = self.out / BEST_DIR / BEST_FILE
+        info = self.out / runs.BEST_DIR / runs.BEST_FILE
         if resume_step is None or not info.is_file():
             return None
         try:
@@ -738,14 +763,15 @@ class _Recipe:
 
         self.acc.wait_for_everyone()
         if self.main:
-            tmp, final, old = self.out / f".{BEST_DIR}.tmp", self.out / BEST_DIR, self.out / f".{BEST_DIR}.old"
+            best = runs.BEST_DIR
+            tmp, final, old = self.out / f".{best}.tmp", self.out / best, self.out / f".{best}.old"
             for stale in (tmp, old):
                 shutil.rmtree(stale, ignore_errors=True)
             tmp.mkdir(parents=True)
             with _quiet_hf_progress():
                 save_model(self.bundle, tmp)
-            save_config(self.cfg, tmp / ckpt.RUN_CONFIG_FILE)
-            write_json_atomic({"step": self.step, "eval_loss": loss}, tmp / BEST_FILE)
+            runs.write_run_config(self.cfg, tmp)
+            write_json_atomic({"step": self.step, "eval_loss": loss}, tmp / runs.BEST_FILE)
             if final.exists():
                 os.replace(final, old)
             os.replace(tmp, final)
@@ -769,19 +795,19 @@ class _Recipe:
         if self.main:
             ckpt.begin_checkpoint(self.out, step)
         self.acc.wait_for_everyone()
-        tmp = ckpt.temp_path(self.out, step)
-        ckpt.save_state_file(rng_state or ckpt.capture_rng_state(), tmp / ckpt.rng_file(self.rank))
+        tmp = runs.temp_checkpoint_path(self.out, step)
+        ckpt.save_state_file(rng_state or ckpt.capture_rng_state(), tmp / runs.rng_file(self.rank))
         data_states = gather_object([data_state or self.batcher.state_dict()])
         skips = gather_object([dict(self.batcher.stream.skip_counts)])
         if self.main:
             with _quiet_hf_progress():
                 save_model(self.bundle, tmp)
             self.faults.maybe_kill_during_save(step)
-            ckpt.save_state_file(self.optimizer.state_dict(), tmp / ckpt.OPTIMIZER_FILE)
-            ckpt.save_state_file(self.scheduler.state_dict(), tmp / ckpt.SCHEDULER_FILE)
-            save_config(self.cfg, tmp / ckpt.RUN_CONFIG_FILE)
+            ckpt.save_state_file(self.optimizer.state_dict(), tmp / runs.OPTIMIZER_FILE)
+            ckpt.save_state_file(self.scheduler.state_dict(), tmp / runs.SCHEDULER_FILE)
+            runs.write_run_config(self.cfg, tmp)
         self.acc.wait_for_everyone()
-        final = ckpt.checkpoint_path(self.out, step)
+        final = runs.checkpoint_path(self.out, step)
         if self.main:
             total: dict[str, int] = {}
             for counts in skips:
@@ -810,7 +836,7 @@ class _Recipe:
             try:
                 path = self._save(data_state=start_data, rng_state=start_rng)
                 saved = f"; saved {path} (the last completed step), resume it with --resume-from latest"
-            except Exception as exc:  # noqa: BLE001 - saving is best effort after an OOM
+            except Exception as exc:
                 saved = f"; could not save a checkpoint ({type(exc).__name__}: {exc})"
         elif self.last_checkpoint is not None:
             saved = f"; last checkpoint: {self.last_checkpoint}"
@@ -884,7 +910,7 @@ class _TqdmHandler(logging.Handler):
             from tqdm.auto import tqdm
 
             tqdm.write(f"mmtune train: {record.levelname.lower()}: {record.getMessage()}", file=sys.stderr)
-        except Exception:  # noqa: BLE001 - logging must never raise
+        except Exception:
             self.handleError(record)
 
 
