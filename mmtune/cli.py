@@ -23,6 +23,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "analyze": ("mmtune.eval.analyze", "base vs tuned: token-shift, knowledge consistency, order-swapped judge"),
     "benchmark": ("mmtune.eval.benchmarks", "import MME / MMBench / TextVQA / SEED-Bench question files as eval records"),
     "generate": ("mmtune.eval.generate", "generate answers from a checkpoint, text-only or with images"),
+    "consolidate": ("mmtune.model.consolidate", "write a sharded (FSDP) checkpoint as ordinary safetensors"),
     "export": ("mmtune.model.export", "export a checkpoint to Hugging Face (hf-llava or hf) format"),
     "demo": ("mmtune.demo", "the whole pipeline on an embedded pool, on one CPU, in minutes"),
 }

@@ -8,13 +8,23 @@
 3. Condenses the training pool to k records with QDIT over real pretrained text
    embeddings (the packaged all-MiniLM-L6-v2) joined with image embeddings,
    writes the selection report, and stores the subset as webdataset shards.
-4. Trains a tiny MLLM from the packaged config: stage align (projector only),
-   then stage instruct (projector + LM + tower), streaming from the shards.
+4. Trains a tiny MLLM from the packaged config, which starts where users
+   start: from pretrained bases loaded the way a user loads Vicuna and CLIP
+   (`lm.name_or_path` = the shipped Llama folder, the tower =
+   `local-dir:` the shipped open_clip folder; made by
+   scripts/pretrain_demo_bases.py, see assets/demo_bases/README.md).
+   Stage align trains the projector on the pool's captions with the tower
+   and LM frozen; stage instruct trains projector + LM + tower on the
+   selected subset, streaming from the shards. When the budget allows
+   (and by default), a second instruct run on a random k (same steps, same
+   seeds) is the QDIT-vs-random comparison.
 5. Evaluates the base model (after align: the LM never instruction-tuned)
-   zero-shot and few-shot and the tuned model zero-shot, on seen tasks (new
-   examples), unseen phrasings and unseen tasks, with VQA accuracy; and
-   measures the token-distribution shift between the two.
-6. Writes DIR/report.json and DIR/report.md and prints a table.
+   zero-shot and few-shot and the tuned model(s) zero-shot, on seen tasks
+   (new examples), unseen phrasings and unseen tasks, with VQA accuracy, per
+   eval set and per task beside each task's answer prior; and measures the
+   token-distribution shift of the tuned answers under the base model, per task.
+6. Writes DIR/report.json and DIR/report.md (one table, the targets, the
+   plots) and prints a table.
 
 Every step goes through the same public APIs the CLI subcommands call
 (convert, shard, select, train, eval); the demo only chooses their settings.
@@ -38,9 +48,17 @@ from mmtune.errors import MMTuneError
 from mmtune.fileio import write_json_atomic
 
 DEMO_CONFIG = Path(__file__).parent / "assets" / "demo_mllm.yaml"
+DEMO_BASES = Path(__file__).parent / "assets" / "demo_bases"
+VISION_TASKS = ("colour", "count", "position", "exists")
+# Every demo record opens with this short system turn instead of the Vicuna template's default system
+# prompt, which the small byte-level vocabulary spells in ~90 tokens (the demo's cost is per token).
+DEMO_SYSTEM = "Answer briefly."  # the seen vision tasks the targets are about
 HOLDOUT_TASKS = ("shape", "first_letter")
 UNSEEN_PHRASING = 3
 FULL_MINUTES = 15.0
+ALIGN_STEPS = 150
+INSTRUCT_STEPS = 800
+INSTRUCT_LR = 1e-3
 
 
 @dataclass
@@ -52,6 +70,7 @@ class DemoPlan:
     k: int
     align_steps: int
     instruct_steps: int
+    compare_random: bool
 
     @classmethod
     def for_budget(cls, minutes: float, k: int) -> DemoPlan:
@@ -63,28 +82,22 @@ class DemoPlan:
             per_task=per_task,
             eval_per_task=int(np.clip(round(20 * s), 4, 20)),
             k=min(k, max(16, int(per_task * 8 * 0.5))),
-            align_steps=max(4, round(100 * s)),
-            instruct_steps=max(8, round(2500 * s)),
+            align_steps=max(4, round(ALIGN_STEPS * s)),
+            instruct_steps=max(8, round(INSTRUCT_STEPS * s)),
+            # A second instruct run (random k) fits from two thirds of the full budget up.
+            compare_random=minutes >= FULL_MINUTES * 2 / 3,
         )
 
 
-class _TowerImageEncoder:
-    """Image embeddings from a (random, seeded) open_clip tower of the demo's shape.
+class _ClipImageEncoder:
+    """Image embeddings for selection from the demo's pretrained CLIP (open_clip's own `encode_image`)."""
 
-    No pretrained image model installs offline, so selection embeds images with
-    the same random tower the model starts from: its mean patch feature still
-    separates colours and layouts, which is what the pool varies.
-    """
+    def __init__(self, clip_dir: Path) -> None:
+        import open_clip
 
-    def __init__(self, vision_cfg: Any, seed: int) -> None:
-        import torch
-
-        from mmtune.model.vision import build_open_clip_tower
-
-        torch.manual_seed(seed)
-        self.tower = build_open_clip_tower(vision_cfg).eval()
-        self.transform = self.tower.image_transform(vision_cfg.pad_to_square)
-        self.name = f"demo-tower-seed{seed}"
+        self.model, _, self.transform = open_clip.create_model_and_transforms(f"local-dir:{clip_dir}")
+        self.model.eval()
+        self.name = f"open_clip local-dir:{clip_dir.name}"
 
     def encode(self, items: list[Any], *, progress: bool = False) -> np.ndarray:
         import torch
@@ -96,25 +109,38 @@ class _TowerImageEncoder:
             for i in range(0, len(items), 64):
                 chunk = items[i : i + 64]
                 x = torch.stack([self.transform(load_image(im) if isinstance(im, str | Path) else im) for im in chunk])
-                out.append(self.tower(x).mean(dim=1).float().numpy())
-        vecs = np.concatenate(out) if out else np.zeros((0, self.tower.hidden_size), np.float32)
-        return vecs / np.maximum(np.linalg.norm(vecs, axis=1, keepdims=True), 1e-12)
+                out.append(self.model.encode_image(x, normalize=True).float().numpy())
+        dim = int(self.model.visual.output_dim)
+        return np.concatenate(out) if out else np.zeros((0, dim), np.float32)
 
 
 def _say(msg: str) -> None:
     print(f"[demo] {msg}", flush=True)
 
 
-def _train_config(base: Path, out: Path, stage: str, steps: int, shards: str, corpus: str, *,
-                  lr: float, projector_from: Path | None, seed: int, progress: bool) -> Any:
+def base_overrides(bases: Path = DEMO_BASES) -> list[str]:
+    """Point the demo config at the shipped bases (absolute paths, so the run does not depend on the cwd)."""
+    for part in ("lm", "clip"):
+        if not (bases / part).is_dir():
+            raise MMTuneError(f"the demo's pretrained bases are missing: {bases / part} (reinstall mmtune, or make "
+                              "them with scripts/pretrain_demo_bases.py)")
+    return [f"model.lm.name_or_path={(bases / 'lm').resolve()}",
+            f"model.vision.model_name=local-dir:{(bases / 'clip').resolve()}"]
+
+
+def _train_config(base: Path, out: Path, stage: str, steps: int, shards: str, *,
+                  lr: float, projector_from: Path | None, seed: int, progress: bool,
+                  template: str | None = None) -> Any:
     from mmtune.config import RunConfig, load_config
 
     overrides = [
+        *base_overrides(),
         f"train.stage={stage}", f"train.max_steps={steps}", f"train.output_dir={out}", f"train.lr={lr}",
         f"train.seed={seed}", f"train.progress={str(progress).lower()}",
-        f"data.train=[{shards}]", f"model.tokenizer.train_files=[{corpus}]",
-        f"data.holdout_tasks=[{', '.join(HOLDOUT_TASKS)}]",
+        f"data.train=[{shards}]", f"data.holdout_tasks=[{', '.join(HOLDOUT_TASKS)}]",
     ]
+    if template is not None:
+        overrides.append(f"data.template={template}")
     if stage == "instruct":
         overrides.append("train.unfreeze_vision=true")
     if projector_from is not None:
@@ -143,11 +169,12 @@ def _eval_records(out: Path, plan: DemoPlan, seed: int) -> dict[str, Path]:
     n = plan.eval_per_task
     sets = {
         "seen": make_pool(out / "seen", per_task=n, tasks=seen_tasks, seed=seed + 101,
-                          phrasings=tuple(i for i in range(4) if i != UNSEEN_PHRASING), id_prefix="seen"),
+                          phrasings=tuple(i for i in range(4) if i != UNSEEN_PHRASING), id_prefix="seen",
+                          system=DEMO_SYSTEM),
         "unseen-phrasing": make_pool(out / "unseen_phrasing", per_task=n, tasks=seen_tasks, seed=seed + 202,
-                                     phrasings=(UNSEEN_PHRASING,), id_prefix="uphr"),
+                                     phrasings=(UNSEEN_PHRASING,), id_prefix="uphr", system=DEMO_SYSTEM),
         "unseen-task": make_pool(out / "unseen_task", per_task=2 * n, tasks=HOLDOUT_TASKS, seed=seed + 303,
-                                 id_prefix="utask"),
+                                 id_prefix="utask", system=DEMO_SYSTEM),
     }
     paths = {}
     for name, recs in sets.items():
@@ -156,9 +183,9 @@ def _eval_records(out: Path, plan: DemoPlan, seed: int) -> dict[str, Path]:
     return paths
 
 
-def _token_shift(base_dir: Path, eval_file: Path, pred_rows: list[dict[str, Any]],
+def _token_shift(base_dir: Path, eval_files: list[Path], pred_rows: list[dict[str, Any]], model: str,
                  out: Path, template_name: str, progress: bool) -> dict[str, Any]:
-    """Rank the tuned model's answer tokens under the base model (Lin et al. 2023).
+    """Rank `model`'s zero-shot answer tokens under the base model (Lin et al. 2023), overall and per task.
 
     The continuations are the tuned model's own greedy answers from the eval run.
     """
@@ -168,30 +195,118 @@ def _token_shift(base_dir: Path, eval_file: Path, pred_rows: list[dict[str, Any]
     from mmtune.data.schema import read_records
     from mmtune.data.templates import get_template, prompt_messages
     from mmtune.data.tokenize import stop_token_ids, tokenize_prompt
-    from mmtune.eval.analysis import plot_token_shift, token_distribution_shift
+    from mmtune.eval.analysis import (
+        plot_token_shift,
+        shift_category,
+        token_distribution_shift,
+    )
     from mmtune.model.io import load_model
 
     base = load_model(base_dir)
     tok = base.tokenizer
     template = get_template(template_name, tok)
     stops = set(stop_token_ids(tok, template))
-    outputs = {r["id"]: r["output"] for r in pred_rows
-               if r.get("model") == "tuned" and r.get("mode") == "zero-shot" and "output" in r}
-    prompts, conts, extra = [], [], []
-    for rec in read_records(eval_file):
-        if rec.id not in outputs:
-            continue
-        ids = tokenize_prompt(prompt_messages(rec), tok, template, num_image_tokens=base.num_image_tokens,
-                              num_images=len(rec.images))
-        cont = [t for t in tok(outputs[rec.id], add_special_tokens=False)["input_ids"] if t not in stops]
-        prompts.append(ids)
-        conts.append(cont)
-        pix = [base.image_transform(load_image(p)) for p in rec.images]
-        extra.append({"pixel_values": torch.stack(pix)} if pix else None)
+    outputs = {(r["task"], r["id"]): r["output"] for r in pred_rows
+               if r.get("model") == model and r.get("mode") == "zero-shot" and "output" in r}
+    prompts, conts, extra, tasks = [], [], [], []
+    for path in eval_files:
+        for rec in read_records(path):
+            key = (path.stem, rec.id)
+            if key not in outputs:
+                continue
+            ids = tokenize_prompt(prompt_messages(rec), tok, template, num_image_tokens=base.num_image_tokens,
+                                  num_images=len(rec.images))
+            cont = [t for t in tok(outputs[key], add_special_tokens=False)["input_ids"] if t not in stops]
+            prompts.append(ids)
+            conts.append(cont)
+            tasks.append(rec.task or "?")
+            pix = [base.image_transform(load_image(p)) for p in rec.images]
+            extra.append({"pixel_values": torch.stack(pix)} if pix else None)
     result = token_distribution_shift(base.model, prompts, conts, tokenizer=tok, extra_inputs=extra,
                                       batch_size=16, progress=progress)
     plot_token_shift(result, out / "token_shift.png", title="Tuned answers ranked by the base model")
-    return result.to_dict() if hasattr(result, "to_dict") else dict(result.__dict__)
+    per_task: dict[str, dict[str, Any]] = {}
+    for task, ranks in zip(tasks, result.ranks, strict=True):
+        row = per_task.setdefault(task, {"tokens": 0, "unshifted": 0, "marginal": 0, "shifted": 0})
+        for r in ranks:
+            row["tokens"] += 1
+            row[shift_category(r)] += 1
+    for row in per_task.values():
+        n = row["tokens"]
+        for k in ("unshifted", "marginal", "shifted"):
+            row[k] = row[k] / n if n else None
+    report = result.to_dict() if hasattr(result, "to_dict") else dict(result.__dict__)
+    report.pop("ranks", None)
+    report["per_task"] = dict(sorted(per_task.items()))
+    report["model"] = model
+    return report
+
+
+def _per_task_scores(out: Path, eval_files: dict[str, Path], rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """VQA accuracy per (eval set, task, model, mode) from predictions.jsonl, with each task's answer prior.
+
+    The prior is the accuracy of always giving the eval set's most common answer
+    for that task: what a model that ignores the image and the question's details
+    scores at best.
+    """
+    from collections import Counter, defaultdict
+
+    from mmtune.data.schema import read_records
+
+    task_of: dict[tuple[str, str], str] = {}
+    answers: dict[tuple[str, str], list[str]] = defaultdict(list)
+    for name, path in eval_files.items():
+        for rec in read_records(path):
+            task_of[(name, rec.id)] = rec.task or "?"
+            answers[(name, rec.task or "?")].append(rec.answers[0] if rec.answers else "")
+    scores: dict[tuple[str, str, str, str], list[float]] = defaultdict(list)
+    for r in rows:
+        if "score" not in r:
+            continue
+        key = (r["task"], task_of[(r["task"], r["id"])], r["model"], r["mode"])
+        scores[key].append(float(r["score"]))
+    out_rows = []
+    for (name, task, model, mode), vals in sorted(scores.items()):
+        ans = answers[(name, task)]
+        top, n_top = Counter(ans).most_common(1)[0]
+        out_rows.append({"set": name, "task": task, "model": model, "mode": mode, "value": float(np.mean(vals)),
+                         "count": len(vals), "prior": n_top / len(ans), "prior_answer": top})
+    return out_rows
+
+
+def _targets(results: list[dict[str, Any]], per_task: list[dict[str, Any]], few_shot: str) -> dict[str, Any]:
+    """The issue's targets, measured: each with its figures and whether it is met."""
+    def score(model: str, mode: str, task: str) -> float | None:
+        return next((r["value"] for r in results if (r["model"], r["mode"], r["task"]) == (model, mode, task)), None)
+
+    def task_score(model: str, name: str, task: str) -> dict[str, Any] | None:
+        return next((r for r in per_task if (r["model"], r["mode"], r["set"], r["task"]) ==
+                     (model, "zero-shot", name, task)), None)
+
+    vision = {t: task_score("tuned", "seen", t) for t in VISION_TASKS}
+    vals = [v["value"] for v in vision.values() if v is not None]
+    avg = float(np.mean(vals)) if len(vals) == len(VISION_TASKS) else None
+    each = {t: {"tuned": v["value"], "prior": v["prior"], "ratio": (v["value"] / v["prior"]) if v["prior"] else None}
+            for t, v in vision.items() if v is not None}
+    uphr = score("tuned", "zero-shot", "unseen-phrasing")
+    base0, basek, tuned0 = (score("base", "zero-shot", "unseen-task"), score("base", few_shot, "unseen-task"),
+                            score("tuned", "zero-shot", "unseen-task"))
+    out: dict[str, Any] = {
+        "seen_vision": {"tasks": list(VISION_TASKS), "average": avg, "each": each,
+                        "met": avg is not None and avg >= 0.8 and all(
+                            e["ratio"] is not None and e["ratio"] >= 2 for e in each.values())},
+        "unseen_phrasing": {"tuned": uphr, "met": uphr is not None and uphr >= 0.6},
+        "unseen_tasks": {"base_zero_shot": base0, f"base_{few_shot}": basek, "tuned_zero_shot": tuned0,
+                         "met": None not in (base0, tuned0) and tuned0 >= base0 + 0.2},  # type: ignore[operator]
+    }
+    rnd = {name: score("tuned-random", "zero-shot", name) for name in ("seen", "unseen-phrasing", "unseen-task")}
+    if all(v is not None for v in rnd.values()):
+        qd = {name: score("tuned", "zero-shot", name) for name in rnd}
+        mean_q = float(np.mean(list(qd.values())))  # type: ignore[arg-type]
+        mean_r = float(np.mean(list(rnd.values())))  # type: ignore[arg-type]
+        out["qdit_vs_random"] = {"qdit": qd, "random": rnd, "qdit_mean": mean_q, "random_mean": mean_r,
+                                 "winner": "qdit" if mean_q > mean_r else "random" if mean_r > mean_q else "tie"}
+    return out
 
 
 def run_demo(
@@ -199,11 +314,16 @@ def run_demo(
     *,
     minutes: float = FULL_MINUTES,
     k: int = 1000,
-    compare_random: bool = False,
+    compare_random: bool | None = None,
     seed: int = 0,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Run the demo; returns the report (also written to OUT/report.json and report.md)."""
+    """Run the demo; returns the report (also written to OUT/report.json and report.md).
+
+    `compare_random` None: by the budget (on from two thirds of the full 15 minutes).
+    """
+    import resource
+
     import torch
 
     from mmtune.config import load_config, save_config
@@ -217,17 +337,23 @@ def run_demo(
     from mmtune.train.run import train
 
     t_start = time.perf_counter()
+    cpu_start = time.process_time()
     plan = DemoPlan.for_budget(minutes, k)
+    if compare_random is not None:
+        plan.compare_random = compare_random
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    # All cores unless the caller pinned a thread count (OMP_NUM_THREADS), e.g. on a shared machine.
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS") or 0) or max(1, os.cpu_count() or 1))
     timings: dict[str, float] = {}
+    base_cfg = load_config(DEMO_CONFIG, overrides=base_overrides())
 
     # 1. The pool, through the converter (validates every record and image).
     t = time.perf_counter()
     _say(f"drawing the pool: {plan.per_task} records x 10 tasks (phrasing {UNSEEN_PHRASING} kept back)")
     raw = make_pool(out / "pool", per_task=plan.per_task, seed=seed,
-                    phrasings=tuple(i for i in range(4) if i != UNSEEN_PHRASING), id_prefix="pool")
+                    phrasings=tuple(i for i in range(4) if i != UNSEEN_PHRASING), id_prefix="pool",
+                    system=DEMO_SYSTEM)
     write_records(raw, out / "pool" / "drawn.jsonl")
     converted = convert_files([out / "pool" / "drawn.jsonl"], fmt="unified",
                               rejects_path=out / "pool" / "rejects.jsonl", progress=progress)
@@ -237,7 +363,7 @@ def run_demo(
     write_records(pool, out / "pool" / "pool.jsonl")
     timings["pool"] = time.perf_counter() - t
 
-    # 2. The unseen split, written down before training sees anything.
+    # 2. The unseen split, written down before selection or training sees anything.
     train_pool, heldout = split_unseen(pool, holdout_tasks=HOLDOUT_TASKS)
     write_records(train_pool, out / "pool" / "train_pool.jsonl")
     split = {"holdout_tasks": list(HOLDOUT_TASKS), "holdout_phrasing": UNSEEN_PHRASING,
@@ -245,68 +371,73 @@ def run_demo(
              "train_tasks": sorted({r.task for r in train_pool if r.task})}
     write_json_atomic(split, out / "split.json")
 
-    # 3. Condense with QDIT (text + image embeddings), then shard the subset.
+    # 3. Condense with QDIT (text + pretrained CLIP image embeddings), then shard the subset.
     t = time.perf_counter()
-    base_cfg = load_config(DEMO_CONFIG)
     k_used = min(plan.k, len(train_pool))
-    _say(f"selecting {k_used} of {len(train_pool)} records with QDIT (all-MiniLM-L6-v2 text + image embeddings)")
+    _say(f"selecting {k_used} of {len(train_pool)} records with QDIT (all-MiniLM-L6-v2 text + CLIP image embeddings)")
     selection = select_records(
-        train_pool, k_used, "qdit", image_encoder=_TowerImageEncoder(base_cfg.model.vision, seed),
+        train_pool, k_used, "qdit", image_encoder=_ClipImageEncoder(DEMO_BASES / "clip"),
         cache_path=out / "pool" / "embeddings.npy", report_dir=out / "selection", progress=progress,
         seed=seed, pool_name="the demo pool",
     )
     write_records(selection.records, out / "subset.jsonl")
     timings["select"] = time.perf_counter() - t
     summary = write_shards(out / "subset.jsonl", out / "shards", max_count=256, overwrite=True, progress=False)
-    shard_glob = str(out / "shards")
     _say(f"wrote {len(summary.shards)} shard(s), {summary.records} records, to {out / 'shards'}")
+    # Stage align reads image-caption pairs with the `plain` template, as LLaVA's does: the training pool's captions.
+    captions = [r for r in train_pool if r.task == "caption"]
+    write_records(captions, out / "align_captions.jsonl")
+    write_shards(out / "align_captions.jsonl", out / "shards_align", max_count=256, overwrite=True, progress=False)
 
-    # 4. Train: align (projector), then instruct (projector + LM + tower).
+    # 4. Train: align (projector on captions, tower and LM frozen), then instruct (projector + LM + tower).
     runs: dict[str, Path] = {}
     t = time.perf_counter()
-    corpus = str(out / "pool" / "train_pool.jsonl")
-    align = _train_config(DEMO_CONFIG, out / "align", "align", plan.align_steps, shard_glob, corpus,
-                          lr=1e-3, projector_from=None, seed=seed, progress=progress)
-    _say(f"stage align: {plan.align_steps} steps")
+    align = _train_config(DEMO_CONFIG, out / "align", "align", plan.align_steps, str(out / "shards_align"),
+                          lr=2e-3, projector_from=None, seed=seed, progress=progress, template="plain")
+    _say(f"stage align: {plan.align_steps} steps on {len(captions)} captions, LLaVA's plain template "
+         "(pretrained tower and LM frozen)")
     train(align)
     runs["align"] = out / "align"
-    instruct = _train_config(DEMO_CONFIG, out / "instruct", "instruct", plan.instruct_steps, shard_glob, corpus,
-                             lr=2e-3, projector_from=runs["align"], seed=seed, progress=progress)
-    _say(f"stage instruct: {plan.instruct_steps} steps")
+    timings["train_align"] = time.perf_counter() - t
+    t = time.perf_counter()
+    instruct = _train_config(DEMO_CONFIG, out / "instruct", "instruct", plan.instruct_steps, str(out / "shards"),
+                             lr=INSTRUCT_LR, projector_from=runs["align"], seed=seed, progress=progress)
+    _say(f"stage instruct on the QDIT {k_used}: {plan.instruct_steps} steps")
     result = train(instruct)
     runs["instruct"] = out / "instruct"
-    timings["train"] = time.perf_counter() - t
+    timings["train_instruct"] = time.perf_counter() - t
     loss_first, loss_last, steps = _loss_range(runs["instruct"])
 
     random_info: dict[str, Any] | None = None
-    if compare_random:
+    if plan.compare_random:
         t = time.perf_counter()
         rng = np.random.default_rng(seed)
         pick = rng.choice(len(train_pool), size=k_used, replace=False)
-        write_records([train_pool[i] for i in pick], out / "subset_random.jsonl")
+        write_records([train_pool[i] for i in sorted(pick)], out / "subset_random.jsonl")
         write_shards(out / "subset_random.jsonl", out / "shards_random", max_count=256, overwrite=True, progress=False)
         rnd = _train_config(DEMO_CONFIG, out / "instruct_random", "instruct", plan.instruct_steps,
-                            str(out / "shards_random"), corpus, lr=2e-3, projector_from=runs["align"],
+                            str(out / "shards_random"), lr=INSTRUCT_LR, projector_from=runs["align"],
                             seed=seed, progress=progress)
-        _say(f"stage instruct on a random {k_used} (same budget): {plan.instruct_steps} steps")
+        _say(f"stage instruct on a random {k_used} (same steps, same seeds): {plan.instruct_steps} steps")
         train(rnd)
         runs["instruct_random"] = out / "instruct_random"
         rf, rl, _ = _loss_range(runs["instruct_random"])
-        random_info = {"loss_first": rf, "loss_last": rl}
+        random_info = {"loss_first": rf, "loss_last": rl, "loss_png": str(runs["instruct_random"] / "loss.png")}
         timings["train_random"] = time.perf_counter() - t
 
     # 5. Evaluate base (few-shot and zero-shot) vs tuned (zero-shot).
     t = time.perf_counter()
     eval_files = _eval_records(out / "eval_data", plan, seed)
     models: dict[str, Any] = {
-        "base": {"path": str(runs["align"]), "modes": ["zero-shot", "few-shot"]},
+        # The align run trained with `plain`; the base is asked in the instruct template like the tuned model.
+        "base": {"path": str(runs["align"]), "modes": ["zero-shot", "few-shot"], "template": base_cfg.data.template},
         "tuned": {"path": str(runs["instruct"]), "modes": ["zero-shot"]},
     }
-    if compare_random:
+    if "instruct_random" in runs:
         models["tuned-random"] = {"path": str(runs["instruct_random"]), "modes": ["zero-shot"]}
     eval_cfg = EvalConfig(
         models=models,
-        tasks=[{"name": name, "records": str(path), "metric": "vqa", "prompt": "free", "max_new_tokens": 10}
+        tasks=[{"name": name, "records": str(path), "metric": "vqa", "prompt": "free", "max_new_tokens": 12}
                for name, path in eval_files.items()],
         holdout_tasks=list(HOLDOUT_TASKS),
         shots_from=[str(out / "subset.jsonl")],
@@ -319,7 +450,7 @@ def run_demo(
 
     rows = [json.loads(x) for x in (out / "eval" / "predictions.jsonl").read_text().splitlines() if x.strip()]
     t = time.perf_counter()
-    shift = _token_shift(runs["align"], eval_files["seen"], rows, out / "eval",
+    shift = _token_shift(runs["align"], list(eval_files.values()), rows, "tuned", out / "eval",
                          base_cfg.data.template, progress)
     timings["token_shift"] = time.perf_counter() - t
 
@@ -329,18 +460,27 @@ def run_demo(
             for mode, res in modes.items():
                 results.append({"model": model, "mode": mode, "task": task, "metric": "vqa",
                                 "value": res["score"], "count": res["counted"], "skipped": res["skipped"]})
+    per_task = _per_task_scores(out, eval_files, rows)
+    few_shot = f"{eval_cfg.k}-shot"
+    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     report = {
+        "bases": {"lm": str(DEMO_BASES / "lm"), "vision": f"local-dir:{DEMO_BASES / 'clip'}",
+                  "made_by": "scripts/pretrain_demo_bases.py", "template": base_cfg.data.template},
         "pool": {"records": len(pool), "tasks": sorted({r.task for r in pool if r.task}),
                  "train_records": len(train_pool), "heldout_records": len(heldout)},
         "selection": {"method": "qdit", "k": len(selection.records), "seconds": round(selection.seconds, 3),
                       "objective": selection.objective, "report_dir": str(out / "selection")},
-        "train": {"align_steps": plan.align_steps, "steps": steps, "loss_first": loss_first, "loss_last": loss_last,
+        "train": {"align_steps": plan.align_steps, "align_records": len(captions), "steps": steps,
+                  "loss_first": loss_first, "loss_last": loss_last,
                   "skipped": result.skip_counts, "loss_png": str(runs["instruct"] / "loss.png")},
         "eval": {"unseen_tasks": list(HOLDOUT_TASKS), "unseen_phrasing": UNSEEN_PHRASING,
                  "sets": {name: str(p) for name, p in eval_files.items()}, "results": results,
-                 "few_shot_k": eval_cfg.k, "token_shift": shift},
+                 "per_task": per_task, "few_shot_k": eval_cfg.k, "token_shift": shift},
+        "targets": _targets(results, per_task, few_shot),
         "minutes_budget": minutes,
         "seconds": {key: round(v, 1) for key, v in {**timings, "total": time.perf_counter() - t_start}.items()},
+        "cpu_seconds": round(time.process_time() - cpu_start, 1),
+        "peak_rss_mb": round(peak_mb, 1),
     }
     if random_info is not None:
         report["train"]["random_subset"] = random_info
@@ -351,29 +491,90 @@ def run_demo(
     return report
 
 
+def _pct(v: float | None) -> str:
+    return "n/a" if v is None else f"{100 * v:.1f}"
+
+
 def _markdown(report: dict[str, Any], out: Path) -> str:
     def rel(p: str | Path) -> str:
         return os.path.relpath(p, out)
 
     lines = ["# mmtune demo", ""]
-    p, s, tr = report["pool"], report["selection"], report["train"]
+    p, s, tr, ev = report["pool"], report["selection"], report["train"], report["eval"]
+    few = f"{ev['few_shot_k']}-shot"
     lines += [
-        f"- pool: {p['records']} records over {len(p['tasks'])} tasks; "
-        f"held out: tasks {', '.join(report['eval']['unseen_tasks'])} and phrasing #{report['eval']['unseen_phrasing']}",
+        (f"- bases: `{report['bases']['lm']}` (Llama causal LM) and `{report['bases']['vision']}` (open_clip CLIP), "
+         f"made by `{report['bases']['made_by']}`; template `{report['bases']['template']}`"),
+        (f"- pool: {p['records']} records over {len(p['tasks'])} tasks; "
+         f"held out: tasks {', '.join(ev['unseen_tasks'])} and phrasing #{ev['unseen_phrasing']}"),
         f"- selection: QDIT picked {s['k']} records in {s['seconds']:.1f} s (objective {s['objective']})",
-        f"- training: align {tr['align_steps']} steps, instruct {tr['steps']} steps, "
-        f"loss {tr['loss_first']:.3f} -> {tr['loss_last']:.3f}",
+        (f"- training: align {tr['align_steps']} steps on {tr['align_records']} captions, instruct {tr['steps']} "
+         f"steps, loss {tr['loss_first']:.3f} -> {tr['loss_last']:.3f}")
+        + (f"; random-k instruct loss {tr['random_subset']['loss_first']:.3f} -> "
+           f"{tr['random_subset']['loss_last']:.3f}" if "random_subset" in tr else ""),
+        (f"- time: {report['seconds']['total']:.0f} s wall, {report['cpu_seconds']:.0f} s CPU, "
+         f"peak memory {report['peak_rss_mb']:.0f} MB"),
         "",
-        "| model | mode | eval set | VQA accuracy | counted |",
-        "|---|---|---|---:|---:|",
     ]
-    for r in report["eval"]["results"]:
-        value = "n/a" if r["value"] is None else f"{100 * r['value']:.1f}"
-        lines.append(f"| {r['model']} | {r['mode']} | {r['task']} | {value} | {r['count']} |")
+    # One table: every eval set overall, then per task, each model's accuracy beside the task's answer prior.
+    models = [m for m in ("base", "tuned", "tuned-random") if any(r["model"] == m for r in ev["results"])]
+    cols = [("base", "zero-shot"), ("base", few), ("tuned", "zero-shot")]
+    if "tuned-random" in models:
+        cols.append(("tuned-random", "zero-shot"))
+    names = {("base", "zero-shot"): "base zero-shot", ("base", few): f"base {few}",
+             ("tuned", "zero-shot"): "tuned (QDIT-k) zero-shot", ("tuned-random", "zero-shot"): "tuned (random-k) zero-shot"}
+    lines += ["VQA accuracy, %:", "",
+              "| eval set | task | " + " | ".join(names[c] for c in cols) + " | answer prior | counted |",
+              "|---|---|" + "---:|" * (len(cols) + 2)]
+
+    def cell(rows: list[dict[str, Any]], m: str, mode: str) -> str:
+        hit = next((r for r in rows if (r["model"], r["mode"]) == (m, mode)), None)
+        return _pct(hit["value"]) if hit else ""
+
+    for name in ev["sets"]:
+        set_rows = [r for r in ev["results"] if r["task"] == name]
+        count = max((r["count"] for r in set_rows), default=0)
+        lines.append(f"| **{name}** | all | " + " | ".join(cell(set_rows, *c) for c in cols) + f" |  | {count} |")
+        for task in sorted({r["task"] for r in ev["per_task"] if r["set"] == name}):
+            trs = [r for r in ev["per_task"] if r["set"] == name and r["task"] == task]
+            lines.append(f"| {name} | {task} | " + " | ".join(cell(trs, *c) for c in cols)
+                         + f" | {_pct(trs[0]['prior'])} ({trs[0]['prior_answer']}) | {trs[0]['count']} |")
+    tg = report["targets"]
+    sv, up, ut = tg["seen_vision"], tg["unseen_phrasing"], tg["unseen_tasks"]
+
+    def ok(flag: bool | None) -> str:
+        return "met" if flag else "NOT met"
+
+    each = ", ".join(f"{t} {_pct(e['tuned'])} vs prior {_pct(e['prior'])}" for t, e in sv["each"].items())
+    lines += [
+        "", "Targets:", "",
+        ("- seen vision tasks on new images, tuned zero-shot average >= 80% and each >= 2x its prior: "
+         f"{_pct(sv['average'])} ({each}): **{ok(sv['met'])}**"),
+        f"- unseen phrasings >= 60%: {_pct(up['tuned'])}: **{ok(up['met'])}**",
+        (f"- held-out tasks tuned zero-shot >= base zero-shot + 20 points: {_pct(ut['tuned_zero_shot'])} vs "
+         f"{_pct(ut['base_zero_shot'])} (base {few}: {_pct(ut.get(f'base_{few}'))}): **{ok(ut['met'])}**"),
+    ]
+    if "qdit_vs_random" in tg:
+        q = tg["qdit_vs_random"]
+        lines.append(f"- QDIT-k vs random-k (mean of the three eval sets): {_pct(q['qdit_mean'])} vs "
+                     f"{_pct(q['random_mean'])}: **{q['winner']}** won")
+    sh = ev["token_shift"]
+    lines += ["", ("Token shift of the tuned model's zero-shot answers under the base model "
+                   "(rank 1 unshifted, 2-3 marginal, > 3 shifted), %:"), "",
+              "| task | tokens | unshifted | marginal | shifted |", "|---|---:|---:|---:|---:|"]
+    for task, row in sh.get("per_task", {}).items():
+        lines.append(f"| {task} | {row['tokens']} | {_pct(row['unshifted'])} | {_pct(row['marginal'])} | "
+                     f"{_pct(row['shifted'])} |")
+    shares = sh.get("shares") or {}
+    if shares:
+        lines.append(f"| all | {sum(sh.get('counts', {}).values())} | {_pct(shares.get('unshifted'))} | "
+                     f"{_pct(shares.get('marginal'))} | {_pct(shares.get('shifted'))} |")
     lines += ["", "Plots:", ""]
-    for png in [tr["loss_png"], *sorted(Path(s["report_dir"]).glob("*.png")), *sorted((out / "eval").glob("*.png"))]:
+    pngs = [tr["loss_png"], *( [tr["random_subset"]["loss_png"]] if "random_subset" in tr else []),
+            *sorted(Path(s["report_dir"]).glob("*.png")), *sorted((out / "eval").glob("*.png"))]
+    for png in pngs:
         if Path(png).exists():
-            lines.append(f"- [{Path(png).name}]({rel(png)})")
+            lines.append(f"![{Path(png).name}]({rel(png)})")
     lines.append("")
     return "\n".join(lines)
 
@@ -383,8 +584,9 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--minutes", type=float, default=FULL_MINUTES,
                         help="time budget in minutes on a 2-core CPU; scales pool, steps and eval (default 15)")
     parser.add_argument("--k", type=int, default=1000, help="records to select (default 1000)")
-    parser.add_argument("--compare-random", action="store_true",
-                        help="also train on a random k with the same budget and evaluate it")
+    parser.add_argument("--compare-random", action=argparse.BooleanOptionalAction, default=None,
+                        help="also train on a random k with the same steps and seeds and evaluate it "
+                             "(default: on when --minutes >= 10)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--overwrite", action="store_true", help="delete OUT first if it exists")
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")

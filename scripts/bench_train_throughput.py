@@ -26,14 +26,29 @@
    `--shrink` runs the same code path with a few narrow layers and small images
    (bf16 on CPU works, just slowly), to show the path executes.
 
+3. `--gpu`: the training recipe itself at 7B shape, FSDP over every visible
+   GPU. The script re-launches itself with torchrun, one process per GPU; each
+   builds the LLaVA-1.5-7B-shaped model (bf16, SDPA), keeps the trainable
+   weights as float32 masters (`mmtune.train.precision`), shards it with
+   mmtune's FSDP2 plan (`mmtune.train.sharding.shard_model`: bf16 all-gathers,
+   float32 gradient reduction), enables gradient checkpointing, and trains on
+   unpadded (packed-equivalent) synthetic rows under bf16 autocast with AdamW
+   (fused). Printed: samples/s and tokens/s (all GPUs), peak memory per GPU
+   (max over GPUs), and MFU = model FLOPs per step of the global batch (the
+   formula of part 2) / step time / (GPUs x `--peak-flops`). With `--shrink`
+   the same path runs as one CPU process (gloo), which the test suite does.
+
     python scripts/bench_train_throughput.py                    # tiny config, CPU
     python scripts/bench_train_throughput.py --shrink           # + the MFU path, shrunk
     python scripts/bench_train_throughput.py --device cuda      # + 7B-shaped MFU on a GPU
+    python scripts/bench_train_throughput.py --gpu              # 7B-shaped FSDP recipe on all GPUs
+    python scripts/bench_train_throughput.py --gpu --shrink     # the same path, small, one CPU process
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import time
@@ -306,6 +321,121 @@ def mfu(args: argparse.Namespace, device: torch.device) -> dict[str, float]:
 
 
 # --------------------------------------------------------------------------- #
+# 3. --gpu: the FSDP recipe at 7B shape
+# --------------------------------------------------------------------------- #
+
+
+def fsdp_recipe(args: argparse.Namespace) -> dict[str, float]:
+    """One process of the FSDP run (see module docstring, part 3); rank 0 prints."""
+    import torch.distributed as dist
+
+    from mmtune.model import build_model
+    from mmtune.train.param_groups import norm_parameter_names, param_groups
+    from mmtune.train.precision import keep_trainable_fp32
+    from mmtune.train.sharding import shard_model, wrap_plan
+
+    cuda = torch.cuda.is_available() and not args.shrink_cpu
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", "29511")
+    os.environ.setdefault("RANK", "0")
+    os.environ.setdefault("WORLD_SIZE", "1")
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    device = torch.device("cuda", local) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if cuda else "gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    try:
+        mcfg = llava15_7b_config(args.shrink)
+        torch.manual_seed(args.seed)
+        t0 = time.perf_counter()
+        with torch.device(device):
+            bundle = build_model(mcfg)
+        model = bundle.model
+        model.set_trainable("instruct")
+        keep_trainable_fp32(model)
+        if not args.no_grad_ckpt:
+            model.gradient_checkpointing_enable()
+        model.train()
+        bs = args.mfu_batch_size or (2 if args.shrink else 8)
+        seq = args.mfu_seq_len or (128 if args.shrink else 2048)
+        # Before sharding, while every tensor is whole: FLOPs of the global batch (bs rows on each GPU).
+        flops, simple, counts = model_flops_per_step(model, bs * world, seq)
+        shard_model(model, "bf16")
+        from mmtune.config import TrainConfig
+
+        groups = param_groups(model.named_parameters(), TrainConfig(lr=1e-6), norm_parameter_names(model))
+        opt = torch.optim.AdamW(groups, lr=1e-6, fused=cuda)
+        batch = synthetic_batch(
+            batch_size=bs, seq_len=seq, num_image_tokens=bundle.num_image_tokens,
+            image_token_id=model.image_token_id, vocab=32000, image_size=int(mcfg.vision.config["image_size"]),
+            device=device, dtype=torch.bfloat16, seed=args.seed + rank,
+        )
+
+        def step() -> float:
+            with torch.autocast(device.type, dtype=torch.bfloat16):
+                loss = model(**batch).loss
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            return float(loss.detach())
+
+        for _ in range(args.warmup):
+            step()
+        if cuda:
+            torch.cuda.reset_peak_memory_stats(device)
+        times = []
+        for _ in range(args.reps):
+            sync(device)
+            dist.barrier()
+            t = time.perf_counter()
+            for _ in range(args.steps):
+                step()
+            sync(device)
+            times.append((time.perf_counter() - t) / args.steps)
+        per_step = torch.tensor([statistics.median(times)], dtype=torch.float64, device=device)
+        dist.all_reduce(per_step, op=dist.ReduceOp.MAX)  # the slowest GPU sets the pace
+        peak_mem = torch.tensor([torch.cuda.max_memory_allocated(device) if cuda else 0], dtype=torch.float64,
+                                device=device)
+        dist.all_reduce(peak_mem, op=dist.ReduceOp.MAX)
+        sec = float(per_step)
+        out = {
+            "gpus": float(world), "s_per_step": sec, "samples_per_s": bs * world / sec,
+            "tokens_per_s": bs * world * seq / sec, "peak_mem_gib": float(peak_mem) / 2**30,
+            "mfu": flops / sec / (world * args.peak_flops), "mfu_6n": simple / sec / (world * args.peak_flops),
+        }
+        if rank == 0:
+            print(
+                f"FSDP recipe on {world} x {device.type}: LLaVA-1.5-7B-shaped{' (SHRUNK)' if args.shrink else ''}, "
+                + ", ".join(f"{k} {v / 1e9:.3f}B" for k, v in counts.items())
+                + f"; float32 masters, bf16 autocast + all-gathers, SDPA, gradient checkpointing "
+                f"{'off' if args.no_grad_ckpt else 'on'}; {len(wrap_plan(model))} FSDP units + root; "
+                f"{bs} x {seq} tokens per GPU, no padding; built in {time.perf_counter() - t0:.0f}s"
+            )
+            print(
+                f"  {sec:.4f} s/step, {out['samples_per_s']:.2f} samples/s, {out['tokens_per_s']:,.0f} tokens/s, "
+                f"peak memory {out['peak_mem_gib']:.1f} GiB per GPU, MFU {100 * out['mfu']:.1f}% "
+                f"(6N-only {100 * out['mfu_6n']:.1f}%) of {world} x {args.peak_flops:.3g} FLOP/s"
+            )
+            if not cuda:
+                print("  (CPU: the MFU figure is against --peak-flops, a GPU number; it only shows the path runs)")
+        return out
+    finally:
+        dist.destroy_process_group()
+
+
+def launch_fsdp(args: argparse.Namespace, argv: list[str]) -> int:
+    """--gpu: re-run this script under torchrun with one process per visible GPU (or run in-process)."""
+    if "LOCAL_RANK" in os.environ or not torch.cuda.is_available() or args.shrink_cpu:
+        fsdp_recipe(args)
+        return 0
+    import subprocess
+
+    n = torch.cuda.device_count()
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(n),
+           str(Path(__file__).resolve()), *argv]
+    return subprocess.call(cmd)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -328,7 +458,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--mfu-batch-size", type=int, default=None, help="default 8 (shrunk: 2)")
     parser.add_argument("--mfu-seq-len", type=int, default=None, help="default 1024 (shrunk: 128)")
     parser.add_argument("--no-grad-ckpt", action="store_true", help="MFU run without gradient checkpointing")
+    parser.add_argument("--gpu", action="store_true",
+                        help="part 3 only: the FSDP recipe at 7B shape over all visible GPUs (with --shrink and no "
+                             "GPU: one CPU process)")
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
+    args.shrink_cpu = args.shrink and not torch.cuda.is_available()
+    if args.gpu:
+        if not torch.cuda.is_available() and not args.shrink:
+            raise SystemExit("--gpu needs a CUDA device (add --shrink to run the same path small on CPU)")
+        return launch_fsdp(args, argv)
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cpu":

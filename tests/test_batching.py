@@ -196,7 +196,7 @@ def test_group_by_modality_keeps_image_and_text_batches_apart(data: dict[str, An
 @pytest.mark.parametrize("kw", [dict(group_by_length=False), dict(group_factor=3), dict(group_by_modality=True),
                                 dict(packing=True, group_factor=4, pack_length=2 * MAX_LEN)])
 def test_resume_gives_exactly_the_remaining_batches(data: dict[str, Any], kw: dict[str, Any]) -> None:
-    make = lambda: Batcher(stream(data, epochs=2), batch_size=3, seed=9, **kw)  # noqa: E731
+    make = lambda: Batcher(stream(data, epochs=2), batch_size=3, seed=9, **kw)
     full_b = make()
     full = [sig(b) for b in full_b]
     for k in (0, 1, 4, len(full) // 2 + 1, len(full) - 1, len(full)):

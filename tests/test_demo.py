@@ -32,11 +32,47 @@ def test_short_demo_writes_a_complete_report(tmp_path: Path) -> None:
     assert not subset_tasks & {"shape", "first_letter"}
     for png in ["instruct/loss.png", "eval/results.png", "eval/token_shift.png", "selection/lengths.png"]:
         assert (out / png).stat().st_size > 1000, png
+    # Per task, beside its answer prior; the targets and the token shift per task are in the report.
+    per_task = report["eval"]["per_task"]
+    assert {r["task"] for r in per_task if r["set"] == "seen"} >= {"colour", "count", "position", "exists"}
+    assert all(0.0 < r["prior"] <= 1.0 and r["count"] > 0 for r in per_task)
+    assert set(report["targets"]) >= {"seen_vision", "unseen_phrasing", "unseen_tasks"}
+    assert "qdit_vs_random" not in report["targets"]  # a 0.3-minute budget has no room for the second run
+    shift = report["eval"]["token_shift"]["per_task"]
+    assert set(shift) == set(report["pool"]["tasks"])
+    assert all(abs(r["unshifted"] + r["marginal"] + r["shifted"] - 1) < 1e-6 for r in shift.values() if r["tokens"])
+    assert report["bases"]["vision"].startswith("local-dir:") and report["cpu_seconds"] > 0
     md = (out / "report.md").read_text()
-    assert "| tuned | zero-shot |" in md and "loss.png" in md
+    assert "| base zero-shot | base 2-shot | tuned (QDIT-k) zero-shot |" in md and "answer prior" in md
+    assert "Targets:" in md and "![loss.png](instruct/loss.png)" in md
 
 
 def test_demo_refuses_to_clobber(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     (tmp_path / "keep.txt").write_text("x")
     assert main(["demo", "--out", str(tmp_path), "--minutes", "0.3"]) == 2
     assert "--overwrite" in capsys.readouterr().err
+
+
+def test_targets_are_measured_not_assumed() -> None:
+    """The target checks read the figures: met only when the numbers say so, and QDIT vs random names a winner."""
+    from mmtune.demo import VISION_TASKS, _targets
+
+    def res(model: str, mode: str, task: str, value: float) -> dict:
+        return {"model": model, "mode": mode, "task": task, "value": value}
+
+    results = [res("base", "zero-shot", "unseen-task", 0.10), res("base", "2-shot", "unseen-task", 0.2),
+               res("tuned", "zero-shot", "unseen-task", 0.35), res("tuned", "zero-shot", "unseen-phrasing", 0.6),
+               res("tuned", "zero-shot", "seen", 0.9), res("tuned-random", "zero-shot", "seen", 0.8),
+               res("tuned-random", "zero-shot", "unseen-phrasing", 0.5),
+               res("tuned-random", "zero-shot", "unseen-task", 0.3)]
+    per_task = [{"model": "tuned", "mode": "zero-shot", "set": "seen", "task": t, "value": 0.9, "prior": 0.2}
+                for t in VISION_TASKS]
+    tg = _targets(results, per_task, "2-shot")
+    assert tg["seen_vision"]["met"] and tg["unseen_phrasing"]["met"] and tg["unseen_tasks"]["met"]
+    assert tg["qdit_vs_random"]["winner"] == "qdit"
+    per_task[2]["prior"] = 0.5  # 0.9 is less than twice a 50% prior
+    results[2]["value"] = 0.29  # 29 < 10 + 20
+    tg = _targets(results, per_task, "2-shot")
+    assert not tg["seen_vision"]["met"] and tg["seen_vision"]["each"][VISION_TASKS[2]]["ratio"] == pytest.approx(1.8)
+    assert not tg["unseen_tasks"]["met"]
+    assert "qdit_vs_random" not in _targets(results[:5], per_task, "2-shot")

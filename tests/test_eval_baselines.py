@@ -124,3 +124,17 @@ def test_path_that_is_no_model_is_one_line_error(tmp_path):
     with pytest.raises(Exception, match="not an mmtune checkpoint/run"):
         detect_backend(tmp_path / "empty")
     assert not Path(tmp_path / "empty" / "config.json").exists()
+
+
+def test_judge_can_be_a_causal_lm_folder(models, tmp_path):
+    a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    a.write_text("".join(json.dumps({"id": str(i), "question": q, "prediction": x}) + "\n"
+                         for i, (q, x) in enumerate([("2+2?", "4"), ("Sky colour?", "blue"), ("Capital of France?", "Paris")])))
+    b.write_text("".join(json.dumps({"id": str(i), "prediction": x}) + "\n" for i, x in enumerate(["5", "green", "Rome"])))
+    out = tmp_path / "judge"
+    assert main(["analyze", "judge", str(a), str(b), "--judge", str(models / "lm_hf"), "--out", str(out),
+                 "--no-progress"]) == 0
+    rep = json.loads((out / "judge.json").read_text())
+    assert rep["judge"]["backend"] == "causal-lm" and rep["judge"]["template"] == "tokenizer chat template"
+    assert rep["win"] + rep["tie"] + rep["loss"] == 3
+    assert sum(rep["position_bias"]["verdicts"].values()) == 6

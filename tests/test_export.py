@@ -445,3 +445,14 @@ def test_benchmark_script_runs_both_parts_on_cpu(capsys):
     losses = out.split("initial loss: mmtune ")[1].split()
     assert losses[0] == losses[2]  # mmtune and transformers compute the same loss
     assert "MFU on cpu: LLaVA-1.5-7B-shaped (SHRUNK)" in out and "tokens/s" in out
+
+
+def test_benchmark_fsdp_recipe_runs_shrunk_on_cpu(capsys):
+    """`--gpu --shrink`: the 7B-shaped FSDP recipe (fp32 masters, bf16, checkpointing) as one CPU process."""
+    bench = _bench_module()
+    argv = ["--gpu", "--shrink", "--reps", "1", "--steps", "1", "--warmup", "0",
+            "--mfu-batch-size", "1", "--mfu-seq-len", "80"]
+    assert bench.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "FSDP recipe on 1 x cpu: LLaVA-1.5-7B-shaped (SHRUNK)" in out and "FSDP units + root" in out
+    assert "samples/s" in out and "tokens/s" in out and "peak memory" in out and "MFU" in out

@@ -19,8 +19,18 @@ import torch
 from conftest import SHARED_DATA
 
 from mmtune.data.schema import Record
-from mmtune.data.templates import VICUNA_SYSTEM, TemplateError, content_parts, get_template, prompt_messages
-from mmtune.data.tokenize import IGNORE_INDEX, stop_token_ids, tokenize_prompt, tokenize_record
+from mmtune.data.templates import (
+    VICUNA_SYSTEM,
+    TemplateError,
+    content_parts,
+    get_template,
+)
+from mmtune.data.tokenize import (
+    IGNORE_INDEX,
+    stop_token_ids,
+    tokenize_prompt,
+    tokenize_record,
+)
 from mmtune.data.tokenizer import prepare_tokenizer
 
 TOKENIZERS = SHARED_DATA / "tokenizers"

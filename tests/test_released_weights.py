@@ -224,8 +224,11 @@ def test_init_from_llava_hf_continues_training_and_round_trips(llava_hf, tmp_pat
     folder, hf = llava_hf
     out = tmp_path / "run"
     assert main(_train_args(folder, out, "--max-steps", "2")) == 0
-    tuned = load_model(out)
+    tuned = load_model(out)  # the fine-tuned LM comes from the run; tower (frozen) and nothing else from the folder
     assert tuned.config.init_from == str(folder)
+    hf_tower = hf.model.vision_tower.state_dict()
+    for name, value in tuned.model.vision.model.state_dict().items():
+        assert torch.equal(value, hf_tower[name]), name
     batch = _batch(tuned, mixed_records())
     after = _logits(tuned.model, batch)
     assert (after - _logits(hf, batch)).abs().max() > 1e-3  # the run did train the released weights
@@ -254,3 +257,24 @@ def test_export_round_trip_of_an_mmtune_run(tmp_path) -> None:
     back_batch = _batch(back, mixed_records())
     assert torch.equal(back_batch["input_ids"], batch["input_ids"])
     _close(_logits(back.model, back_batch), _logits(bundle.model, batch), batch)
+
+
+def test_real_llava_15_7b_hf_folder_settings_are_read() -> None:
+    """The released llava-1.5-7b-hf config, processor and tokenizer (no weights) pass init_from's checks."""
+    from conftest import SHARED_DATA
+    from transformers import AutoTokenizer
+
+    from mmtune.data.tokenizer import prepare_tokenizer
+    from mmtune.model.hf_llava import SELECT, _config, _processor_settings
+
+    folder = SHARED_DATA / "tokenizers" / "llava-1.5-7b-hf"
+    if not folder.is_dir():
+        pytest.skip(f"{folder} not present (released tokenizers live in ../shared/data/tokenizers next to the repo)")
+    conf = _config(folder)
+    assert conf.vision_feature_layer == -2 and SELECT[conf.vision_feature_select_strategy] == "patch"
+    processor_cfg, pad = _processor_settings(folder, conf.vision_config)
+    assert processor_cfg["size"] == {"shortest_edge": 336} and processor_cfg["crop_size"] == {"height": 336, "width": 336}
+    assert not pad  # llava-hf's processor resizes and centre-crops; it does not pad to square
+    tok = prepare_tokenizer(AutoTokenizer.from_pretrained(str(folder)))
+    assert tok.convert_tokens_to_ids("<image>") == conf.image_token_index == 32000
+    assert len(tok) <= conf.text_config.vocab_size  # no embedding resize needed

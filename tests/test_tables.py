@@ -12,11 +12,11 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+from pathlib import Path
 
 import datasets
 import pyarrow as pa
 import pyarrow.parquet as pq
-import pytest
 from PIL import Image
 
 from mmtune.cli import main
@@ -92,18 +92,18 @@ def test_parquet_layouts_convert_with_identical_image_bytes(tmp_path):
     trl_parquet(tmp_path / "trl.parquet")
     out = tmp_path / "out" / "mix.jsonl"
     rc = main(["convert", str(tmp_path / "ov.parquet"), str(tmp_path / "lf.parquet"), str(tmp_path / "trl.parquet"),
-               "--out", str(out), "--progress" if False else "--no-progress"])
+               "--out", str(out), "--no-progress"])
     assert rc == 0
     recs = {r.id: r for r in read_records(out)}
     assert set(recs) == {"ov-0", "ov-1", "lf-0", "lf-1", "trl-0"}
     # bytes written as they were embedded: no decode / re-encode
-    assert open(recs["ov-0"].images[0], "rb").read() == RED
+    assert Path(recs["ov-0"].images[0]).read_bytes() == RED
     assert recs["ov-0"].images == recs["ov-1"].images  # the same image shared by rows is written once
-    assert [open(p, "rb").read() for p in recs["lf-0"].images] == [GREEN, BLUE]
+    assert [Path(p).read_bytes() for p in recs["lf-0"].images] == [GREEN, BLUE]
     assert recs["lf-0"].images[0].endswith(".png") and recs["lf-0"].images[1].endswith(".jpg")
     assert recs["lf-1"].images == []
     assert recs["trl-0"].messages[0]["content"] == "<image>\nDescribe it."
-    assert open(recs["trl-0"].images[0], "rb").read() == BLUE
+    assert Path(recs["trl-0"].images[0]).read_bytes() == BLUE
     assert recs["ov-0"].meta["data_source"] == "coco"
     assert all(p.startswith(str(tmp_path / "out" / "mix_images")) for r in recs.values() for p in r.images)
     # bad rows: rejected with their row number, the image bytes summarised, not dumped
@@ -141,8 +141,8 @@ def test_shard_straight_from_parquet_keeps_bytes(tmp_path):
     assert not (tmp_path / "ov_images").exists() and not any(tmp_path.glob("*_images"))  # nothing on the side
     got = {r.id: r for r in iter_records(out, extract_images_to=tmp_path / "x")}
     assert set(got) == {"ov-0", "ov-1", "lf-0", "lf-1"}
-    assert open(got["ov-0"].images[0], "rb").read() == RED
-    assert [open(p, "rb").read() for p in got["lf-0"].images] == [GREEN, BLUE]
+    assert Path(got["ov-0"].images[0]).read_bytes() == RED
+    assert [Path(p).read_bytes() for p in got["lf-0"].images] == [GREEN, BLUE]
     stored = {r.id: r for r in iter_records(out)}
     assert stored["ov-0"].images == ["coco/red.jpg"]  # the embedded path, as a name
     rejects = [json.loads(line) for line in (out / "rejects.jsonl").read_text().splitlines()]

@@ -81,6 +81,27 @@ def test_validation_loss_logged_plotted_and_best_kept(tmp_path):
     assert [r["loss"] for r in train_rows(out)] == pytest.approx([r["loss"] for r in train_rows(plain)], abs=1e-7)
 
 
+def test_validation_equal_steps_pads_without_counting():
+    """The FSDP path: every process runs the same number of forwards; the repeats add nothing."""
+    from helpers import build_tiny
+
+    from mmtune.train.validate import ValidationSet
+
+    bundle, cfg = build_tiny("tiny_llm")
+    cfg.data.eval = [str(TEXT)]
+    cfg.train.batch_size = 5
+    vs = ValidationSet(cfg, bundle, rank=0, world_size=1)
+    calls = []
+    model = bundle.model
+    forward = model.forward
+    model.forward = lambda *a, **k: (calls.append(1), forward(*a, **k))[1]
+    plain = vs.evaluate(model, "cpu", lambda t: t)
+    n_plain = len(calls)
+    padded = vs.evaluate(model, "cpu", lambda t: t, equal_steps=lambda n: n + 3)
+    assert len(calls) - n_plain == n_plain + 3 == 5 + 3  # 24 records in batches of 5
+    assert padded.loss == pytest.approx(plain.loss, rel=1e-9) and padded.examples == plain.examples == 24
+
+
 def test_validation_config_errors(tmp_path, capsys):
     assert main(llm_args(tmp_path / "x", "--max-steps", "2", "train.eval_every=2")) == 2
     assert "data.eval" in capsys.readouterr().err
@@ -313,3 +334,43 @@ def test_report_to_names_the_missing_package(tmp_path, capsys, monkeypatch):
     assert not (tmp_path / "a" / "checkpoint-1").exists()
     assert main(llm_args(tmp_path / "b", "--max-steps", "1", "train.report_to=[tensorbord]")) == 2
     assert "did you mean 'tensorboard'" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- #
+# Two processes: validation sums over ranks, mixtures draw per rank
+# --------------------------------------------------------------------------- #
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(420)
+def test_two_processes_validation_and_mixture(tmp_path):
+    import socket
+    import subprocess
+    import sys
+
+    from mmtune.config import RunConfig, load_config
+    from mmtune.model.io import load_model
+    from mmtune.train.validate import ValidationSet
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    b = second_source(tmp_path)
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port),
+           "-m", "mmtune.cli", *llm_args(out, "--max-steps", "3", f"data.eval=[{TEXT}]", "train.eval_every=3",
+                                         "train.save_best=true", data=f"[{{path: {TEXT}, weight: 2}}, {b}]")]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, check=False, cwd=REPO, env=env, capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    [ev] = eval_rows(out)
+    assert ev["step"] == 3 and ev["eval_examples"] == 24  # both ranks' halves of the 24 records
+    # the loss summed over the two ranks equals one process's over the whole set
+    cfg = load_config(out / "run_config.yaml", RunConfig)
+    bundle = load_model(out / "checkpoint-3")
+    one = ValidationSet(cfg, bundle, rank=0, world_size=1).evaluate(bundle.model, "cpu", lambda t: t)
+    assert one.examples == 24 and one.loss == pytest.approx(ev["eval_loss"], rel=1e-4)
+    assert json.loads((out / "best" / "best.json").read_text())["step"] == 3
+    rows = train_rows(out)
+    assert all(sum(r["sources"].values()) >= r["examples"] for r in rows)  # counted on both ranks

@@ -44,7 +44,7 @@ def _rows(path: Path) -> list[dict]:
     return [json.loads(x) for x in path.read_text().splitlines()]
 
 
-@pytest.mark.timeout(180)
+@pytest.mark.timeout(600)
 def test_two_processes_text_only_and_image_batches_do_not_hang(tmp_path):
     data = tmp_path / "alternating.jsonl"
     _alternating(data)
@@ -61,9 +61,9 @@ def test_two_processes_text_only_and_image_batches_do_not_hang(tmp_path):
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MMTUNE_TRACE_BATCHES": "1"}
     try:
-        proc = subprocess.run(cmd, check=False, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+        proc = subprocess.run(cmd, check=False, cwd=REPO, env=env, capture_output=True, text=True, timeout=400)
     except subprocess.TimeoutExpired as exc:  # a hang is the failure this test exists for
-        pytest.fail(f"2-process training did not finish in 120 s (hang?): {str(exc.stderr)[-2000:]}")
+        pytest.fail(f"2-process training did not finish in 400 s (hang?): {str(exc.stderr)[-2000:]}")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "2 process(es)" in proc.stdout
 

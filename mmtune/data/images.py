@@ -72,13 +72,22 @@ def check_image(path: str | os.PathLike[str]) -> str | None:
     return None
 
 
-def load_image(source: str | os.PathLike[str] | bytes, *, exif_transpose: bool = False) -> Image.Image:
+def load_image(
+    source: str | os.PathLike[str] | bytes, *, exif_transpose: bool = False, draft_size: int | None = None
+) -> Image.Image:
     """Decode an image file (or its raw bytes, e.g. from a webdataset shard) into RGB.
 
     Grayscale, palette and CMYK images become RGB the way LLaVA reads them
     (`Image.convert("RGB")`); `exif_transpose=True` also applies the camera's
     orientation tag. Raises ImageError (one line) for a missing, remote or
     undecodable image.
+
+    `draft_size`: let a JPEG decode at a reduced scale (libjpeg's DCT scaling,
+    1/2, 1/4 or 1/8) as long as both sides stay >= `draft_size` pixels, so a
+    transform that resizes to `draft_size` (after padding to square or
+    cropping) gets nearly the same pixels for a fraction of the decode time
+    (`scripts/bench_loader.py` measures both the speed and the difference).
+    Other formats decode in full.
     """
     if isinstance(source, (bytes, bytearray, memoryview)):
         name, fp = "<bytes>", io.BytesIO(bytes(source))
@@ -91,6 +100,8 @@ def load_image(source: str | os.PathLike[str] | bytes, *, exif_transpose: bool =
         fp = name
     try:
         with Image.open(fp) as img:
+            if draft_size and img.format == "JPEG":
+                img.draft("RGB", (int(draft_size), int(draft_size)))
             img.load()
             if exif_transpose:
                 img = ImageOps.exif_transpose(img)

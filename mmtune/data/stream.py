@@ -169,6 +169,8 @@ class ExampleStream:
         rank: int | None = None,
         world_size: int | None = None,
         num_workers: int = 0,
+        prefetch_factor: int | None = None,
+        draft_size: int | None = None,
     ) -> None:
         self.sources = [os.fspath(sources)] if isinstance(sources, str | os.PathLike) else [os.fspath(s) for s in sources]
         if not self.sources:
@@ -194,6 +196,8 @@ class ExampleStream:
         if num_workers < 0:
             raise MMTuneError(f"num_workers must be >= 0, got {num_workers}")
         self.num_workers = num_workers
+        self.prefetch_factor = prefetch_factor  # DataLoader's (items queued per worker); None: torch's default
+        self.draft_size = draft_size  # JPEG draft decoding (see mmtune.data.images.load_image)
 
         self._jsonl: list[str] = []
         self._shards: list[str] = []
@@ -237,7 +241,7 @@ class ExampleStream:
             cfg.train_paths(), tokenizer, cfg.template, max_length=cfg.max_length, num_image_tokens=num_image_tokens,
             image_transform=image_transform, image_root=cfg.image_root, shuffle_buffer=cfg.shuffle_buffer,
             seed=seed, epochs=epochs, holdout_tasks=cfg.holdout_tasks, rank=rank, world_size=world_size,
-            num_workers=cfg.num_workers,
+            num_workers=cfg.num_workers, prefetch_factor=cfg.prefetch_factor,
         )
 
     def __getstate__(self) -> dict[str, Any]:  # open files stay with the process that opened them
@@ -312,8 +316,9 @@ class ExampleStream:
             log.warning("further %s skips are logged at INFO level (counts stay in skip_counts)", skip.kind)
 
     def _loader(self, start: tuple[int, int]) -> Iterator[tuple[int, int, Example | _Skip]]:
+        extra = {"prefetch_factor": self.prefetch_factor} if self.prefetch_factor else {}
         loader = DataLoader(_WorkerItems(self, start), batch_size=None, num_workers=self.num_workers,
-                            collate_fn=_identity, in_order=True)
+                            collate_fn=_identity, in_order=True, **extra)
         return iter(loader)
 
     def _outcomes(self, worker: int, num_workers: int, start: tuple[int, int]) -> Iterator[tuple[int, int, Example | _Skip]]:
@@ -393,7 +398,7 @@ class ExampleStream:
                               else [resolve_image_path(p, self.image_root) for p in record.images])
         for i, src in enumerate(sources):
             try:
-                tensor = self.image_transform(load_image(src))  # type: ignore[misc]
+                tensor = self.image_transform(load_image(src, draft_size=self.draft_size))  # type: ignore[misc]
             except (ImageError, OSError, ValueError) as exc:
                 where = f"{item.url}, sample {item.key!r}" if isinstance(item, ShardSample) else record.images[i]
                 return _Skip("image_error", 1, record.id, f"images[{i}] ({where}): {exc}")

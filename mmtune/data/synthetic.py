@@ -159,11 +159,13 @@ def make_pool(
     seed: int = 0,
     phrasings: tuple[int, ...] | None = None,
     id_prefix: str = "syn",
+    system: str | None = None,
     progress: Callable[[int], None] | None = None,
 ) -> list[Record]:
     """Draw `per_task` records for each task; images go to `out_dir/images/`.
 
-    `phrasings` restricts which phrasing indices are used (None = all).
+    `phrasings` restricts which phrasing indices are used (None = all);
+    `system`, when given, opens every record with that system turn.
     Deterministic for a seed.
     """
     out = Path(out_dir)
@@ -191,10 +193,148 @@ def make_pool(
                 cluster = "text"
             records.append(Record(
                 id=rid,
-                messages=[{"role": "user", "content": content}, {"role": "assistant", "content": answer}],
+                messages=[*([{"role": "system", "content": system}] if system else []),
+                          {"role": "user", "content": content}, {"role": "assistant", "content": answer}],
                 images=images, source="mmtune-synthetic", task=task, answers=[answer] * 10,
                 meta={"phrasing": p, "cluster": cluster},
             ))
             if progress is not None:
                 progress(1)
     return records
+
+
+# --------------------------------------------------------------------------- #
+# Pretraining data for the demo's bases (scripts/pretrain_demo_bases.py)
+# --------------------------------------------------------------------------- #
+# The bases must know what users' bases know before instruction tuning: a vision
+# tower that tells colours, shapes, counts and places apart, and an LM that has
+# read plain statements of the facts the tasks ask about. Both are drawn here
+# with their own seeds; neither uses the instruction phrasings above.
+
+NUMBER_WORDS = ("zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen "
+                "fifteen sixteen seventeen eighteen").split()
+# Words the LM reads facts about: the demo's words plus others, so letter facts are not a 30-item lookup.
+EXTRA_WORDS = (
+    "apple bread chair cloud drum egg flag goat hat ink jar key leg map net owl pen queen ring sock "
+    "tent van web box yak zoo arm bus cup fan gate hill ice jam kid lid mud nut oak pig rug sea toy urn "
+    "vase wig yarn bag bed car hen pot"
+).split()
+
+
+@dataclass(frozen=True)
+class FreeThing:
+    """A shape anywhere in the picture (pretraining scenes are not on the demo's grid)."""
+
+    shape: str
+    colour: str
+    x: float  # centre, as a fraction of the width
+    y: float
+    r: float  # radius, as a fraction of the width
+
+
+def _jitter(rgb: tuple[int, int, int], rng: random.Random, amount: int = 18) -> tuple[int, int, int]:
+    return tuple(int(min(255, max(0, c + rng.randint(-amount, amount)))) for c in rgb)  # type: ignore[return-value]
+
+
+def draw_free_scene(things: list[FreeThing], rng: random.Random, size: int = 64) -> Image.Image:
+    """Shapes of any size anywhere, colours jittered, on a random light background."""
+    bg = tuple(rng.randint(215, 255) for _ in range(3))
+    img = Image.new("RGB", (size, size), bg)  # type: ignore[arg-type]
+    draw = ImageDraw.Draw(img)
+    for t in things:
+        cx, cy, r = t.x * size, t.y * size, t.r * size
+        fill = _jitter(COLOURS[t.colour], rng)
+        if t.shape == "circle":
+            draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=fill)
+        elif t.shape == "square":
+            draw.rectangle((cx - r, cy - r, cx + r, cy + r), fill=fill)
+        else:
+            draw.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=fill)
+    return img
+
+
+def free_scene(rng: random.Random, max_things: int = 4) -> list[FreeThing]:
+    """1..max_things non-overlapping shapes; colours repeat and shapes repeat (counts vary)."""
+    n = rng.randint(1, max_things)
+    things: list[FreeThing] = []
+    tries = 0
+    while len(things) < n and tries < 200:
+        tries += 1
+        r = rng.uniform(0.07, 0.15)
+        x, y = rng.uniform(r, 1 - r), rng.uniform(r, 1 - r)
+        if all((x - t.x) ** 2 + (y - t.y) ** 2 > (r + t.r + 0.02) ** 2 for t in things):
+            things.append(FreeThing(rng.choice(SHAPES), rng.choice(list(COLOURS)), x, y, r))
+    return things
+
+
+def describe_scene(things: list[FreeThing] | list[Thing]) -> str:
+    """One plain description, left to right: 'two shapes: a red circle left of a blue square'."""
+    def key(t: FreeThing | Thing) -> float:
+        return t.x if isinstance(t, FreeThing) else float(t.cell)
+
+    ordered = sorted(things, key=key)
+    items = [f"a {t.colour} {t.shape}" for t in ordered]
+    head = f"{NUMBER_WORDS[len(items)]} shape{'s' if len(items) > 1 else ''}: "
+    if len(items) == 2:
+        return head + f"{items[0]} left of {items[1]}"
+    return head + ", then ".join(items)
+
+
+def _scene_prose(things: list[Thing], rng: random.Random) -> list[str]:
+    """Declarative sentences about one grid scene (what the LM reads about pictures)."""
+    out = [f"The picture shows {_caption(things)}."]
+    for t in things:
+        out += [f"The {t.shape} is {t.colour}.", f"The {t.colour} shape is a {t.shape}.",
+                f"There is a {t.colour} {t.shape} in the picture."]
+    for s in SHAPES:
+        n = sum(t.shape == s for t in things)
+        out.append(f"There {'is' if n == 1 else 'are'} {NUMBER_WORDS[n]} {s}{'' if n == 1 else 's'}.")
+        out.append(f"The number of {s}s is {n}.")
+    for a in things:
+        for b in things:
+            if a.cell < b.cell:
+                out += [f"The {a.colour} {a.shape} is on the left of the {b.colour} {b.shape}.",
+                        f"The {b.colour} {b.shape} is on the right of the {a.colour} {a.shape}."]
+    present = {(t.shape, t.colour) for t in things}
+    s, c = rng.choice([(s, c) for s in SHAPES for c in COLOURS if (s, c) not in present])
+    out.append(f"There is no {c} {s} in the picture.")
+    rng.shuffle(out)
+    return out[: rng.randint(3, 7)]
+
+
+def _word_facts(w: str) -> list[str]:
+    n = NUMBER_WORDS[len(w)] if len(w) < len(NUMBER_WORDS) else str(len(w))
+    return [
+        f"The word {w} starts with the letter {w[0]}.", f"The first letter of {w} is {w[0]}.",
+        f"{w} begins with {w[0]}.", f"{w} spelled backwards is {w[::-1]}.", f"Backwards, {w} reads {w[::-1]}.",
+        f"{w} in capital letters is {w.upper()}.", f"In upper case, {w} is written {w.upper()}.",
+        f"The word {w} has {n} letters.", f"The last letter of {w} is {w[-1]}.",
+    ]
+
+
+def _sum_facts(a: int, b: int) -> list[str]:
+    c = a + b
+    A, B, C = NUMBER_WORDS[a].capitalize(), NUMBER_WORDS[b], NUMBER_WORDS[c]
+    return [f"{A} plus {B} is {C}.", f"{a} plus {b} is {c}.", f"{a}+{b}={c}.", f"{a} + {b} = {c}.",
+            f"The sum of {a} and {b} is {c}.", f"Adding {a} and {b} gives {c}."]
+
+
+def fact_corpus(n_docs: int, seed: int) -> list[str]:
+    """`n_docs` short paragraphs of plain declarative prose (no questions, no instructions, no chat markup).
+
+    Each paragraph mixes word facts (first letter, reversal, capitals, length),
+    sums of two digits, and descriptions of grid scenes like the demo's.
+    """
+    rng = random.Random(seed)
+    words = list(WORDS) + EXTRA_WORDS
+    docs = []
+    for _ in range(n_docs):
+        kind = rng.random()
+        if kind < 0.4:
+            sents = [rng.choice(_word_facts(rng.choice(words))) for _ in range(rng.randint(3, 6))]
+        elif kind < 0.65:
+            sents = [rng.choice(_sum_facts(rng.randint(0, 9), rng.randint(0, 9))) for _ in range(rng.randint(3, 6))]
+        else:
+            sents = _scene_prose(_scene(rng, rng.randint(1, 3)), rng)
+        docs.append(" ".join(sents))
+    return docs

@@ -79,7 +79,7 @@ def _splits(path: Path) -> list[tuple[str | None, Any]]:
         detail = " ".join(str(exc).split())[:300]
         raise FormatError(f"{name}: cannot read as {'a datasets folder' if path.is_dir() else path.suffix[1:]} "
                           f"({type(exc).__name__}: {detail})") from None
-    except Exception as exc:  # pyarrow / datasets raise their own types for a corrupt file
+    except Exception as exc:  # noqa: BLE001 - pyarrow / datasets raise their own types for a corrupt file
         detail = " ".join(str(exc).split())[:300]
         raise FormatError(f"{name}: cannot read ({type(exc).__name__}: {detail})") from None
 

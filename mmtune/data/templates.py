@@ -18,6 +18,7 @@ as released: Qwen2.5, Llama-3, Mistral v0.3, llava-hf processors). `few_shot` bu
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -277,8 +278,7 @@ def content_parts(text: str) -> list[dict[str, str]]:
     for k, piece in enumerate(pieces):
         if k > 0:
             parts.append({"type": "image"})
-            if piece.startswith("\n"):
-                piece = piece[1:]
+            piece = piece.removeprefix("\n")
         if piece:
             parts.append({"type": "text", "text": piece})
     return parts
@@ -291,16 +291,15 @@ class TokenizerTemplate:
     `return_assistant_tokens_mask`, because that needs `{% generation %}`
     tags, which most released templates (Qwen2.5, Llama-3, Mistral) lack.
 
-    The training text is the template's rendering of the whole conversation,
-    exactly `apply_chat_template(messages)`. For each assistant turn the
-    conversation is rendered again with that answer replaced by a sentinel:
-    the text before the sentinel must be a prefix of the real rendering and
-    the text after it a suffix, so whatever lies between is that answer as the
-    template wrote it (trimmed or not). This stays exact for templates that
-    rewrite earlier turns (Mistral v0.3 moves the system prompt into the last
-    user turn), where rendering prefixes of the conversation does not; the
-    last answer is trained after exactly its inference prompt (see
-    `_training_text`). The
+    The training text is the template's own rendering of the conversation
+    (`apply_chat_template`). For each assistant turn the conversation is
+    rendered again with that answer replaced by a sentinel: the text before
+    the sentinel must be a prefix of the real rendering and the text after it
+    a suffix, so whatever lies between is that answer as the template wrote it
+    (trimmed or not). This stays exact for templates that rewrite earlier
+    turns (Mistral v0.3 moves the system prompt into the last user turn),
+    where rendering prefixes of the conversation does not; the last answer is
+    trained after exactly its inference prompt (see `_training_text`). The
     end-of-turn marker right after an answer (a special token such as
     `<|im_end|>`, `<|eot_id|>`, `</s>`, with any whitespace before it) is
     trained too; a template that ends answers with no special token (the
@@ -328,9 +327,12 @@ class TokenizerTemplate:
 
     def _apply(self, messages: Sequence[dict[str, Any]], add_generation_prompt: bool) -> str:
         msgs = [self._content(m) for m in messages]
+        from jinja2 import TemplateError as JinjaError
+
         try:
             out = self.tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=add_generation_prompt)
-        except Exception as exc:  # jinja raise_exception / TemplateError: report as one line naming the template
+        except (JinjaError, TypeError, ValueError, KeyError, IndexError, AttributeError) as exc:
+            # raise_exception() in the template, or a record shape it cannot take: one line naming the template
             raise self._refuse(f"cannot render this conversation ({' '.join(str(exc).split())[:200]})") from None
         return out if isinstance(out, str) else str(out)
 
@@ -383,7 +385,7 @@ class TokenizerTemplate:
         for i, msg in enumerate(messages):
             if msg["role"] == "assistant":
                 spans.append(self._extend(full, self._locate(messages, i, full, agp, _SENTINEL.format(i)), with_marker))
-        if any(b[0] < a[1] for a, b in zip(spans, spans[1:])):
+        if any(b[0] < a[1] for a, b in itertools.pairwise(spans)):
             raise self._refuse("assistant turns are rendered out of order")
         return spans
 

@@ -3,7 +3,10 @@
 The rendered conversation is tokenized once, as one string, and each token is
 labelled from the template segment its characters came from: a token that
 holds any assistant-response character is trained, every other token gets
--100. Every assistant turn of a multi-turn record is trained.
+-100. Every assistant turn of a multi-turn record is trained. The tokenizer's
+own special tokens (BOS) are added unless the rendered text already starts
+with BOS (Llama-3 and Mistral templates write it): exactly one BOS either way.
+A record the template cannot render raises `SkipRecord` (kind `template_error`).
 
 Each `<image>` placeholder (one special token) is expanded into a run of
 `num_image_tokens` copies of the image token id; the model writes one image's

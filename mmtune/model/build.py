@@ -9,6 +9,7 @@ Random parts are seeded by the caller (`torch.manual_seed` before building).
 from __future__ import annotations
 
 import copy
+import pickle
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,15 +60,63 @@ def resolve_dtype(name: str | torch.dtype | None) -> torch.dtype | str | None:
     return DTYPES[name]
 
 
+QUANT_TYPES = ("nf4", "fp4")
+
+
+def check_quantization(cfg: LMConfig) -> None:
+    """Refuse a `model.lm.quantization` that cannot load here, before anything is loaded (one line)."""
+    q = cfg.quantization
+    if not q.bits:
+        return
+    if q.bits not in (4, 8):
+        raise MMTuneError(f"model.lm.quantization.bits must be 4 or 8 (or null), got {q.bits}")
+    if q.bits == 4 and q.type not in QUANT_TYPES:
+        raise MMTuneError(f"model.lm.quantization.type must be one of {', '.join(QUANT_TYPES)}, got {q.type!r}")
+    if not torch.cuda.is_available():
+        raise MMTuneError(f"model.lm.quantization.bits={q.bits} needs a CUDA GPU (bitsandbytes kernels) and this "
+                          "machine has none: remove model.lm.quantization, or run on a GPU")
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise MMTuneError("model.lm.quantization needs bitsandbytes: pip install 'mmtune[qlora]'") from None
+
+
+def quantization_config(cfg: LMConfig) -> Any:
+    """transformers' BitsAndBytesConfig for `model.lm.quantization` (None when not quantized)."""
+    from transformers import BitsAndBytesConfig
+
+    q = cfg.quantization
+    if not q.bits:
+        return None
+    compute = resolve_dtype(q.compute_dtype)
+    if q.bits == 8:
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=q.type, bnb_4bit_use_double_quant=q.double_quant,
+                              bnb_4bit_compute_dtype=compute)
+
+
 def build_lm(cfg: LMConfig, *, vocab_size: int | None = None, from_folder: str | Path | None = None) -> nn.Module:
-    """The causal LM: `from_folder` (a saved copy) > `name_or_path` > random from `config`."""
+    """The causal LM: `from_folder` (a saved copy) > `name_or_path` > random from `config`.
+
+    With `quantization.bits` the pretrained weights load in 4/8-bit through
+    bitsandbytes onto this process's GPU (QLoRA); `check_quantization` runs first.
+    """
     from transformers import AutoConfig, AutoModelForCausalLM
 
     dtype = resolve_dtype(cfg.dtype)
     extra: dict[str, Any] = {"trust_remote_code": cfg.trust_remote_code}
     if cfg.attn_implementation:
         extra["attn_implementation"] = cfg.attn_implementation
+    if cfg.quantization.bits and from_folder is None:
+        check_quantization(cfg)
+        import os
+
+        extra["quantization_config"] = quantization_config(cfg)
+        extra["device_map"] = {"": int(os.environ.get("LOCAL_RANK", "0"))}
+        dtype = resolve_dtype(cfg.quantization.compute_dtype)
     source = str(from_folder) if from_folder is not None else cfg.name_or_path
+    if cfg.quantization.bits and not source:
+        raise MMTuneError("model.lm.quantization loads pretrained weights in k-bit: set model.lm.name_or_path")
     if source:
         try:
             return AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **extra)
@@ -150,6 +199,8 @@ def build_model(
     """
     if cfg.mode not in MODES:
         raise MMTuneError(f"model.mode must be llm or mllm, got {cfg.mode!r}")
+    if lm_folder is None:
+        check_quantization(cfg.lm)  # before the tokenizer or any weight is loaded
     init = None
     if cfg.init_from:
         init, cfg = _read_init_from(cfg, lm_folder is None)
@@ -184,8 +235,10 @@ def build_model(
         dtype = resolve_dtype(cfg.lm.dtype)
         tower_dtype = None if dtype in (None, "auto") else dtype
         vcfg = cfg.vision
+        # open_clip's hf-hub: / local-dir: names carry their own weights (the pretrained tag is ignored).
+        schema_weights = (vcfg.model_name or "").startswith(("hf-hub:", "local-dir:"))
         vision_random = bool(vcfg.config and not vcfg.pretrained) or (
-            vcfg.backend == "open_clip" and not vcfg.config and not vcfg.pretrained
+            vcfg.backend == "open_clip" and not vcfg.config and not vcfg.pretrained and not schema_weights
         )
         if init is not None:
             from mmtune.model.vision import HFVisionTower
@@ -247,7 +300,10 @@ def _projector_checkpoint(path: str, kind: str = "mlp2x_gelu") -> dict[str, torc
     `torch.load(weights_only=True)`, which unpickles tensors only, and its
     `model.mm_projector.{0,2}.*` keys are renamed onto mmtune's projector.
     """
-    from mmtune.model.projector import from_llava_projector_state, is_llava_projector_state
+    from mmtune.model.projector import (
+        from_llava_projector_state,
+        is_llava_projector_state,
+    )
     from mmtune.runs import PROJECTOR_FILE, resolve_model_folder
 
     where = "model.projector.checkpoint"
@@ -267,7 +323,8 @@ def _projector_checkpoint(path: str, kind: str = "mlp2x_gelu") -> dict[str, torc
     else:
         try:
             state = torch.load(str(p), map_location="cpu", weights_only=True)
-        except Exception as exc:  # pickle/zip errors vary by torch version: report one line naming the file
+        except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError, AttributeError) as exc:
+            # weights_only refusals and truncated zips: one line naming the file
             raise MMTuneError(f"{where}: {p} cannot be read as torch weights ({' '.join(str(exc).split())[:200]})") from None
         if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
             raise MMTuneError(f"{where}: {p} does not hold a dict of tensors")

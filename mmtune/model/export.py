@@ -653,7 +653,8 @@ def export_checkpoint(
         raise ExportError(f"{ckpt} is a model.mode {mode} checkpoint: export it with --format {want}")
     # No local reference to the loaded model: _export frees it before reloading the export.
     return _export(
-        lambda: load_model(ckpt, device="cpu", trust_remote_code=trust_remote_code), out, template=name, fmt=fmt, dtype=dtype, overwrite=overwrite
+        lambda: load_model(ckpt, device="cpu", dequantize=True, trust_remote_code=trust_remote_code), out,
+        template=name, fmt=fmt, dtype=dtype, overwrite=overwrite
     )
 
 

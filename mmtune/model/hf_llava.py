@@ -4,7 +4,9 @@
 (CLIP or SigLIP), projector, language model, tokenizer and image-processor
 settings, with the feature layer, feature selection and image token its
 config.json names. `read_llava_folder` loads the folder once with
-transformers and hands the pieces over without copying weights; `apply_to`
+transformers and hands the pieces over without copying weights (when the
+caller brings its own fine-tuned LM, as `load_model` does for a checkpoint
+that trained it, only the tower and projector tensors are read); `apply_to`
 writes the folder's settings into the run's ModelConfig, so the run's
 model_config.yaml records what was actually built.
 
@@ -88,7 +90,11 @@ def _processor_settings(folder: Path, vision_config: Any) -> tuple[dict[str, Any
     """
     from transformers import AutoImageProcessor
 
-    from mmtune.model.vision import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, _pretrained_processor_cfg
+    from mmtune.model.vision import (
+        OPENAI_CLIP_MEAN,
+        OPENAI_CLIP_STD,
+        _pretrained_processor_cfg,
+    )
 
     cfg = _pretrained_processor_cfg(str(folder))
     if cfg is None:
@@ -120,6 +126,13 @@ def read_llava_folder(path: str | Path, *, dtype: torch.dtype | str | None = Non
 
     folder = Path(path)
     conf = _config(folder)
+    processor_cfg, pad = _processor_settings(folder, conf.vision_config)
+    if not load_lm:  # the caller has its own (fine-tuned) LM: read only the tower and projector tensors
+        vision_model, projector_state = _tower_and_projector(folder, conf, dtype)
+        return LlavaParts(folder=folder, lm=None, vision_model=vision_model, projector_state=projector_state,
+                          processor_cfg=processor_cfg, feature_layer=int(conf.vision_feature_layer),
+                          select_strategy=SELECT[conf.vision_feature_select_strategy], pad_to_square=pad,
+                          image_token_index=int(conf.image_token_index))
     try:
         hf = LlavaForConditionalGeneration.from_pretrained(str(folder), dtype=dtype or torch.float32)
     except (OSError, ValueError) as exc:
@@ -145,7 +158,6 @@ def read_llava_folder(path: str | Path, *, dtype: torch.dtype | str | None = Non
                 _rebuild_buffers(lm, hf)
                 break
         lm.generation_config = hf.generation_config
-    processor_cfg, pad = _processor_settings(folder, conf.vision_config)
     projector_state = {k: v for k, v in core.multi_modal_projector.state_dict().items()}
     return LlavaParts(
         folder=folder,
@@ -160,6 +172,43 @@ def read_llava_folder(path: str | Path, *, dtype: torch.dtype | str | None = Non
     )
 
 
+def _tower_and_projector(folder: Path, conf: Any, dtype: Any) -> tuple[nn.Module, dict[str, torch.Tensor]]:
+    """Only the vision tower and projector tensors of the folder's safetensors (the LM's are not read).
+
+    Both key layouts are accepted: transformers >= 4.52 writes `model.vision_tower.*` /
+    `model.multi_modal_projector.*`; older llava-hf uploads have no `model.` prefix.
+    """
+    from safetensors import safe_open
+    from transformers import AutoModel
+
+    where = f"model.init_from: {folder}"
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        files = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
+    elif (folder / "model.safetensors").is_file():
+        files = ["model.safetensors"]
+    else:
+        raise MMTuneError(f"{where}: no model.safetensors (or its index); only safetensors weights are read")
+    vision: dict[str, torch.Tensor] = {}
+    projector: dict[str, torch.Tensor] = {}
+    for name in files:
+        with safe_open(str(folder / name), framework="pt") as f:
+            for key in f.keys():  # noqa: SIM118 (safe_open is not iterable)
+                k = key.removeprefix("model.")
+                if k.startswith("vision_tower."):
+                    vision[k[len("vision_tower."):]] = f.get_tensor(key)
+                elif k.startswith("multi_modal_projector."):
+                    projector[k[len("multi_modal_projector."):]] = f.get_tensor(key)
+    torch_dtype = dtype if isinstance(dtype, torch.dtype) else torch.float32
+    # Built on the CPU (not meta) so non-persistent buffers such as position_ids exist; a tower is small.
+    model = AutoModel.from_config(conf.vision_config, dtype=torch_dtype)
+    try:
+        model.load_state_dict(vision, strict=True)
+    except RuntimeError as exc:
+        raise MMTuneError(f"{where}: vision tower weights do not fit its config ({' '.join(str(exc).split())[:200]})") from None
+    return model.eval(), projector
+
+
 def _rebuild_buffers(lm: nn.Module, hf: nn.Module) -> None:
     """Copy the non-persistent buffers (rotary embeddings) from the loaded LLaVA's language model."""
     source = dict(hf.model.language_model.named_buffers())
@@ -167,7 +216,7 @@ def _rebuild_buffers(lm: nn.Module, hf: nn.Module) -> None:
     for name, buf in list(lm.named_buffers()):
         if not buf.is_meta:
             continue
-        key = name[len(prefix):] if name.startswith(prefix) else name
+        key = name.removeprefix(prefix)
         if key not in source:
             raise MMTuneError(f"cannot rebuild buffer {name!r} of the language model")
         module_name, _, attr = name.rpartition(".")

@@ -10,6 +10,9 @@ A saved model folder holds
                              when it was random-init, fully trained, merged, or loaded that way
     adapter/                 the peft LoRA adapter (adapter_config.json + adapter_model.safetensors)
     vision.safetensors       the tower, when random-init or unfrozen
+    sharded/                 instead of the weight files above, in a checkpoint of an FSDP run:
+                             every parameter, written shard by shard with torch.distributed.checkpoint;
+                             `load_model` consolidates it in memory, `mmtune consolidate` to safetensors
 
 Frozen pretrained parts are not copied: `load_model` rebuilds them from the
 config (the same hub id / folder), so an align-stage checkpoint of a 7B LLaVA
@@ -41,11 +44,17 @@ from mmtune.runs import (
     resolve_model_folder,
 )
 
+SHARDED_DIR = "sharded"  # an FSDP checkpoint's torch.distributed.checkpoint folder
+SHARDED_MODEL_KEY = "model"
 FORMAT_VERSION = 1
 
 
-def save_model(bundle: ModelBundle, folder: str | Path) -> None:
-    """Write `bundle` into the EXISTING folder `folder` (the caller makes it a temp folder and renames it)."""
+def save_model(bundle: ModelBundle, folder: str | Path, *, sharded: bool = False) -> None:
+    """Write `bundle` into the EXISTING folder `folder` (the caller makes it a temp folder and renames it).
+
+    `sharded=True` (an FSDP run): config, tokenizer and `model_parts.json` only;
+    the weights are in `sharded/`, which every process writes itself.
+    """
     from safetensors.torch import save_file
     from safetensors.torch import save_model as save_module
 
@@ -65,6 +74,11 @@ def save_model(bundle: ModelBundle, folder: str | Path) -> None:
         "vision": False,
         "projector": False,
     }
+    if sharded:
+        parts["sharded"] = SHARDED_DIR
+        parts["owned_parts"] = sorted(model.owned_parts)
+        (folder / PARTS_FILE).write_text(json.dumps(parts, indent=2) + "\n", encoding="utf-8")
+        return
     if model.projector is not None:
         save_file(_cpu_state(model.projector), str(folder / PROJECTOR_FILE))
         parts["projector"] = True
@@ -103,11 +117,19 @@ def load_model(
     *,
     device: str | torch.device | None = None,
     dtype: str | torch.dtype | None = None,
+    sharded_weights: bool = True,
+    dequantize: bool | None = None,
     trust_remote_code: bool = False,
 ) -> ModelBundle:
     """Rebuild a saved model (see module docstring); `folder` may also be a run folder (latest checkpoint).
 
     `dtype` overrides the LM dtype the config names (e.g. "bfloat16" for inference on GPU).
+    A sharded (FSDP) checkpoint is consolidated in memory; `sharded_weights=False`
+    skips that (the trainer loads the shards itself after sharding the model).
+    A QLoRA checkpoint (`model.lm.quantization`) loads its base LM in k-bit
+    again, unless `dequantize` (default: when there is no CUDA GPU), which loads
+    the base weights un-quantized in the quantization's compute dtype, e.g. for
+    `mmtune export`, which merges the adapter into them.
     `trust_remote_code` is the USER's word (a command-line flag or their own
     config), never the checkpoint's: a checkpoint that needs remote code is
     refused unless it is True (see `load_model_config`).
@@ -120,6 +142,9 @@ def load_model(
         raise MMTuneError(corruption_message(folder, *bad))
     cfg = load_model_config(folder, trust_remote_code=trust_remote_code)
     parts = read_parts(folder)
+    if cfg.lm.quantization.bits and (dequantize or (dequantize is None and not torch.cuda.is_available())):
+        cfg.lm.dtype = cfg.lm.quantization.compute_dtype
+        cfg.lm.quantization.bits = None
     if dtype is not None:
         cfg.lm.dtype = dtype if isinstance(dtype, str) else {v: k for k, v in _DTYPE_NAMES.items()}[dtype]
     tokenizer = load_saved_tokenizer(folder, trust_remote_code=trust_remote_code)
@@ -144,6 +169,10 @@ def load_model(
         vision_state=weights("vision"),
         projector_state=weights("projector"),
     )
+    if parts.get("sharded"):
+        bundle.model.owned_parts.update(parts.get("owned_parts") or ())
+        if sharded_weights:
+            load_full_model_state(folder, bundle.model)
     if parts.get("adapter"):
         from peft import PeftModel
 
@@ -230,6 +259,32 @@ def read_parts(folder: Path) -> dict[str, Any]:
     if parts.get("format", FORMAT_VERSION) > FORMAT_VERSION:
         raise MMTuneError(f"{folder}: saved by a newer mmtune (format {parts['format']})")
     return parts
+
+
+def load_full_model_state(folder: str | Path, model: torch.nn.Module) -> None:
+    """Fill an ordinary (unsharded) model from `folder/sharded/` in this one process (no process group needed).
+
+    torch.distributed.checkpoint reads every process's shard files and
+    reassembles each tensor into the model's own (full) state dict.
+    """
+    import torch.distributed.checkpoint as dcp
+
+    source = Path(folder) / SHARDED_DIR
+    if not (source / ".metadata").is_file():
+        raise MMTuneError(f"{folder}: {PARTS_FILE} says the weights are sharded but {SHARDED_DIR}/.metadata is missing")
+    state = dict(model.state_dict())
+    try:
+        dcp.load({SHARDED_MODEL_KEY: state}, checkpoint_id=str(source), no_dist=True)
+    except Exception as exc:  # noqa: BLE001 - DCP raises several kinds; one line names the folder
+        raise MMTuneError(f"{source}: cannot consolidate the sharded weights into the configured model "
+                          f"({type(exc).__name__}: {str(exc).splitlines()[0][:300]})") from None
+    model.load_state_dict(state, strict=True)
+
+
+def is_sharded(folder: str | Path) -> bool:
+    """True for a checkpoint whose weights are FSDP shards (`sharded/`)."""
+    path = Path(folder) / PARTS_FILE
+    return path.is_file() and bool(json.loads(path.read_text(encoding="utf-8")).get("sharded"))
 
 
 _DTYPE_NAMES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

@@ -17,6 +17,12 @@ parameters) to the loss. The result is unchanged and their gradients are
 exactly zero, but every rank's backward now touches the same parameters, so
 DDP's gradient all-reduce does not wait forever for a rank whose batch was
 text-only. No dummy image is ever run through the model.
+
+Under FSDP (`mmtune.train.sharding`) parameters are sharded and every process
+must run every tower/projector unit's forward (each one all-gathers), so with
+`run_tower_on_text_batches` set a text-only batch runs the tower and projector
+on an EMPTY image batch (0 images) and adds 0 x the (empty) result's sum:
+the same zero contribution, collectives matched, still no dummy image.
 """
 
 from __future__ import annotations
@@ -69,6 +75,8 @@ class MMTuneModel(nn.Module):
         self.owned_parts: set[str] = set(owned_parts or ())
         if projector is not None:
             self.owned_parts.add("projector")
+        # Set by FSDP sharding (see module docstring).
+        self.run_tower_on_text_batches = False
 
     # ------------------------------------------------------------------ info
     @property
@@ -129,6 +137,14 @@ class MMTuneModel(nn.Module):
             return None
         return sum(p.sum() for p in params) * 0.0
 
+    def _empty_image_participation(self) -> torch.Tensor | None:
+        """Tower + projector on 0 images (FSDP: every unit's forward runs on every process); sums to 0."""
+        if self.vision is None or self.projector is None:
+            return None
+        size = tower_image_size(self.vision)
+        empty = torch.zeros(0, 3, *size, device=self.device)
+        return self.encode_images(empty).sum() * 0.0
+
     # ---------------------------------------------------------------- forward
     def forward(
         self,
@@ -140,6 +156,10 @@ class MMTuneModel(nn.Module):
         **kwargs: Any,
     ) -> CausalLMOutputWithPast:
         """Logits and (with labels) the mean CE over labels != -100, shifted as transformers does."""
+        zero = None
+        if pixel_values is None and self.run_tower_on_text_batches and self.vision is not None:
+            # Before the LM, where an image batch runs the tower: the same collectives in the same order.
+            zero = self._empty_image_participation()
         embeds = self.embed_inputs(input_ids, pixel_values)
         kwargs.setdefault("use_cache", False)
         out = self.lm(
@@ -150,7 +170,8 @@ class MMTuneModel(nn.Module):
             **kwargs,
         )
         if out.loss is not None and pixel_values is None and torch.is_grad_enabled():
-            zero = self._zero_participation()
+            if zero is None:
+                zero = self._zero_participation()
             if zero is not None:
                 out.loss = out.loss + zero.to(out.loss.dtype)
         return out
@@ -283,3 +304,14 @@ class MMTuneModel(nn.Module):
         if hasattr(lm, "is_activation_checkpointing"):
             return bool(lm.is_activation_checkpointing)
         return bool(lm.is_gradient_checkpointing)
+
+
+def tower_image_size(tower: nn.Module) -> tuple[int, int]:
+    """(H, W) the tower expects: open_clip's `visual.image_size`, or an HF vision config's `image_size`."""
+    visual = getattr(tower, "visual", None)
+    size = getattr(visual, "image_size", None) if visual is not None else None
+    if size is None:
+        size = getattr(getattr(getattr(tower, "model", None), "config", None), "image_size", None)
+    if size is None:
+        raise MMTuneError(f"cannot tell the image size {type(tower).__name__} expects")
+    return (int(size), int(size)) if isinstance(size, int) else (int(size[0]), int(size[1]))

@@ -57,6 +57,7 @@ from mmtune.train.precision import (
     keep_trainable_fp32,
     optimizer_state_dtype,
 )
+from mmtune.train.sharding import fsdp_requested, load_sharded, save_sharded, shard_model, wrap_plan
 from mmtune.train.trainer import (
     FaultInjector,
     NonFiniteLossError,
@@ -229,6 +230,18 @@ def _check_config(cfg: RunConfig) -> None:
         raise MMTuneError(f"train.save_every must be >= 0, got {tc.save_every}")
     if not cfg.data.train:
         raise MMTuneError("data.train is empty: give unified-record JSONL files or shard patterns")
+    if cfg.model.lm.quantization.bits:
+        from mmtune.model.build import check_quantization
+
+        check_quantization(cfg.model.lm)  # one line, before anything loads (e.g. no CUDA)
+        if not tc.lora.enabled:
+            raise MMTuneError("model.lm.quantization (QLoRA) trains a LoRA adapter on the frozen k-bit LM: "
+                              "set train.lora.enabled=true")
+        if tc.distributed == "fsdp":
+            raise MMTuneError("model.lm.quantization with train.distributed=fsdp is not supported: QLoRA runs "
+                              "one model copy per GPU (DDP)")
+    if tc.distributed not in ("auto", "ddp", "fsdp"):
+        raise MMTuneError(f"train.distributed must be auto, ddp or fsdp, got {tc.distributed!r}")
     if tc.eval_every < 0:
         raise MMTuneError(f"train.eval_every must be >= 0, got {tc.eval_every}")
     if tc.eval_samples < 0:
@@ -268,6 +281,7 @@ class _Recipe:
         self.world = accelerator.num_processes
         self.main = accelerator.is_main_process
         self.out = Path(self.tc.output_dir)
+        self.fsdp = fsdp_requested(self.tc.distributed)
         self.faults = FaultInjector(rank=self.rank)
         self.metrics: MetricsLogger | None = None
         self.trace: BatchTrace | None = None
@@ -297,10 +311,10 @@ class _Recipe:
     def run(self) -> TrainResult:
         from accelerate.utils import DistributedType
 
-        if self.acc.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+        if self.acc.distributed_type == DistributedType.DEEPSPEED:
             raise MMTuneError(
-                f"accelerate config uses {self.acc.distributed_type.value}; mmtune's checkpoints support one "
-                "process or DDP (multi-GPU / multi-CPU) for now: choose 'multi-GPU' in `accelerate config`"
+                "accelerate config uses DeepSpeed; mmtune shards with FSDP2 instead: choose FSDP in `accelerate "
+                "config` (or multi-GPU and set train.distributed=fsdp)"
             )
         self._prepare_output_dir()
         self._setup_logging()
@@ -310,6 +324,17 @@ class _Recipe:
             raise MMTuneError(
                 f"{self.resumed_from} was written by {state.get('world_size')} process(es), this run has "
                 f"{self.world}: resume with the same number of processes (the data split depends on it)"
+            )
+        if self.fsdp and (self.tc.eval_every or self.tc.save_best):
+            # Each FSDP forward all-gathers on every process, and processes may hold different
+            # numbers of validation batches; `best/` would also need a consolidated save.
+            raise MMTuneError("train.eval_every / train.save_best are not supported with train.distributed=fsdp yet: "
+                              "evaluate the checkpoints afterwards (mmtune consolidate, then mmtune eval)")
+        if state is not None and bool(state.get("sharded", False)) != self.fsdp:
+            raise MMTuneError(
+                f"{self.resumed_from} was written by a {'sharded (FSDP)' if state.get('sharded') else 'DDP / one-process'} "
+                f"run and this run is {'FSDP' if self.fsdp else 'not sharded'}: resume with the same train.distributed "
+                "(or consolidate it with `mmtune consolidate` and start from its weights)"
             )
         if state is not None and state.get("stage", self.tc.stage) != self.tc.stage:
             raise MMTuneError(
@@ -327,10 +352,19 @@ class _Recipe:
 
             self.validation = ValidationSet(self.cfg, self.bundle, rank=self.rank, world_size=self.world)
         self.total_steps = self._count_total_steps()
-        self.optimizer = build_optimizer(self.model.named_parameters(), self.tc, norm_parameter_names(self.model))
+        norms = norm_parameter_names(self.model)
+        if self.fsdp:
+            # FSDP2: shard first, then the optimizer over the sharded (DTensor) parameters;
+            # accelerate does not wrap the model (it would add DDP on top).
+            shard_model(self.model, self.acc.mixed_precision)
+            self.optimizer = build_optimizer(self.model.named_parameters(), self.tc, norms)
+            self.ddp_model = self.model
+        else:
+            self.optimizer = build_optimizer(self.model.named_parameters(), self.tc, norms)
         self._group_lines = describe_groups(self.optimizer.param_groups)
         self.scheduler = build_scheduler(self.optimizer, self.tc, self.total_steps)
-        self.ddp_model, self.optimizer = self.acc.prepare(self.model, self.optimizer)
+        if not self.fsdp:
+            self.ddp_model, self.optimizer = self.acc.prepare(self.model, self.optimizer)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         if state is not None:
             self._load_training_state(self.resumed_from, state)
@@ -378,9 +412,10 @@ class _Recipe:
 
         set_seed(self.tc.seed)  # random-init parts are seeded by the caller
         if self.resumed_from is not None:
+            # A sharded checkpoint's weights are read after sharding (_load_training_state).
             # Remote code only on the user's word: their own config, never the checkpoint's copy of it.
             mc = self.cfg.model
-            bundle = load_model(self.resumed_from,
+            bundle = load_model(self.resumed_from, sharded_weights=False,
                                 trust_remote_code=mc.lm.trust_remote_code or mc.tokenizer.trust_remote_code)
             if to_dict(bundle.config) != to_dict(self.cfg.model):
                 diff = _dict_diff(to_dict(self.cfg.model), to_dict(bundle.config), "model")
@@ -390,6 +425,13 @@ class _Recipe:
             if self.cfg.model.projector.checkpoint:
                 log.info("projector initialised from %s", self.cfg.model.projector.checkpoint)
         model = bundle.model
+        if self.cfg.model.lm.quantization.bits:
+            # QLoRA: peft's k-bit preparation (frozen base, fp32 norms/embeddings, input grads for checkpointing).
+            from peft import prepare_model_for_kbit_training
+
+            model.lm = prepare_model_for_kbit_training(
+                model.lm, use_gradient_checkpointing=self.tc.gradient_checkpointing,
+                gradient_checkpointing_kwargs={"use_reentrant": False})
         if self.tc.lora.enabled and not model.has_lora:
             apply_lora(model, self.tc.lora)
         model.set_trainable(self.tc.stage, self.tc.unfreeze_vision)
@@ -430,6 +472,7 @@ class _Recipe:
                 image_transform=self.bundle.image_transform, image_root=dc.image_root,
                 shuffle=True, shuffle_buffer=dc.shuffle_buffer, seed=self.tc.seed, epochs=epochs,
                 holdout_tasks=dc.holdout_tasks, rank=self.rank, world_size=self.world, num_workers=dc.num_workers,
+                prefetch_factor=dc.prefetch_factor, draft_size=self._draft_size(),
             )
 
         stream: Any
@@ -443,6 +486,13 @@ class _Recipe:
         return Batcher(stream, batch_size=self.tc.batch_size, pad_token_id=self.bundle.tokenizer.pad_token_id,
                        group_by_length=dc.group_by_length, packing=dc.packing, seed=self.tc.seed,
                        group_by_modality=dc.group_by_modality)
+
+    def _draft_size(self) -> int | None:
+        if not self.cfg.data.jpeg_draft or self.model.vision is None:
+            return None
+        from mmtune.model.mllm import tower_image_size
+
+        return max(tower_image_size(self.model.vision))
 
     def _build_data(self) -> None:
         # Endless: epochs follow one another inside the stream, and every rank
@@ -477,7 +527,10 @@ class _Recipe:
 
     def _load_training_state(self, folder: Path, state: dict[str, Any]) -> None:
         try:
-            self.optimizer.load_state_dict(ckpt.load_state_file(folder / runs.OPTIMIZER_FILE))
+            if self.fsdp:
+                load_sharded(folder, self.model, self.optimizer)
+            else:
+                self.optimizer.load_state_dict(ckpt.load_state_file(folder / runs.OPTIMIZER_FILE))
         except ValueError as exc:  # torch's "parameter group doesn't match the size of optimizer's group"
             raise MMTuneError(f"{folder}: the optimizer state does not fit this run's trainable parameters "
                               f"(train.stage / train.lora / unfreeze_vision changed?): {exc}") from None
@@ -519,7 +572,7 @@ class _Recipe:
             "optimizer groups (AdamW; weights and moments in float32):" if all(
                 p.dtype == torch.float32 for p in self.params) else "optimizer groups (AdamW):",
             self._group_lines,
-            (f"  steps {self.step} -> {self.total_steps}, {self.world} process(es) x batch {tc.batch_size} "
+            (f"  steps {self.step} -> {self.total_steps}, {self.world} process(es){self._sharding_note()} x batch {tc.batch_size} "
              f"x grad_accum {tc.grad_accum}, mixed precision {self.acc.mixed_precision}, device {self.acc.device}"),
             f"  output: {self.out}" + (f" (resumed from {self.resumed_from.name})" if self.resumed_from else ""),
         ]
@@ -600,7 +653,7 @@ class _Recipe:
             inputs: dict[str, Any] | None = None
             loss: torch.Tensor | None = None
             try:
-                with self.acc.accumulate(self.ddp_model):
+                with self.acc.accumulate(self.ddp_model), (self.acc.autocast() if self.fsdp else contextlib.nullcontext()):
                     inputs = _to_device(batch, device)
                     self.faults.maybe_oom(step_no)
                     loss = self.ddp_model(**inputs).loss
@@ -664,10 +717,18 @@ class _Recipe:
         return _StepStats(loss_sum, n_micro, tokens, slots, n_ex, n_img, bool(stop_flag), grad_norm, lr)
 
     def _per_process_note(self) -> str:
-        return ""
+        return f" in all, 1/{self.world} of it per process under FSDP" if self.fsdp else ""
+
+    def _sharding_note(self) -> str:
+        if not self.fsdp:
+            return " (DDP)" if self.world > 1 else ""
+        return f" (FSDP2: {len(wrap_plan(self.model))} units + root sharded over {self.world})"
 
     def _clip(self) -> float | None:
         if self.tc.max_grad_norm and self.tc.max_grad_norm > 0:
+            if self.fsdp:  # sharded gradients: torch computes the global norm over the DTensor shards
+                norm = torch.nn.utils.clip_grad_norm_(self.params, self.tc.max_grad_norm)
+                return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
             norm = self.acc.clip_grad_norm_(self.params, self.tc.max_grad_norm)
             return float(norm) if norm is not None else None
         return None
@@ -732,7 +793,18 @@ class _Recipe:
 
     # ------------------------------------------------------------- validation
     def _validate(self, bar: Any) -> None:
-        res = self.validation.evaluate(self.model, self.acc.device, lambda t: self.acc.reduce(t, reduction="sum"))
+        from accelerate.utils import DistributedType
+
+        # DDP: the plain module (no collectives in its forward, so ranks may hold different numbers of
+        # eval batches). A sharded model (FSDP) must run wrapped, every rank the same number of times.
+        sharded = self.acc.distributed_type == DistributedType.FSDP
+        res = self.validation.evaluate(
+            self.ddp_model if sharded else self.model, self.acc.device,
+            lambda t: self.acc.reduce(t, reduction="sum"),
+            equal_steps=(lambda n: int(self.acc.reduce(torch.tensor([n], device=self.acc.device),
+                                                       reduction="max").item())) if sharded else None,
+            progress=self.main and self.tc.progress,
+        )
         row = {"step": self.step, "eval_loss": res.loss, "eval_examples": res.examples, "eval_tokens": res.tokens}
         if self.metrics is not None:
             self.metrics.log(row)
@@ -799,11 +871,14 @@ class _Recipe:
         ckpt.save_state_file(rng_state or ckpt.capture_rng_state(), tmp / runs.rng_file(self.rank))
         data_states = gather_object([data_state or self.batcher.state_dict()])
         skips = gather_object([dict(self.batcher.stream.skip_counts)])
+        if self.fsdp:  # every process writes its own shard of weights + optimizer state
+            save_sharded(tmp, self.model, self.optimizer)
         if self.main:
             with _quiet_hf_progress():
-                save_model(self.bundle, tmp)
+                save_model(self.bundle, tmp, sharded=self.fsdp)
             self.faults.maybe_kill_during_save(step)
-            ckpt.save_state_file(self.optimizer.state_dict(), tmp / runs.OPTIMIZER_FILE)
+            if not self.fsdp:  # under FSDP the optimizer state is in sharded/
+                ckpt.save_state_file(self.optimizer.state_dict(), tmp / runs.OPTIMIZER_FILE)
             ckpt.save_state_file(self.scheduler.state_dict(), tmp / runs.SCHEDULER_FILE)
             runs.write_run_config(self.cfg, tmp)
         self.acc.wait_for_everyone()
@@ -817,6 +892,7 @@ class _Recipe:
                 "format": STATE_FORMAT, "step": step, "total_steps": self.total_steps, "stage": self.tc.stage,
                 "world_size": self.world, "tokens": self.tokens, "examples": self.examples,
                 "skip_counts": total, "data_state": data_states, "last_loss": self.last_loss,
+                "sharded": self.fsdp,
             }
             ckpt.commit_checkpoint(self.out, step, state)
             for old in ckpt.rotate_checkpoints(self.out, self.tc.save_total_limit):

@@ -61,8 +61,16 @@ class ValidationSet:
 
     @torch.no_grad()
     def evaluate(self, model: torch.nn.Module, device: Any,
-                 reduce_sum: Callable[[torch.Tensor], torch.Tensor]) -> ValidationResult:
-        """Token-weighted mean loss of `model` over the set (summed over processes by `reduce_sum`)."""
+                 reduce_sum: Callable[[torch.Tensor], torch.Tensor],
+                 equal_steps: Callable[[int], int] | None = None, progress: bool = False) -> ValidationResult:
+        """Token-weighted mean loss of `model` over the set (summed over processes by `reduce_sum`).
+
+        `equal_steps(n)` (the largest n over processes), when given, makes every process run the
+        same number of forward passes: a sharded model (FSDP) gathers its weights collectively in
+        each forward, so a process with fewer batches repeats its last one, counted with weight 0.
+        """
+        from tqdm.auto import tqdm
+
         from mmtune.data.batching import model_inputs
         from mmtune.data.tokenize import IGNORE_INDEX
         from mmtune.train import checkpoint as ckpt
@@ -73,13 +81,23 @@ class ValidationSet:
         loss_sum = torch.zeros((), dtype=torch.float64, device=device)
         tokens = examples = 0
         try:
-            for batch in self._batches():
-                n = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
-                if n == 0:
+            batches: Any = self._batches()
+            if equal_steps is not None:
+                batches = list(batches)
+                extra = equal_steps(len(batches)) - len(batches)
+                padding = [(batches[-1], False)] * extra if batches else []
+                batches = [(b, True) for b in batches] + padding
+            else:
+                batches = ((b, True) for b in batches)
+            for batch, counted in tqdm(batches, desc="validation", unit="batch", leave=False, disable=not progress):
+                n = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum()) if counted else 0
+                if n == 0 and equal_steps is None:
                     continue
                 inputs = {k: (v.to(device) if isinstance(v, torch.Tensor) else v)
                           for k, v in model_inputs(batch).items()}
                 loss = model(**inputs).loss
+                if n == 0:
+                    continue
                 loss_sum += loss.double() * n
                 tokens += n
                 examples += len(batch["ids"])
