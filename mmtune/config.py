@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 import yaml
 
@@ -25,6 +27,54 @@ from mmtune.errors import MMTuneError
 
 class ConfigError(MMTuneError, ValueError):
     """A config file or override that cannot be applied (one-line message)."""
+
+
+# --------------------------------------------------------------------------- #
+# The choices (checked when a config loads, with the closest valid value)
+# --------------------------------------------------------------------------- #
+# The registries these name (templates, projectors, towers, ...) live in higher
+# layers; tests/test_config.py checks that each Literal equals its registry.
+
+ModelMode = Literal["llm", "mllm"]
+DtypeName = Literal["float32", "bfloat16", "float16", "auto", "fp32", "bf16", "fp16"]
+ComputeDtype = Literal["float32", "bfloat16", "float16"]
+VisionBackend = Literal["open_clip", "hf"]
+SelectStrategy = Literal["patch", "full"]
+ProjectorType = Literal["mlp2x_gelu", "linear"]
+TemplateName = Literal["alpaca", "vicuna_v1", "chatml", "plain", "tokenizer"]
+Stage = Literal["align", "instruct"]
+LrSchedule = Literal["cosine", "constant"]
+MixedPrecision = Literal["auto", "no", "bf16", "fp16"]
+Distributed = Literal["auto", "ddp", "fsdp"]
+QuantBits = Literal[4, 8]
+QuantType = Literal["nf4", "fp4"]
+
+# A value check yields (field, problem); the loader raises the first as "section.field: problem".
+Problems = Iterator[tuple[str, str]]
+
+
+def _at_least(name: str, value: float, low: float, what: str = "") -> Problems:
+    if value < low:
+        yield name, f"must be >= {low:g}{what}, got {value!r}"
+
+
+def _finite_positive(name: str, value: float, *, allow_zero: bool = False) -> Problems:
+    ok = math.isfinite(value) and (value >= 0 if allow_zero else value > 0)
+    if not ok:
+        yield name, f"must be a finite number {'>= 0' if allow_zero else '> 0'}, got {value!r}"
+
+
+def _heads_divide(name: str, conf: dict[str, Any] | None) -> Problems:
+    """hidden_size % num_attention_heads (and heads % num_key_value_heads), unless head_dim is explicit."""
+    if not isinstance(conf, dict):
+        return
+    hidden, heads, kv = conf.get("hidden_size"), conf.get("num_attention_heads"), conf.get("num_key_value_heads")
+    ints = all(isinstance(v, int) and not isinstance(v, bool) for v in (hidden, heads))
+    if ints and "head_dim" not in conf:
+        if heads < 1 or hidden % heads:
+            yield f"{name}.hidden_size", f"{hidden} is not divisible by num_attention_heads {heads}"
+    if ints and isinstance(kv, int) and (kv < 1 or heads % kv):
+        yield f"{name}.num_key_value_heads", f"{kv} does not divide num_attention_heads {heads}"
 
 
 # --------------------------------------------------------------------------- #
@@ -47,6 +97,10 @@ class TokenizerConfig:
     train_files: list[str] = field(default_factory=list)
     trust_remote_code: bool = False
 
+    def validate(self) -> Problems:
+        if self.train_vocab_size is not None:
+            yield from _at_least("train_vocab_size", self.train_vocab_size, 1)
+
 
 @dataclass
 class QuantizationConfig:
@@ -57,10 +111,10 @@ class QuantizationConfig:
     de-quantized matmuls run in.
     """
 
-    bits: int | None = None  # null | 4 | 8
-    type: str = "nf4"  # nf4 | fp4 (4-bit only)
+    bits: QuantBits | None = None  # null | 4 | 8
+    type: QuantType = "nf4"  # nf4 | fp4 (4-bit only)
     double_quant: bool = True
-    compute_dtype: str = "bfloat16"
+    compute_dtype: ComputeDtype = "bfloat16"
 
 
 @dataclass
@@ -70,35 +124,42 @@ class LMConfig:
     name_or_path: str | None = None
     # Random init: a transformers config as a dict, e.g. {"model_type": "llama", "hidden_size": 64, ...}.
     config: dict[str, Any] | None = None
-    dtype: str = "float32"  # float32 | bfloat16 | float16 | auto
+    dtype: DtypeName = "float32"  # float32 | bfloat16 | float16 | auto
     trust_remote_code: bool = False
     attn_implementation: str | None = None
     quantization: QuantizationConfig = field(default_factory=QuantizationConfig)
+
+    def validate(self) -> Problems:
+        yield from _heads_divide("config", self.config)
 
 
 @dataclass
 class VisionConfig:
     """The vision tower (MLLM mode only)."""
 
-    backend: str = "open_clip"  # open_clip | hf
+    backend: VisionBackend = "open_clip"  # open_clip | hf
     model_name: str | None = None  # open_clip name (e.g. "ViT-L-14-336") or HF id / folder
     pretrained: str | None = None  # open_clip pretrained tag or checkpoint path
     config: dict[str, Any] | None = None  # random init: open_clip model cfg or HF CLIPVisionConfig kwargs
     feature_layer: int = -2
-    select_strategy: str = "patch"  # patch (drop CLS) | full
+    select_strategy: SelectStrategy = "patch"  # patch (drop CLS) | full
     pad_to_square: bool = True
     freeze: bool = True
+
+    def validate(self) -> Problems:
+        if self.backend == "hf":
+            yield from _heads_divide("config", self.config)
 
 
 @dataclass
 class ProjectorConfig:
-    type: str = "mlp2x_gelu"  # mlp2x_gelu | linear
+    type: ProjectorType = "mlp2x_gelu"  # mlp2x_gelu | linear
     checkpoint: str | None = None  # projector weights from an align run (safetensors)
 
 
 @dataclass
 class ModelConfig:
-    mode: str = "mllm"  # llm | mllm
+    mode: ModelMode = "mllm"  # llm | mllm
     lm: LMConfig = field(default_factory=LMConfig)
     vision: VisionConfig = field(default_factory=VisionConfig)
     projector: ProjectorConfig = field(default_factory=ProjectorConfig)
@@ -116,6 +177,9 @@ class DataSource:
     path: str
     weight: float = 1.0
 
+    def validate(self) -> Problems:
+        yield from _finite_positive("weight", self.weight)
+
 
 @dataclass
 class DataConfig:
@@ -129,7 +193,7 @@ class DataConfig:
     train: list[DataSource | str] = field(default_factory=list)
     eval: list[str] = field(default_factory=list)  # validation records / shards (loss every train.eval_every steps)
     image_root: str | None = None
-    template: str = "vicuna_v1"  # see mmtune.data.templates.TEMPLATES
+    template: TemplateName = "vicuna_v1"  # see mmtune.data.templates.TEMPLATES
     max_length: int = 512
     shuffle_buffer: int = 1000
     group_by_length: bool = True
@@ -153,6 +217,12 @@ class DataConfig:
     def train_paths(self) -> list[str]:
         return [p for p, _ in self.train_sources()]
 
+    def validate(self) -> Problems:
+        yield from _at_least("max_length", self.max_length, 1, " token")
+        yield from _at_least("shuffle_buffer", self.shuffle_buffer, 0)
+        yield from _at_least("group_factor", self.group_factor, 1)
+        yield from _at_least("num_workers", self.num_workers, 0)
+
 
 @dataclass
 class LoraConfig:
@@ -162,10 +232,16 @@ class LoraConfig:
     dropout: float = 0.05
     target_modules: list[str] | str = "all-linear"
 
+    def validate(self) -> Problems:
+        yield from _at_least("r", self.r, 1)
+        yield from _finite_positive("alpha", self.alpha)
+        if not 0 <= self.dropout < 1:
+            yield "dropout", f"must be in [0, 1), got {self.dropout!r}"
+
 
 @dataclass
 class TrainConfig:
-    stage: str = "instruct"  # align | instruct
+    stage: Stage = "instruct"  # align | instruct
     output_dir: str = "runs/default"
     max_steps: int = -1  # -1: run num_epochs
     num_epochs: float = 1.0
@@ -176,10 +252,10 @@ class TrainConfig:
     vision_lr: float | None = None  # the tower's, when it trains; null = train.lr
     weight_decay: float = 0.0  # matrices only; never biases, norms or embeddings' 1-D gains
     warmup_ratio: float = 0.03
-    lr_schedule: str = "cosine"  # cosine | constant
+    lr_schedule: LrSchedule = "cosine"  # cosine | constant
     max_grad_norm: float = 1.0
-    mixed_precision: str = "auto"  # auto | no | bf16 | fp16 (autocast; trainable weights stay float32)
-    distributed: str = "auto"  # auto (DDP with several processes) | ddp | fsdp (FSDP2 sharding)
+    mixed_precision: MixedPrecision = "auto"  # auto | no | bf16 | fp16 (autocast; trainable weights stay float32)
+    distributed: Distributed = "auto"  # auto (DDP with several processes) | ddp | fsdp (FSDP2 sharding)
     gradient_checkpointing: bool = False
     lora: LoraConfig = field(default_factory=LoraConfig)
     unfreeze_vision: bool = False
@@ -194,6 +270,27 @@ class TrainConfig:
     resume_from: str | None = None  # a checkpoint folder or "latest"
     progress: bool = True
 
+    def validate(self) -> Problems:
+        # lr 0 is allowed: it keeps every weight where it is (e.g. to check a stage-2 start).
+        yield from _finite_positive("lr", self.lr, allow_zero=True)
+        for name in ("projector_lr", "vision_lr"):
+            if getattr(self, name) is not None:
+                yield from _finite_positive(name, getattr(self, name), allow_zero=True)
+        yield from _finite_positive("num_epochs", self.num_epochs)
+        if self.max_steps == 0 or self.max_steps < -1:
+            yield "max_steps", f"must be > 0 (or -1 for num_epochs), got {self.max_steps}"
+        yield from _at_least("batch_size", self.batch_size, 1)
+        yield from _at_least("grad_accum", self.grad_accum, 1)
+        yield from _finite_positive("weight_decay", self.weight_decay, allow_zero=True)
+        if not 0 <= self.warmup_ratio <= 1:
+            yield "warmup_ratio", f"must be in [0, 1], got {self.warmup_ratio!r}"
+        yield from _finite_positive("max_grad_norm", self.max_grad_norm, allow_zero=True)
+        yield from _at_least("log_every", self.log_every, 1)
+        for name in ("save_every", "save_total_limit", "eval_every", "eval_samples"):
+            yield from _at_least(name, getattr(self, name), 0)
+        if self.lora.enabled and self.stage != "instruct":
+            yield "lora.enabled", "LoRA applies to stage instruct only (stage align trains the projector only)"
+
 
 @dataclass
 class RunConfig:
@@ -202,6 +299,120 @@ class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+
+
+# --------------------------------------------------------------------------- #
+# mmtune select
+# --------------------------------------------------------------------------- #
+
+SelectMethod = Literal["random", "longest", "quality", "kmeans", "facility", "qdit", "deita", "dedup"]
+QualityName = Literal["length", "reward", "judge", "field"]
+JudgeScale = Literal["1-5", "0-5"]
+DiversityNorm = Literal["step", "pool"]
+TextField = Literal["instruction", "response", "both"]
+Similarity = Literal["auto", "dense", "knn"]
+
+
+@dataclass
+class SelectConfig:
+    """The options of `mmtune select` / `mmtune.select.select_records` (docs/select.md explains each).
+
+    Values only: precomputed embeddings, encoder objects and quality scorers are
+    arguments of `select_records`, not config.
+    """
+
+    k: int | None = None
+    method: SelectMethod = "qdit"
+    quality: QualityName | None = None  # default: length, or field with quality_field
+    quality_model: str | None = None
+    quality_field: str | None = None
+    judge_scale: JudgeScale = "1-5"
+    alpha: float = 0.5
+    diversity_norm: DiversityNorm = "step"
+    min_quality: float | None = None
+    max_similarity: float | None = None
+    clusters: int | None = None
+    dedup_threshold: float | None = None
+    text_encoder: str | None = None  # a sentence-transformers name / folder; None: all-MiniLM-L6-v2
+    text_field: TextField = "instruction"
+    text_only: bool = False
+    image_root: str | None = None
+    cache_path: str | None = None
+    similarity: Similarity = "auto"
+    neighbors: int | None = None
+    seed: int = 0
+    device: str | None = None
+    report_dir: str | None = None
+    progress: bool = False
+    trust_remote_code: bool = False
+
+
+# --------------------------------------------------------------------------- #
+# mmtune eval
+# --------------------------------------------------------------------------- #
+
+EvalBackend = Literal["mmtune", "llava-hf", "causal-lm"]
+
+
+@dataclass
+class GenerationSettings:
+    batch_size: int = 16
+    # Every task's limit, unless its own config entry sets one; None: the task preset's, else 64.
+    max_new_tokens: int | None = None
+    cot_max_new_tokens: int = 256  # mode cot
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int = 0
+    device: str | None = None  # default: cuda when available, else cpu
+    dtype: ComputeDtype | None = None  # float32 | bfloat16 | float16 (default: the model config's)
+
+    def validate(self) -> Problems:
+        yield from _at_least("batch_size", self.batch_size, 1)
+        if self.max_new_tokens is not None:
+            yield from _at_least("max_new_tokens", self.max_new_tokens, 1)
+        yield from _at_least("cot_max_new_tokens", self.cot_max_new_tokens, 1)
+        if self.do_sample:  # greedy decoding reads neither
+            yield from _finite_positive("temperature", self.temperature)
+            if not 0 < self.top_p <= 1:
+                yield "top_p", f"must be in (0, 1] when sampling, got {self.top_p!r}"
+
+
+@dataclass
+class ModelEntry:
+    path: str = ""
+    # mmtune | llava-hf | causal-lm (mmtune.eval.backends.BACKENDS); default: detected from the folder
+    backend: EvalBackend | None = None
+    # default: mmtune runs: the eval template, else the one the model trained with; HF folders: their chat template
+    template: TemplateName | None = None
+    modes: list[str] | None = None  # default: the eval config's modes
+    image_backend: Literal["pil", "torchvision"] | None = None  # llava-hf folders: the processor's image backend
+
+
+@dataclass
+class EvalConfig:
+    """An eval run (`mmtune eval`, mmtune.eval.run). Paths are relative to the current directory."""
+
+    models: dict[str, Any] = field(default_factory=dict)  # name -> path | {path, template, modes}
+    tasks: list[Any] = field(default_factory=list)  # preset names or task mappings (see TaskSpec)
+    pool: list[str] = field(default_factory=list)  # records for tasks without their own file
+    image_root: str | None = None
+    holdout_tasks: list[str] | None = None  # None: the models' training data.holdout_tasks
+    holdout_clusters: list[str] = field(default_factory=list)
+    shots_from: list[str] = field(default_factory=list)  # default: the pool (held-out records removed)
+    shots_image_root: str | None = None
+    modes: list[str] = field(default_factory=lambda: ["zero-shot"])
+    k: int = 4
+    seed: int = 0
+    template: TemplateName | None = None
+    generation: GenerationSettings = field(default_factory=GenerationSettings)
+    output_dir: str = "runs/eval"
+    progress: bool = True
+    plot: bool = True
+    trust_remote_code: bool = False  # run code shipped with a checkpoint (only ever from the user)
+
+    def validate(self) -> Problems:
+        yield from _at_least("k", self.k, 0)
 
 
 # --------------------------------------------------------------------------- #
@@ -273,7 +484,61 @@ def from_dict(cls: type[T], data: dict[str, Any], where: str = "") -> T:
             valid = ", ".join(sorted(fields))
             raise ConfigError(f"unknown config key {dotted!r}{hint} (valid here: {valid})")
         kwargs[key] = _coerce(hints[key], value, dotted)
-    return cls(**kwargs)
+    obj = cls(**kwargs)
+    _raise_first_problem(obj, where)
+    return obj
+
+
+def _raise_first_problem(obj: Any, where: str) -> None:
+    """Run `obj.validate()` (this level only) and raise its first problem naming the full key."""
+    check = getattr(obj, "validate", None)
+    if check is None:
+        return
+    for key, problem in check():
+        raise ConfigError(f"{where + '.' if where else ''}{key}: {problem}")
+
+
+def validate_config(obj: Any, where: str = "") -> None:
+    """Value-check a config built in code (what `from_dict` does while loading), nested sections included."""
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        items = value if isinstance(value, list) else [value]
+        for i, item in enumerate(items):
+            if dataclasses.is_dataclass(item) and not isinstance(item, type):
+                sub = f"{where + '.' if where else ''}{f.name}" + (f"[{i}]" if isinstance(value, list) else "")
+                validate_config(item, sub)
+    _raise_first_problem(obj, where)
+
+
+def check_input_files(cfg: RunConfig) -> None:
+    """The files a run reads before it builds anything must exist (checked by `mmtune train` at start).
+
+    Not part of loading: a saved run_config.yaml / model_config.yaml stays readable
+    after, say, its tokenizer training files are gone.
+    """
+    m = cfg.model
+    for i, path in enumerate(m.tokenizer.train_files):
+        if not Path(path).is_file():
+            raise ConfigError(f"model.tokenizer.train_files[{i}]: file not found: {path}")
+    if m.projector.checkpoint and not Path(m.projector.checkpoint).exists():
+        raise ConfigError(f"model.projector.checkpoint: not found: {m.projector.checkpoint}")
+
+
+def _literal(args: tuple[Any, ...], value: Any, where: str) -> Any:
+    """One of a Literal's values; anything else fails naming the closest valid one."""
+    for arg in args:
+        if value == arg and type(value) is type(arg):
+            return arg
+    if isinstance(value, bool) and ("yes" if value else "no") in args:  # YAML 1.1 reads a bare `no` as false
+        return "yes" if value else "no"
+    if isinstance(value, str):  # an override like `model.lm.quantization.bits=4` arrives typed; a YAML string may not
+        for arg in args:
+            if str(arg) == value:
+                return arg
+    valid = [str(a) for a in args]
+    close = difflib.get_close_matches(str(value), valid, n=1, cutoff=0.5)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    raise ConfigError(f"{where}: {value!r} is not a valid choice{hint} (valid: {', '.join(valid)})")
 
 
 def _coerce(tp: Any, value: Any, where: str) -> Any:
@@ -298,6 +563,8 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
         raise ConfigError(errors[0] if errors else f"{where}: bad value {value!r}")
     if tp is Any:
         return value
+    if origin is Literal:
+        return _literal(args, value, where)
     if origin is list:
         if isinstance(value, str | int | float) and not isinstance(value, bool):
             value = [value]

@@ -200,10 +200,12 @@ class Batcher:
 
     @classmethod
     def from_config(cls, stream: Iterable[Example], cfg: DataConfig, *, batch_size: int, seed: int = 0,
-                    group_factor: int = 16) -> Batcher:
-        """Batching as a run's `data:` section asks (group_by_length, packing into max_length rows)."""
-        return cls(stream, batch_size=batch_size, group_by_length=cfg.group_by_length, group_factor=group_factor,
-                   packing=cfg.packing, pack_length=cfg.max_length if cfg.packing else None, seed=seed,
+                    pad_token_id: int | None = None) -> Batcher:
+        """Batching as a run's `data:` section asks (group_by_length x group_factor, group_by_modality,
+        packing into max_length rows)."""
+        return cls(stream, batch_size=batch_size, pad_token_id=pad_token_id, group_by_length=cfg.group_by_length,
+                   group_factor=cfg.group_factor, packing=cfg.packing,
+                   pack_length=cfg.max_length if cfg.packing else None, seed=seed,
                    group_by_modality=cfg.group_by_modality)
 
     @property

@@ -235,13 +235,20 @@ class ExampleStream:
         epochs: int | None = 1,
         rank: int | None = None,
         world_size: int | None = None,
+        sources: Sequence[str] | None = None,
+        draft_size: int | None = None,
     ) -> ExampleStream:
-        """The stream a run's `data:` section describes (train sources, template, lengths, holdouts, workers)."""
+        """The stream a run's `data:` section describes (train sources, template, lengths, holdouts, workers).
+
+        `sources`: read these instead of `cfg.train` (one source of a weighted mixture, or data.eval);
+        `draft_size`: JPEG draft decoding size (data.jpeg_draft; the tower's input size).
+        """
         return cls(
-            cfg.train_paths(), tokenizer, cfg.template, max_length=cfg.max_length, num_image_tokens=num_image_tokens,
+            list(sources) if sources is not None else cfg.train_paths(), tokenizer, cfg.template,
+            max_length=cfg.max_length, num_image_tokens=num_image_tokens,
             image_transform=image_transform, image_root=cfg.image_root, shuffle_buffer=cfg.shuffle_buffer,
             seed=seed, epochs=epochs, holdout_tasks=cfg.holdout_tasks, rank=rank, world_size=world_size,
-            num_workers=cfg.num_workers, prefetch_factor=cfg.prefetch_factor,
+            num_workers=cfg.num_workers, prefetch_factor=cfg.prefetch_factor, draft_size=draft_size,
         )
 
     def __getstate__(self) -> dict[str, Any]:  # open files stay with the process that opened them

@@ -47,9 +47,17 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-
 from mmtune import runs
-from mmtune.config import ConfigError, from_dict, load_config
+# The eval config lives with the others in mmtune.config; importable from here as before.
+from mmtune.config import (  # noqa: F401
+    ConfigError,
+    EvalConfig,
+    GenerationSettings,
+    ModelEntry,
+    from_dict,
+    load_config,
+    validate_config,
+)
 from mmtune.data.schema import Record, read_records
 from mmtune.device import resolve_device
 from mmtune.errors import MMTuneError
@@ -100,54 +108,6 @@ TABLE_FILE = "results.md"
 # --------------------------------------------------------------------------- #
 
 
-@dataclass
-class GenerationSettings:
-    batch_size: int = 16
-    # Every task's limit, unless its own config entry sets one; None: the task preset's, else 64.
-    max_new_tokens: int | None = None
-    cot_max_new_tokens: int = 256  # mode cot
-    do_sample: bool = False
-    temperature: float = 1.0
-    top_p: float = 1.0
-    seed: int = 0
-    device: str | None = None  # default: cuda when available, else cpu
-    dtype: str | None = None  # float32 | bfloat16 | float16 (default: the model config's)
-
-
-@dataclass
-class ModelEntry:
-    path: str = ""
-    # mmtune | llava-hf | causal-lm (mmtune.eval.backends.BACKENDS); default: detected from the folder
-    backend: str | None = None
-    # default: mmtune runs: the eval template, else the one the model trained with; HF folders: their chat template
-    template: str | None = None
-    modes: list[str] | None = None  # default: the eval config's modes
-    image_backend: str | None = None  # llava-hf folders: the processor's image backend (pil | torchvision)
-
-
-@dataclass
-class EvalConfig:
-    """An eval run. Paths are relative to the current directory."""
-
-    models: dict[str, Any] = field(default_factory=dict)  # name -> path | {path, template, modes}
-    tasks: list[Any] = field(default_factory=list)  # preset names or task mappings (see TaskSpec)
-    pool: list[str] = field(default_factory=list)  # records for tasks without their own file
-    image_root: str | None = None
-    holdout_tasks: list[str] | None = None  # None: the models' training data.holdout_tasks
-    holdout_clusters: list[str] = field(default_factory=list)
-    shots_from: list[str] = field(default_factory=list)  # default: the pool (held-out records removed)
-    shots_image_root: str | None = None
-    modes: list[str] = field(default_factory=lambda: ["zero-shot"])
-    k: int = 4
-    seed: int = 0
-    template: str | None = None
-    generation: GenerationSettings = field(default_factory=GenerationSettings)
-    output_dir: str = "runs/eval"
-    progress: bool = True
-    plot: bool = True
-    trust_remote_code: bool = False  # run code shipped with a checkpoint (only ever from the user)
-
-
 def load_eval_config(path: str | Path, overrides: Sequence[str] = ()) -> EvalConfig:
     return load_config(path, EvalConfig, list(overrides))
 
@@ -163,15 +123,6 @@ def _model_entries(cfg: EvalConfig) -> dict[str, ModelEntry]:
             raise ConfigError(f"models.{name}: needs a path")
         out[str(name)] = entry
     return out
-
-
-def _check_generation(g: GenerationSettings) -> None:
-    if g.batch_size < 1:
-        raise ConfigError(f"generation.batch_size must be >= 1, got {g.batch_size}")
-    if (g.max_new_tokens is not None and g.max_new_tokens < 1) or g.cot_max_new_tokens < 1:
-        raise ConfigError("generation.max_new_tokens and cot_max_new_tokens must be >= 1")
-    if g.do_sample and (g.temperature <= 0 or not 0 < g.top_p <= 1):
-        raise ConfigError("generation: temperature must be > 0 and top_p in (0, 1] when sampling")
 
 
 # --------------------------------------------------------------------------- #
@@ -481,10 +432,8 @@ def run_eval(cfg: EvalConfig, *, output_dir: str | Path | None = None) -> dict[s
     """Run every (model, task, mode) of `cfg`, write the outputs, return the results dict."""
     out = Path(output_dir or cfg.output_dir)
     g = cfg.generation
-    _check_generation(g)
+    validate_config(cfg)  # what loading checks, again for configs built in code
     device = resolve_device(g.device, "--device (generation.device)")
-    if cfg.k < 0:
-        raise ConfigError(f"k must be >= 0, got {cfg.k}")
     models = _model_entries(cfg)
     model_modes = {n: [parse_mode(m, cfg.k) for m in (e.modes or cfg.modes)] for n, e in models.items()}
     if not cfg.tasks:

@@ -7,7 +7,8 @@ files; the CLI is `mmtune select` (`api.add_cli_arguments` / `api.cli_main`).
 """
 
 from mmtune.select.algorithms import METHODS, SelectionError, SelectParams
-from mmtune.select.api import SelectionResult, select_pool, select_records
+from mmtune.config import SelectConfig
+from mmtune.select.api import SelectionResult, select_config, select_pool, select_records
 from mmtune.select.embed import ImageEncoder, TextEncoder, embed_records
 from mmtune.select.facility import facility_objective, lazy_greedy
 from mmtune.select.quality import build_scorer, normalise
@@ -26,4 +27,6 @@ __all__ = [
     "normalise",
     "select_pool",
     "select_records",
+    "select_config",
+    "SelectConfig",
 ]

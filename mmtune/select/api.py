@@ -21,12 +21,14 @@ import os
 import sys
 import time
 from collections.abc import Sequence
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from mmtune.config import SelectConfig
 from mmtune.data.schema import Record, RejectsWriter, write_records
 from mmtune.select.algorithms import (
     METHODS,
@@ -73,6 +75,28 @@ class SelectionResult:
     skip_reasons: list[tuple[int, str]] = field(default_factory=list)  # (position in the input, why)
 
 
+def select_config(config: SelectConfig | None = None, **options: Any) -> SelectConfig:
+    """`config` (default: SelectConfig()) with the given fields replaced; None values keep `config`'s.
+
+    An unknown option fails naming the closest field (as config keys do).
+    """
+    import difflib
+
+    base = config if config is not None else SelectConfig()
+    names = {f.name for f in dataclasses.fields(SelectConfig)}
+    for key in options:
+        if key not in names:
+            close = difflib.get_close_matches(key, sorted(names), n=1, cutoff=0.5)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise SelectionError(f"unknown selection option {key!r}{hint}")
+    given = {key: _path_str(v) for key, v in options.items() if v is not None}
+    return dataclasses.replace(base, **given)
+
+
+def _path_str(value: Any) -> Any:
+    return os.fspath(value) if isinstance(value, os.PathLike) else value
+
+
 def _check_k(k: int | None, method: str) -> None:
     if method not in METHODS:
         raise SelectionError(f"unknown method {method!r} (choose from {', '.join(METHODS)})")
@@ -88,36 +112,19 @@ def _check_k(k: int | None, method: str) -> None:
 def select_records(
     records: Sequence[Record],
     k: int | None = None,
-    method: str = "qdit",
+    method: str | None = None,
     *,
+    config: SelectConfig | None = None,
     quality: str | QualityScorer | np.ndarray | None = None,
-    quality_model: str | None = None,
-    quality_field: str | None = None,
-    judge_scale: str = "1-5",
-    alpha: float = 0.5,
-    diversity_norm: str = "step",
-    min_quality: float | None = None,
-    max_similarity: float | None = None,
-    clusters: int | None = None,
-    dedup_threshold: float | None = None,
     embeddings: np.ndarray | None = None,
     text_encoder: Encoder | str | None = None,
     image_encoder: Encoder | None = None,
-    text_field: str = "instruction",
-    text_only: bool = False,
-    image_root: str | os.PathLike[str] | None = None,
-    cache_path: str | os.PathLike[str] | None = None,
-    similarity: str = "auto",
-    neighbors: int | None = None,
-    seed: int = 0,
-    device: str | None = None,
-    report_dir: str | os.PathLike[str] | None = None,
-    progress: bool = False,
-    trust_remote_code: bool = False,
     pool_name: str | None = None,
+    **options: Any,
 ) -> SelectionResult:
-    """Select `k` records from `records` with `method` (see `METHODS`).
+    """Select `k` records from `records` with `method` (see `METHODS`), as `config` (a SelectConfig) says.
 
+    Any SelectConfig field may also be given as a keyword (`alpha=0.3`), over `config`'s value.
     quality: a scorer name ("length" default, "reward", "judge", "field"), a
       scorer object, or raw scores (one per record). Normalised to [0, 1].
     embeddings: precomputed (len(records) x d), rows in record order; else the
@@ -129,6 +136,17 @@ def select_records(
       dense matrix while it fits 1 GB, else each record's `neighbors` nearest).
     report_dir: write selection.json and the plots there.
     """
+    cfg = select_config(config, k=k, method=method, quality=quality if isinstance(quality, str) else None,
+                        text_encoder=text_encoder if isinstance(text_encoder, str) else None, **options)
+    # The body reads the settings under their keyword names.
+    k, method, alpha, seed, device, progress = cfg.k, cfg.method, cfg.alpha, cfg.seed, cfg.device, cfg.progress
+    quality = quality if quality is not None and not isinstance(quality, str) else cfg.quality
+    text_encoder = text_encoder if text_encoder is not None and not isinstance(text_encoder, str) else cfg.text_encoder
+    quality_model, quality_field, judge_scale = cfg.quality_model, cfg.quality_field, cfg.judge_scale
+    diversity_norm, min_quality, max_similarity = cfg.diversity_norm, cfg.min_quality, cfg.max_similarity
+    clusters, dedup_threshold, text_field, text_only = cfg.clusters, cfg.dedup_threshold, cfg.text_field, cfg.text_only
+    image_root, cache_path, similarity, neighbors = cfg.image_root, cfg.cache_path, cfg.similarity, cfg.neighbors
+    report_dir, trust_remote_code = cfg.report_dir, cfg.trust_remote_code
     t_start = time.perf_counter()
     _check_k(k, method)
     if text_field not in TEXT_FIELDS:

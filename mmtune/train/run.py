@@ -47,7 +47,7 @@ from typing import Any
 import torch
 
 from mmtune import runs
-from mmtune.config import RunConfig, load_config, to_dict
+from mmtune.config import RunConfig, check_input_files, load_config, to_dict, validate_config
 from mmtune.errors import MMTuneError
 from mmtune.train import checkpoint as ckpt
 from mmtune.train.metrics import BatchTrace, MetricsLogger, plot_loss_curve
@@ -211,25 +211,12 @@ def _stored_dtype(cfg: RunConfig) -> torch.dtype | None:
 
 
 def _check_config(cfg: RunConfig) -> None:
-    tc = cfg.train
-    if tc.stage not in ("align", "instruct"):
-        raise MMTuneError(f"train.stage must be align or instruct, got {tc.stage!r}")
-    if tc.lora.enabled and tc.stage != "instruct":
-        raise MMTuneError("train.lora applies to stage instruct (stage align trains the projector only)")
-    if tc.batch_size < 1:
-        raise MMTuneError(f"train.batch_size must be >= 1, got {tc.batch_size}")
-    if tc.grad_accum < 1:
-        raise MMTuneError(f"train.grad_accum must be >= 1, got {tc.grad_accum}")
-    if tc.max_steps == 0 or tc.max_steps < -1:
-        raise MMTuneError(f"train.max_steps must be > 0 (or -1 for num_epochs), got {tc.max_steps}")
-    if tc.max_steps < 0 and not tc.num_epochs > 0:
-        raise MMTuneError(f"train.num_epochs must be > 0 when train.max_steps is -1, got {tc.num_epochs}")
-    if tc.log_every < 1:
-        raise MMTuneError(f"train.log_every must be >= 1, got {tc.log_every}")
-    if tc.save_every < 0:
-        raise MMTuneError(f"train.save_every must be >= 0, got {tc.save_every}")
+    """What loading checked (again, for configs built in code), the input files, and what a run needs."""
+    validate_config(cfg)
+    check_input_files(cfg)
     if not cfg.data.train:
         raise MMTuneError("data.train is empty: give unified-record JSONL files or shard patterns")
+    tc = cfg.train
     if cfg.model.lm.quantization.bits:
         from mmtune.model.build import check_quantization
 
@@ -240,12 +227,6 @@ def _check_config(cfg: RunConfig) -> None:
         if tc.distributed == "fsdp":
             raise MMTuneError("model.lm.quantization with train.distributed=fsdp is not supported: QLoRA runs "
                               "one model copy per GPU (DDP)")
-    if tc.distributed not in ("auto", "ddp", "fsdp"):
-        raise MMTuneError(f"train.distributed must be auto, ddp or fsdp, got {tc.distributed!r}")
-    if tc.eval_every < 0:
-        raise MMTuneError(f"train.eval_every must be >= 0, got {tc.eval_every}")
-    if tc.eval_samples < 0:
-        raise MMTuneError(f"train.eval_samples must be >= 0 (0: all of data.eval), got {tc.eval_samples}")
     if (tc.eval_every or tc.save_best) and not cfg.data.eval:
         raise MMTuneError("train.eval_every / train.save_best need data.eval: validation records or shards")
 
@@ -466,13 +447,10 @@ class _Recipe:
         dc = self.cfg.data
 
         def make(sources: list[str], epochs: int | None) -> ExampleStream:
-            return ExampleStream(
-                sources, self.bundle.tokenizer, dc.template,
-                max_length=dc.max_length, num_image_tokens=self.bundle.num_image_tokens,
-                image_transform=self.bundle.image_transform, image_root=dc.image_root,
-                shuffle=True, shuffle_buffer=dc.shuffle_buffer, seed=self.tc.seed, epochs=epochs,
-                holdout_tasks=dc.holdout_tasks, rank=self.rank, world_size=self.world, num_workers=dc.num_workers,
-                prefetch_factor=dc.prefetch_factor, draft_size=self._draft_size(),
+            return ExampleStream.from_config(
+                dc, self.bundle.tokenizer, num_image_tokens=self.bundle.num_image_tokens,
+                image_transform=self.bundle.image_transform, seed=self.tc.seed, epochs=epochs,
+                rank=self.rank, world_size=self.world, sources=sources, draft_size=self._draft_size(),
             )
 
         stream: Any
@@ -483,9 +461,8 @@ class _Recipe:
                                          rank=self.rank)
         else:  # plain sources (or counting num_epochs of a mixture: one pass over all of its sources)
             stream = make(dc.train_paths(), epochs)
-        return Batcher(stream, batch_size=self.tc.batch_size, pad_token_id=self.bundle.tokenizer.pad_token_id,
-                       group_by_length=dc.group_by_length, packing=dc.packing, seed=self.tc.seed,
-                       group_by_modality=dc.group_by_modality)
+        return Batcher.from_config(stream, dc, batch_size=self.tc.batch_size, seed=self.tc.seed,
+                                   pad_token_id=self.bundle.tokenizer.pad_token_id)
 
     def _draft_size(self) -> int | None:
         if not self.cfg.data.jpeg_draft or self.model.vision is None:
