@@ -41,6 +41,7 @@ import torch
 
 from mmtune import runs
 from mmtune.data.schema import IMAGE_PLACEHOLDER, Record
+from mmtune.data.tokenizer import load_tokenizer
 from mmtune.errors import MMTuneError
 from mmtune.eval.generate import (
     PromptSkip,
@@ -209,13 +210,7 @@ class MMTuneBackend(EvalModel):
                          device=device, dtype=dtype)
         self.config = load_config(folder / MODEL_CONFIG_FILE, ModelConfig)
         self._bundle: Any = None
-        try:
-            from transformers import AutoTokenizer
-
-            self._tokenizer = AutoTokenizer.from_pretrained(
-                str(folder / TOKENIZER_DIR), trust_remote_code=self.config.tokenizer.trust_remote_code)
-        except (OSError, ValueError) as exc:
-            raise MMTuneError(f"{folder / TOKENIZER_DIR}: cannot load tokenizer ({str(exc).splitlines()[0]})") from None
+        self._tokenizer = load_tokenizer(folder / TOKENIZER_DIR, trust_remote_code=self.config.tokenizer.trust_remote_code)
         self.template = get_template(self.template_name, self._tokenizer)
 
     @classmethod
@@ -577,12 +572,7 @@ class CausalLMBackend(_HFBackend):
 
     def __init__(self, folder: Path, *, template: str | None, device: str, dtype: str | None) -> None:
         super().__init__(folder, template=template, device=device, dtype=dtype)
-        from transformers import AutoTokenizer
-
-        try:
-            self._tokenizer = AutoTokenizer.from_pretrained(str(folder))
-        except (OSError, ValueError) as exc:
-            raise MMTuneError(f"{folder}: cannot load the tokenizer ({str(exc).splitlines()[0]})") from None
+        self._tokenizer = load_tokenizer(folder)
         self._tokenizer.padding_side = "left"
         self._template = None
         if template:

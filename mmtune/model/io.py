@@ -28,8 +28,9 @@ from typing import Any
 import torch
 
 from mmtune.config import ModelConfig, load_config, save_config
+from mmtune.data.tokenizer import load_tokenizer
 from mmtune.errors import MMTuneError
-from mmtune.model.build import ModelBundle, build_model
+from mmtune.model.build import ModelBundle, build_model, dtype_name
 
 # The folder's file names belong to mmtune.runs (the one owner of the run-folder layout).
 from mmtune.runs import (
@@ -130,7 +131,6 @@ def load_model(
     `mmtune export`, which merges the adapter into them.
     """
     from safetensors.torch import load_file
-    from transformers import AutoTokenizer
 
     folder = resolve_model_folder(folder)
     cfg = load_config(folder / MODEL_CONFIG_FILE, ModelConfig)
@@ -141,13 +141,8 @@ def load_model(
         cfg.lm.dtype = cfg.lm.quantization.compute_dtype
         cfg.lm.quantization.bits = None
     if dtype is not None:
-        cfg.lm.dtype = dtype if isinstance(dtype, str) else {v: k for k, v in _DTYPE_NAMES.items()}[dtype]
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(
-            str(folder / TOKENIZER_DIR), trust_remote_code=cfg.tokenizer.trust_remote_code
-        )
-    except (OSError, ValueError) as exc:
-        raise MMTuneError(f"{folder / TOKENIZER_DIR}: cannot load tokenizer ({str(exc).splitlines()[0]})") from None
+        cfg.lm.dtype = dtype if isinstance(dtype, str) else dtype_name(dtype)
+    tokenizer = load_tokenizer(folder / TOKENIZER_DIR, trust_remote_code=cfg.tokenizer.trust_remote_code)
 
     def weights(name: str) -> dict[str, torch.Tensor] | None:
         if not parts.get(name):
@@ -214,5 +209,3 @@ def is_sharded(folder: str | Path) -> bool:
     path = Path(folder) / PARTS_FILE
     return path.is_file() and bool(json.loads(path.read_text(encoding="utf-8")).get("sharded"))
 
-
-_DTYPE_NAMES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
