@@ -16,14 +16,8 @@ from torch import nn
 
 from mmtune.config import VisionConfig
 from mmtune.errors import MMTuneError
-from mmtune.model.towers.base import (
-    OPENAI_CLIP_MEAN,
-    OPENAI_CLIP_STD,
-    ImageTransform,
-    VisionTower,
-    _with_padding,
-    register_tower,
-)
+from mmtune.model.towers import base as tower_base
+from mmtune.model.towers.base import VisionTower, register_tower
 
 # open_clip interpolation names -> PIL resample ids (LlavaImageProcessor's `resample`).
 _RESAMPLE = {"nearest": 0, "bilinear": 2, "bicubic": 3, "lanczos": 1, "box": 4, "hamming": 5}
@@ -48,7 +42,7 @@ class OpenClipTower(VisionTower):
         self.num_layers = len(visual.transformer.resblocks)
         self.num_patches = int(visual.grid_size[0] * visual.grid_size[1])
         self.has_cls = True
-        self.image_mean = tuple(self.preprocess.get("mean", OPENAI_CLIP_MEAN))
+        self.image_mean = tuple(self.preprocess.get("mean", tower_base.OPENAI_CLIP_MEAN))
         self._check_selection()
 
     def embeddings(self, pixel_values: torch.Tensor) -> torch.Tensor:
@@ -94,13 +88,13 @@ class OpenClipTower(VisionTower):
                 for sub, p in item.named_parameters():
                     yield f"{name}.{sub}", p
 
-    def image_transform(self, pad_to_square: bool) -> ImageTransform:
+    def image_transform(self, pad_to_square: bool) -> tower_base.ImageTransform:
         from open_clip.transform import PreprocessCfg, image_transform_v2
 
         known = {f.name for f in dataclasses.fields(PreprocessCfg)}
         cfg = PreprocessCfg(**{k: v for k, v in self.preprocess.items() if k in known})
         base = image_transform_v2(cfg, is_train=False)
-        return _with_padding(base, pad_to_square, self.image_mean)
+        return tower_base._with_padding(base, pad_to_square, self.image_mean)
 
 
     # open_clip resizes with PIL, so the PIL backend of transformers' processors matches it.
@@ -181,8 +175,8 @@ def build_open_clip_tower(cfg: VisionConfig, *, load_weights: bool = True) -> Op
         size = vcfg.image_size
         preprocess = {
             "size": size,
-            "mean": OPENAI_CLIP_MEAN,
-            "std": OPENAI_CLIP_STD,
+            "mean": tower_base.OPENAI_CLIP_MEAN,
+            "std": tower_base.OPENAI_CLIP_STD,
             "interpolation": "bicubic",
             "resize_mode": "shortest",
         }
