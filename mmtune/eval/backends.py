@@ -41,6 +41,7 @@ import torch
 
 from mmtune import runs
 from mmtune.data.schema import IMAGE_PLACEHOLDER, Record
+from mmtune.data.tokenizer import load_tokenizer
 from mmtune.errors import MMTuneError
 from mmtune.eval.generate import (
     PromptSkip,
@@ -204,7 +205,7 @@ class MMTuneBackend(EvalModel):
                  trust_remote_code: bool = False) -> None:
         from mmtune.data.templates import get_template
         from mmtune.eval.generate import DEFAULT_TEMPLATE
-        from mmtune.model.io import load_model_config, load_saved_tokenizer
+        from mmtune.model.io import load_model_config
 
         folder = runs.resolve_model_folder(folder)
         super().__init__(folder, template=template or runs.trained_template(folder) or DEFAULT_TEMPLATE,
@@ -212,7 +213,7 @@ class MMTuneBackend(EvalModel):
         # Refuses a checkpoint that would run its own code unless the user passed --trust-remote-code.
         self.config = load_model_config(folder, trust_remote_code=trust_remote_code)
         self._bundle: Any = None
-        self._tokenizer = load_saved_tokenizer(folder, trust_remote_code=trust_remote_code)
+        self._tokenizer = load_tokenizer(folder / runs.TOKENIZER_DIR, trust_remote_code=trust_remote_code)  # the user's word
         self.template = get_template(self.template_name, self._tokenizer)
 
     @classmethod
@@ -579,12 +580,7 @@ class CausalLMBackend(_HFBackend):
                  trust_remote_code: bool = False) -> None:
         super().__init__(folder, template=template, device=device, dtype=dtype,
                          trust_remote_code=trust_remote_code)
-        from transformers import AutoTokenizer
-
-        try:
-            self._tokenizer = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=trust_remote_code)
-        except (OSError, ValueError) as exc:
-            raise MMTuneError(f"{folder}: cannot load the tokenizer ({str(exc).splitlines()[0]})") from None
+        self._tokenizer = load_tokenizer(folder, trust_remote_code=trust_remote_code)
         self._tokenizer.padding_side = "left"
         self._template = None
         if template:

@@ -28,9 +28,10 @@ from typing import Any
 import torch
 
 from mmtune.config import ModelConfig, load_config, save_config
+from mmtune.data.tokenizer import load_tokenizer
 from mmtune.errors import MMTuneError
 from mmtune.integrity import corruption_message, find_corruption
-from mmtune.model.build import ModelBundle, build_model
+from mmtune.model.build import ModelBundle, build_model, dtype_name
 
 # The folder's file names belong to mmtune.runs (the one owner of the run-folder layout).
 from mmtune.runs import (
@@ -146,8 +147,8 @@ def load_model(
         cfg.lm.dtype = cfg.lm.quantization.compute_dtype
         cfg.lm.quantization.bits = None
     if dtype is not None:
-        cfg.lm.dtype = dtype if isinstance(dtype, str) else {v: k for k, v in _DTYPE_NAMES.items()}[dtype]
-    tokenizer = load_saved_tokenizer(folder, trust_remote_code=trust_remote_code)
+        cfg.lm.dtype = dtype if isinstance(dtype, str) else dtype_name(dtype)
+    tokenizer = load_tokenizer(folder / TOKENIZER_DIR, trust_remote_code=trust_remote_code)  # the user's word
 
     def weights(name: str) -> dict[str, torch.Tensor] | None:
         if not parts.get(name):
@@ -235,16 +236,6 @@ def load_model_config(folder: Path, *, trust_remote_code: bool = False) -> Model
     return cfg
 
 
-def load_saved_tokenizer(folder: Path, *, trust_remote_code: bool = False) -> Any:
-    """The tokenizer saved in `folder`; `trust_remote_code` is the user's word (call `load_model_config` first)."""
-    from transformers import AutoTokenizer
-
-    try:
-        return AutoTokenizer.from_pretrained(str(folder / TOKENIZER_DIR), trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as exc:
-        raise MMTuneError(f"{folder / TOKENIZER_DIR}: cannot load tokenizer ({str(exc).splitlines()[0]})") from None
-
-
 def read_parts(folder: Path) -> dict[str, Any]:
     """model_parts.json of a checkpoint ({} when absent); a corrupt one is a one-line error naming it."""
     path = folder / PARTS_FILE
@@ -286,5 +277,3 @@ def is_sharded(folder: str | Path) -> bool:
     path = Path(folder) / PARTS_FILE
     return path.is_file() and bool(json.loads(path.read_text(encoding="utf-8")).get("sharded"))
 
-
-_DTYPE_NAMES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

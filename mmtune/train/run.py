@@ -47,28 +47,38 @@ from typing import Any
 import torch
 
 from mmtune import runs
-from mmtune.config import RunConfig, check_input_files, load_config, to_dict, validate_config
+from mmtune.config import (
+    RunConfig,
+    check_input_files,
+    load_config,
+    to_dict,
+    validate_config,
+)
 from mmtune.errors import MMTuneError
 from mmtune.train import checkpoint as ckpt
+from mmtune.train.guards import (
+    FaultInjector,
+    NonFiniteLossError,
+    StopSignal,
+    TrainingOOMError,
+    describe_batch,
+    free_accelerator_memory,
+    oom_message,
+)
 from mmtune.train.metrics import BatchTrace, MetricsLogger, plot_loss_curve
+from mmtune.train.optim import build_optimizer, build_scheduler, resolve_mixed_precision
 from mmtune.train.param_groups import describe_groups, norm_parameter_names
 from mmtune.train.precision import (
     dtype_name,
     keep_trainable_fp32,
     optimizer_state_dtype,
 )
-from mmtune.train.sharding import fsdp_requested, load_sharded, save_sharded, shard_model, wrap_plan
-from mmtune.train.trainer import (
-    FaultInjector,
-    NonFiniteLossError,
-    StopSignal,
-    TrainingOOMError,
-    build_optimizer,
-    build_scheduler,
-    describe_batch,
-    free_accelerator_memory,
-    oom_message,
-    resolve_mixed_precision,
+from mmtune.train.sharding import (
+    fsdp_requested,
+    load_sharded,
+    save_sharded,
+    shard_model,
+    wrap_plan,
 )
 
 log = logging.getLogger("mmtune.train")
