@@ -409,6 +409,7 @@ class EvalConfig:
     output_dir: str = "runs/eval"
     progress: bool = True
     plot: bool = True
+    trust_remote_code: bool = False  # run code shipped with a checkpoint (only ever from the user)
 
     def validate(self) -> Problems:
         yield from _at_least("k", self.k, 0)
