@@ -202,7 +202,7 @@ class DataConfig:
     packing: bool = False
     num_workers: int = 0
     prefetch_factor: int | None = None  # items each DataLoader worker keeps queued (torch's default 2)
-    jpeg_draft: bool = False  # decode JPEGs at a reduced DCT scale (>= the tower's input size); see docs/data.md
+    jpeg_draft: bool = False  # decode JPEGs at a reduced DCT scale (>= the tower's input size); see docs/train.md
     holdout_tasks: list[str] = field(default_factory=list)
 
     @property
@@ -409,6 +409,7 @@ class EvalConfig:
     output_dir: str = "runs/eval"
     progress: bool = True
     plot: bool = True
+    trust_remote_code: bool = False  # run code shipped with a checkpoint (only ever from the user)
 
     def validate(self) -> Problems:
         yield from _at_least("k", self.k, 0)

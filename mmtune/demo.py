@@ -593,11 +593,27 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def cli_main(args: argparse.Namespace) -> int:
+    from mmtune.fileio import temp_sibling
+    from mmtune.outputs import Out, check_outputs
+
     out = Path(args.out)
+    check_outputs([Out(out, "--out", "folder", whole=True)])
+    previous = None
     if out.exists() and any(out.iterdir()):
         if not args.overwrite:
             raise MMTuneError(f"{out} exists and is not empty; pass --overwrite or choose another --out")
-        shutil.rmtree(out)
-    run_demo(out, minutes=args.minutes, k=args.k, compare_random=args.compare_random, seed=args.seed,
-             progress=args.progress and sys.stderr.isatty())
+        # Kept aside, not deleted, until the new demo is complete; put back if it fails.
+        previous = temp_sibling(out, "previous")
+        os.replace(out, previous)
+    try:
+        run_demo(out, minutes=args.minutes, k=args.k, compare_random=args.compare_random, seed=args.seed,
+                 progress=args.progress and sys.stderr.isatty())
+    except BaseException:
+        if previous is not None:
+            shutil.rmtree(out, ignore_errors=True)
+            os.replace(previous, out)
+            print(f"mmtune demo: the previous {out} is back as it was", file=sys.stderr)
+        raise
+    if previous is not None:
+        shutil.rmtree(previous, ignore_errors=True)
     return 0

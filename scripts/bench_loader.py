@@ -13,8 +13,9 @@ shards, one image per record with a short question and answer, repeated to
 3. the whole path the trainer runs per process: webdataset shards read and
    shuffled by `ExampleStream`, records tokenized (byte-level BPE), images
    decoded and transformed by the tower's own transform (pad to square,
-   resize to `--size`, normalise, to tensor), `Batcher` (length grouping,
-   collation), and the batch's tensors pinned (CUDA only; pinning needs a
+   resize to `--size`, normalise, to tensor), `Batcher` (collation; length
+   grouping off, since its buffer would serve batches from memory), and the
+   batch's tensors pinned (CUDA only; pinning needs a
    GPU) -- samples/s with 0 workers (the main process does it all) and with
    `--workers` DataLoader workers, full decode and draft decode.
 
@@ -109,8 +110,10 @@ def pipeline(shards: str, bundle: Any, args: argparse.Namespace, workers: int, d
                            shuffle=True, shuffle_buffer=64, seed=0, epochs=None, num_workers=workers,
                            prefetch_factor=args.prefetch if workers else None,
                            draft_size=args.size if draft else None)
+    # No length grouping: its buffer (batch x group_factor examples) is filled before the first batch
+    # and then served from memory, which would time the buffer, not the decoding.
     batcher = Batcher(stream, batch_size=args.batch_size, pad_token_id=bundle.tokenizer.pad_token_id,
-                      group_by_length=True, seed=0)
+                      group_by_length=False, seed=0)
     pin = torch.cuda.is_available()
     it = iter(batcher)
     next(it)  # workers started, first batch out

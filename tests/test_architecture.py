@@ -23,6 +23,9 @@ LAYERS = {
     "errors": 0,
     "fileio": 0,
     "config": 1,
+    "outputs": 1,  # the output-path rule (imports errors only)
+    "device": 1,  # device-string checks (imports errors only)
+    "integrity": 1,  # is a checkpoint whole (imports nothing)
     "runs": 2,
     "data": 3,
     "select": 4,

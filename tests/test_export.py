@@ -344,7 +344,7 @@ def test_unsupported_models_fail_with_one_line_errors(tmp_path, capsys, change, 
 
 
 def test_a_wrong_tower_conversion_is_caught_numerically(tmp_path, monkeypatch):
-    from mmtune.model import export
+    from mmtune.model.towers import open_clip_convert as export  # where OpenClipTower.to_hf converts
 
     real = export.open_clip_to_hf_clip
 

@@ -23,7 +23,7 @@ from mmtune.errors import MMTuneError
 from mmtune.model import build_model
 from mmtune.train.param_groups import norm_parameter_names, param_groups
 from mmtune.train.precision import keep_trainable_fp32
-from mmtune.train.trainer import build_optimizer, resolve_mixed_precision
+from mmtune.train.optim import build_optimizer, resolve_mixed_precision
 
 REPO = Path(__file__).resolve().parents[1]
 FIX = REPO / "tests" / "fixtures" / "train"

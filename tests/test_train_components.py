@@ -22,15 +22,8 @@ from mmtune.train.metrics import (
     plot_loss_curve,
     read_metrics,
 )
-from mmtune.train.trainer import (
-    FaultInjector,
-    StopSignal,
-    build_optimizer,
-    build_scheduler,
-    describe_batch,
-    oom_message,
-    resolve_mixed_precision,
-)
+from mmtune.train.guards import FaultInjector, StopSignal, describe_batch, oom_message
+from mmtune.train.optim import build_optimizer, build_scheduler, resolve_mixed_precision
 
 
 def _fake_checkpoint(out, step, payload="x"):

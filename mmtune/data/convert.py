@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import os
 import sys
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -42,7 +43,13 @@ from mmtune.data.formats import (
     vqa_rows,
 )
 from mmtune.data.images import check_image, is_url, resolve_image_path
-from mmtune.data.schema import Record, RecordError, RejectsWriter, validate_record, write_records
+from mmtune.data.schema import (
+    Record,
+    RecordError,
+    RejectsWriter,
+    validate_record,
+    write_records,
+)
 from mmtune.data.tables import (
     TABLE_SUFFIXES,
     ImageFolder,
@@ -54,6 +61,7 @@ from mmtune.data.tables import (
     read_table,
 )
 from mmtune.errors import MMTuneError
+from mmtune.outputs import Out, check_outputs
 
 INPUT_SUFFIXES = (".json", ".jsonl", *TABLE_SUFFIXES)
 
@@ -107,6 +115,28 @@ def default_images_dir(out: str | Path) -> Path:
     return out.with_name(out.name.removesuffix(".jsonl") + "_images")
 
 
+def default_id_prefixes(paths: Sequence[Path]) -> dict[str, str]:
+    """The prefix of default record ids ("{prefix}-{row}") per input file, unique across the inputs.
+
+    A file's name without its suffix (`train` for train.json), as before, when
+    no other input has the same one; otherwise its path relative to the inputs'
+    common folder (`en/train`, `zh/train`), so files of the same name in
+    different folders never give clashing ids. The same inputs give the same ids.
+    """
+    def stem(p: Path) -> str:
+        name = p.name
+        for suffix in (".jsonl", ".json", ".parquet", ".arrow"):
+            name = name.removesuffix(suffix)
+        return name
+
+    stems = [stem(p) for p in paths]
+    if len(set(stems)) == len(stems):
+        return {str(p): s for p, s in zip(paths, stems, strict=True)}
+    absolute = [p.expanduser().absolute() for p in paths]
+    common = Path(os.path.commonpath([str(p.parent) for p in absolute]))
+    return {str(p): (a.parent.relative_to(common) / stem(a)).as_posix() for p, a in zip(paths, absolute, strict=True)}
+
+
 def expand_inputs(paths: Iterable[str | Path]) -> list[Path]:
     """The input files: files as given, folders expanded to their *.json / *.jsonl (sorted)."""
     out: list[Path] = []
@@ -149,21 +179,22 @@ class _Converter:
         self.rejects.append(Reject(row.source, row.index, reason))
         self.writer.add(reason, source=row.source, index=row.index, raw=printable(row.data))
 
-    def run(self, rows: Iterable[Row], fmt: Format, stem: str, image_root: Path, desc: str) -> None:
+    def run(self, rows: Iterable[Row], fmt: Format, stem: str, image_root: Path, desc: str,
+            id_prefix: str | None = None) -> None:
         total = len(rows) if hasattr(rows, "__len__") else getattr(rows, "total", None)
         bar = tqdm(rows, desc=desc, unit=" rows", leave=False, total=total,
                    disable=None if self.progress is None else not self.progress)
         for row in bar:
             self.rows += 1
             try:
-                record = self.convert_row(row, fmt, stem, image_root)
+                record = self.convert_row(row, fmt, stem, image_root, id_prefix)
             except RecordError as exc:
                 self.reject(row, exc.describe())
                 continue
             self.seen[record.id] = row.location
             self.records.append(record)
 
-    def convert_row(self, row: Row, fmt: Format, stem: str, image_root: Path) -> Record:
+    def convert_row(self, row: Row, fmt: Format, stem: str, image_root: Path, id_prefix: str | None = None) -> Record:
         def fail(reason: str, fld: str | None = None, rid: str | None = None) -> RecordError:
             return RecordError(reason, record_id=rid, field=fld, path=row.location)
 
@@ -172,7 +203,7 @@ class _Converter:
         data = row.data
         if not isinstance(data, dict):
             raise fail(f"expected a JSON object, got {type_name(data)}")
-        default_id = f"{stem}-{row.position}"
+        default_id = f"{id_prefix or stem}-{row.position}"
         try:
             mapped = fmt.map_row(data)
         except RowError as exc:
@@ -298,8 +329,6 @@ def convert_files(
     """
     files = expand_inputs(paths)
     rejects_file = Path(rejects_path) if rejects_path else None
-    if rejects_file is not None and rejects_file.exists():
-        rejects_file.unlink()  # a stale rejects file from an earlier run would mislead
     inputs = [read_table(p) if is_table_source(p) else read_input(p) for p in files]
     formats = {str(inp.path): _resolve_format(inp, fmt) for inp in inputs}
 
@@ -321,6 +350,7 @@ def convert_files(
             raise MMTuneError(f"{inp.path}: VQA questions file needs its annotations file among the inputs "
                               f"(e.g. mmtune convert {inp.path} annotations.json --out vqa.jsonl)")
 
+    prefixes = default_id_prefixes([inp.path for inp in inputs])
     result = ConvertResult(records=[], rejects=[], formats=formats, rejects_path=rejects_file)
     with RejectsWriter(rejects_file) as writer:
         sink = ImageFolder(images_dir) if isinstance(images_dir, str | Path) else images_dir
@@ -332,7 +362,8 @@ def convert_files(
             rows = vqa_rows(inp, annotations) if name == "vqa" else gqa_rows(inp) if name == "gqa" else inp.rows
             root = Path(image_root) if image_root is not None else inp.path.parent
             before = conv.rows
-            conv.run(rows, FORMATS[name], inp.stem, root.expanduser().absolute(), desc=inp.path.name)
+            conv.run(rows, FORMATS[name], inp.stem, root.expanduser().absolute(), desc=inp.path.name,
+                     id_prefix=prefixes[str(inp.path)])
             result.rows_per_input[str(inp.path)] = conv.rows - before
         orphans = annotations.orphans()
         for row in orphans:
@@ -371,6 +402,7 @@ class TableItem:
 
 def iter_table_records(
     path: str | Path, fmt: str = "auto", image_root: str | Path | None = None, *, seen: dict[str, str] | None = None,
+    id_prefix: str | None = None,
 ) -> Iterator[TableItem]:
     """The rows of a parquet / arrow / datasets input as records with their image bytes, one row at a time.
 
@@ -390,7 +422,7 @@ def iter_table_records(
     for row in inp.rows:
         sink.blobs = []
         try:
-            record = conv.convert_row(row, FORMATS[name], inp.stem, root)
+            record = conv.convert_row(row, FORMATS[name], inp.stem, root, id_prefix)
         except RecordError as exc:
             yield TableItem(row, None, error=exc)
             continue
@@ -433,11 +465,12 @@ def cli_main(args: argparse.Namespace) -> int:
     out = Path(args.out)
     rejects = Path(args.rejects) if args.rejects else default_rejects_path(out)
     inputs = expand_inputs(args.inputs)
-    taken = {p.resolve() for p in inputs}
-    for target in (out, rejects):
-        if target.resolve() in taken:
-            raise MMTuneError(f"{target}: is also an input; choose another --out / --rejects path")
     images_dir = Path(args.images_dir) if args.images_dir else default_images_dir(out)
+    check_outputs(
+        [Out(out, "--out"), Out(rejects, "--rejects" if args.rejects else "--rejects (default)"),
+         Out(images_dir, "--images-dir" if args.images_dir else "--images-dir (default)", "folder")],
+        inputs=[("input", p) for p in inputs],
+    )
     result = convert_files(
         inputs, args.format, args.image_root, source=args.source, task=args.task,
         rejects_path=rejects, progress=args.progress, images_dir=images_dir,

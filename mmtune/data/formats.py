@@ -35,6 +35,13 @@ from typing import Any
 
 from mmtune.data.schema import IMAGE_PLACEHOLDER, OPTIONAL_KEYS
 from mmtune.data.templates import alpaca_user
+from mmtune.data.textio import (
+    lone_surrogate,
+    parse_json,
+    printable,
+    read_text,
+    undecodable,
+)
 from mmtune.errors import MMTuneError
 
 UNIFIED_KEYS = frozenset({"id", "messages", "images", *OPTIONAL_KEYS})
@@ -110,9 +117,7 @@ def read_input(path: str | Path) -> InputFile:
     path = Path(path)
     name = str(path)
     try:
-        text = path.read_text(encoding="utf-8-sig")
-    except UnicodeDecodeError:
-        raise FormatError(f"{name}: not a UTF-8 text file (expected JSON or JSONL)") from None
+        text = read_text(path)  # BOM dropped; bad bytes kept, so one bad line never refuses the file
     except OSError as exc:
         raise FormatError(f"{name}: cannot read ({exc.strerror or exc})") from None
     stripped = text.lstrip()
@@ -127,16 +132,17 @@ def read_input(path: str | Path) -> InputFile:
         raise FormatError(f"{name}: JSON nested too deeply") from None
 
     if whole_error is None:
+        bad = undecodable(text) is not None
         if isinstance(whole, list):
             rows = [
-                Row(name, i, f"{name}[{i}]", i, data=item) for i, item in enumerate(whole)
+                _checked(Row(name, i, f"{name}[{i}]", i, data=item), bad) for i, item in enumerate(whole)
             ]
             return InputFile(path, "array", rows=rows)
         if isinstance(whole, dict):
             if _is_container(whole):
                 return InputFile(path, "object", top=whole)
             line = text[: len(text) - len(stripped)].count("\n") + 1
-            return InputFile(path, "jsonl", rows=[Row(name, line, f"{name}:{line}", 0, data=whole)])
+            return InputFile(path, "jsonl", rows=[_checked(Row(name, line, f"{name}:{line}", 0, data=whole), bad)])
         raise FormatError(
             f"{name}: top-level JSON value is {type_name(whole)}; expected an array, an object or JSONL"
         )
@@ -165,21 +171,31 @@ def _read_jsonl(path: Path, text: str, whole_error: json.JSONDecodeError) -> Inp
         if not raw.strip():
             continue
         row = Row(name, lineno, f"{name}:{lineno}", len(rows))
-        try:
-            row.data = json.loads(raw)
+        value, reason = parse_json(raw)  # bad bytes and lone surrogates are bad rows too
+        if reason is None:
+            row.data = value
+        else:
+            row.data, row.error = printable(raw), reason
+        if reason is None or reason.startswith("unpaired surrogate"):
             parsed += 1
-        except json.JSONDecodeError as exc:
-            row.data, row.error = raw, f"bad JSON ({exc.msg} at column {exc.colno})"
-        except RecursionError:
-            row.data, row.error = raw, "bad JSON (nested too deeply)"
         if first_ok is None:
             first_ok = row.error is None
         rows.append(row)
     # A broken pretty-printed JSON document fails on its first line and on most others;
     # reporting each of its lines as a bad record would only hide the real problem.
     if parsed == 0 or (not first_ok and parsed * 2 < len(rows)):
+        if undecodable(text):
+            raise FormatError(f"{name}: not a UTF-8 text file (expected JSON or JSONL)")
         raise FormatError(f"{name}: not valid JSON or JSONL ({_json_error(whole_error)})")
     return InputFile(path, "jsonl", rows=rows)
+
+
+def _checked(row: Row, bad_bytes: bool) -> Row:
+    """A JSON-array element holding a bad byte or an unpaired surrogate becomes a bad row."""
+    found = lone_surrogate(row.data, bad_bytes=bad_bytes)
+    if found:
+        row.data, row.error = printable(json.dumps(row.data, ensure_ascii=False)), found
+    return row
 
 
 def _json_error(exc: json.JSONDecodeError) -> str:

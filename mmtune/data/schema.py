@@ -24,6 +24,8 @@ from mmtune.errors import MMTuneError
 
 IMAGE_PLACEHOLDER = "<image>"
 ROLES = ("system", "user", "assistant")
+# Speaker names other layouts use for the roles (mmtune.data.formats.ROLE_ALIASES maps them at import).
+SPEAKER_ALIASES = frozenset({"human", "gpt", "chatgpt", "bard", "bing", "model"})
 OPTIONAL_KEYS = ("source", "task", "answers", "choices", "meta")
 
 
@@ -155,7 +157,9 @@ def validate_record(obj: Any, *, line: int | None = None, path: str | None = Non
             raise fail(f"must be an object, got {type(msg).__name__}", fld, rid)
         role, content = msg.get("role"), msg.get("content")
         if role not in ROLES:
-            raise fail(f"role must be one of {', '.join(ROLES)}, got {role!r}", f"{fld}.role", rid)
+            hint = (" (ShareGPT-style speaker names: `mmtune convert --format messages` maps them)"
+                    if isinstance(role, str) and role.lower() in SPEAKER_ALIASES else "")
+            raise fail(f"role must be one of {', '.join(ROLES)}, got {role!r}{hint}", f"{fld}.role", rid)
         if not isinstance(content, str):
             raise fail(f"content must be a string, got {type(content).__name__}", f"{fld}.content", rid)
         clean.append({"role": role, "content": content})
@@ -208,16 +212,16 @@ def validate_record(obj: Any, *, line: int | None = None, path: str | None = Non
 
 
 def iter_jsonl(path: str | Path) -> Iterator[tuple[int, Any]]:
-    """Yield (line number, parsed object) for each non-blank line; a bad line yields a RecordError."""
+    """Yield (line number, parsed object) for each non-blank line; a bad line yields a RecordError.
+
+    Decoding is `mmtune.data.textio`'s (BOM skipped; a non-UTF-8 line or an
+    unpaired surrogate is one bad line and the rest of the file goes on).
+    """
+    from mmtune.data.textio import iter_json_lines
+
     path = Path(path)
-    with path.open("r", encoding="utf-8") as fh:
-        for lineno, raw in enumerate(fh, start=1):
-            if not raw.strip():
-                continue
-            try:
-                yield lineno, json.loads(raw)
-            except json.JSONDecodeError as exc:
-                yield lineno, RecordError(f"bad JSON ({exc.msg})", path=str(path), line=lineno)
+    for lineno, obj, reason, _ in iter_json_lines(path):
+        yield lineno, (RecordError(reason, path=str(path), line=lineno) if reason else obj)
 
 
 def read_records(path: str | Path, *, strict: bool = True) -> list[Record]:
@@ -260,30 +264,34 @@ def read_records_with_errors(path: str | Path) -> tuple[list[Record], list[Recor
 
 
 def write_records(records: Iterable[Record], path: str | Path) -> int:
-    """Write records as JSONL (atomically: temp file then rename); returns the count."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
+    """Write records as JSONL (atomically: temp file then rename; nothing left behind on error); returns the count."""
+    from mmtune.fileio import atomic_text
+
     n = 0
-    with tmp.open("w", encoding="utf-8") as fh:
+    with atomic_text(path) as fh:
         for rec in records:
             fh.write(rec.to_json() + "\n")
             n += 1
-    tmp.replace(path)
     return n
 
 
 class RejectsWriter:
     """Collects rejected inputs with their location and one-line reason.
 
-    Every input either becomes a record or a line here; nothing is dropped silently.
+    Every input either becomes a record or a line here; nothing is dropped
+    silently. The file is written to a temporary name and renamed on a clean
+    `close()`; an existing file at `path` is left alone until then (and, when
+    this run rejected nothing, removed then, so a stale list cannot mislead).
+    A failed run leaves the previous file as it was and no temporary file.
     """
 
     def __init__(self, path: str | Path | None) -> None:
         self.path = Path(path) if path else None
         self.count = 0
         self.first_reason: str | None = None
-        self._fh = None
+        self._fh: Any = None
+        self._tmp: Path | None = None
+        self._closed = False
 
     def add(self, reason: str, *, source: str | None = None, index: int | None = None, raw: Any = None) -> None:
         self.count += 1
@@ -292,21 +300,37 @@ class RejectsWriter:
         if self.path is None:
             return
         if self._fh is None:
+            from mmtune.fileio import TEXT_ERRORS, temp_sibling
+
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._fh = self.path.open("w", encoding="utf-8")
+            self._tmp = temp_sibling(self.path)
+            self._fh = self._tmp.open("w", encoding="utf-8", errors=TEXT_ERRORS)
         entry = {"source": source, "index": index, "reason": reason, "raw": raw}
         self._fh.write(json.dumps(entry, ensure_ascii=False, default=str) + "\n")
 
     def add_error(self, err: RecordError, raw: Any = None) -> None:
         self.add(err.describe(), source=err.path, index=err.line, raw=raw)
 
-    def close(self) -> None:
+    def close(self, *, ok: bool = True) -> None:
+        if self._closed:
+            return
+        self._closed = True
         if self._fh is not None:
             self._fh.close()
             self._fh = None
+        if self.path is None:
+            return
+        if not ok:
+            if self._tmp is not None:
+                self._tmp.unlink(missing_ok=True)
+        elif self._tmp is not None:
+            self._tmp.replace(self.path)
+        else:
+            self.path.unlink(missing_ok=True)
+        self._tmp = None
 
     def __enter__(self) -> RejectsWriter:
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+    def __exit__(self, exc_type: object, *exc: object) -> None:
+        self.close(ok=exc_type is None)

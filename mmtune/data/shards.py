@@ -43,6 +43,7 @@ import logging
 import os
 import random
 import re
+import shutil
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -54,16 +55,19 @@ import webdataset as wds
 from PIL import Image
 from tqdm.auto import tqdm
 
-from mmtune.data.convert import TableItem, iter_table_records
+from mmtune.data.convert import TableItem, default_id_prefixes, iter_table_records
 from mmtune.data.images import check_image, is_url, resolve_image_path
 from mmtune.data.schema import IMAGE_PLACEHOLDER, Record, RecordError, RejectsWriter, iter_jsonl, validate_record
 from mmtune.data.tables import bytes_extension, is_table_source, printable
 from mmtune.errors import MMTuneError
+from mmtune.fileio import write_json_atomic
+from mmtune.outputs import Out, check_outputs
 
 log = logging.getLogger(__name__)
 
 SHARD_PATTERN = "shard-%06d.tar"
 INDEX_NAME = "index.json"
+STAGE_PREFIX = ".tmp-shards-"  # the new set is written here, then swapped in
 INDEX_FORMAT = "mmtune-shards/1"
 REMOTE_PREFIXES = ("pipe:", "http://", "https://", "gs://", "s3://", "ais://")
 _KEY_UNSAFE = re.compile(r"[^A-Za-z0-9_-]+")
@@ -96,7 +100,7 @@ def shard_key(record_id: str, taken: set[str]) -> str:
     return key
 
 
-def parse_size(text: str | int | float) -> int:
+def parse_size(text: str | float) -> int:
     """`1000000`, `500K`, `200MB`, `1.5G` -> bytes (powers of 1000, like shard sizes usually are)."""
     if isinstance(text, int | float):
         return int(text)
@@ -177,6 +181,9 @@ def write_shards(
         if not (p.is_file() or is_table_source(p)):
             raise MMTuneError(f"{p}: records file not found")
     out_dir = Path(out_dir)
+    rejects_file = Path(rejects_path) if rejects_path else out_dir / "rejects.jsonl"
+    check_outputs([Out(out_dir, "--out", "folder"), Out(rejects_file, "--rejects")],
+                  inputs=[("records", p) for p in paths])
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -184,10 +191,12 @@ def write_shards(
     old = _existing_outputs(out_dir)
     if old and not overwrite:
         raise MMTuneError(f"{out_dir}: already holds shards ({old[0].name}, ...); pass --overwrite to replace them")
-    for p in old:
-        p.unlink()
-    rejects_file = Path(rejects_path) if rejects_path else out_dir / "rejects.jsonl"
-    rejects_file.unlink(missing_ok=True)
+    for stale in out_dir.glob(f"{STAGE_PREFIX}*"):  # the staging folder of a run that crashed
+        shutil.rmtree(stale, ignore_errors=True)
+    # The new set is written into a staging folder and swapped in only once complete,
+    # so --overwrite never leaves the user with fewer shards than before.
+    stage = out_dir / f"{STAGE_PREFIX}{os.getpid()}"
+    stage.mkdir()
 
     summary = ShardWriteSummary(out_dir=out_dir, rejects_path=rejects_file)
     finished: list[tuple[str, int]] = []
@@ -199,61 +208,65 @@ def write_shards(
 
     taken: set[str] = set()
     seen_ids: dict[str, str] = {}
-    with RejectsWriter(rejects_file) as rejects:
-        # encoder=False: every member is bytes we made (original image bytes, UTF-8 JSON);
-        # mtime=0 makes the same records give byte-identical shards.
-        writer = wds.ShardWriter(
-            str(out_dir / (SHARD_PATTERN + ".partial")), maxcount=max_count, maxsize=max_size,
-            post=finish, verbose=0, encoder=False, mtime=0,
-        )
-        try:
-            for path in paths:
-                if is_table_source(path):  # parquet / arrow / datasets: embedded bytes go straight in
-                    for item in tqdm(iter_table_records(path, image_root=image_root, seen=seen_ids),
-                                     desc=f"shard {path.name}", unit="rec",
-                                     disable=None if progress is None else not progress):
-                        if item.error is not None:
-                            rejects.add(item.error.describe(), source=item.row.source, index=item.row.index,
-                                        raw=printable(item.row.data))
-                            continue
-                        writer.write(_table_sample(item, taken))
-                        summary.records += 1
-                    continue
-                lines = tqdm(iter_jsonl(path), desc=f"shard {path.name}", unit="rec",
-                             disable=None if progress is None else not progress)
-                for lineno, obj in lines:
-                    sample = _sample_for(obj, path, lineno, image_root, seen_ids, taken, rejects)
-                    if sample is not None:
-                        writer.write(sample)
-                        summary.records += 1
-        except BaseException:
-            writer.close()
-            for p in _existing_outputs(out_dir):  # no half-written shard set is left behind
-                p.unlink(missing_ok=True)
-            raise
-        writer.close()
-    summary.rejects = rejects.count
-    summary.first_reject = rejects.first_reason
-    if not rejects.count:
-        rejects_file.unlink(missing_ok=True)
-        summary.rejects_path = None
-    if summary.records == 0:
+    prefixes = default_id_prefixes(paths)  # default ids of table rows stay unique across inputs
+    try:
+        with RejectsWriter(rejects_file) as rejects:
+            # encoder=False: every member is bytes we made (original image bytes, UTF-8 JSON);
+            # mtime=0 makes the same records give byte-identical shards.
+            writer = wds.ShardWriter(
+                str(stage / (SHARD_PATTERN + ".partial")), maxcount=max_count, maxsize=max_size,
+                post=finish, verbose=0, encoder=False, mtime=0,
+            )
+            try:
+                for path in paths:
+                    if is_table_source(path):  # parquet / arrow / datasets: embedded bytes go straight in
+                        for item in tqdm(iter_table_records(path, image_root=image_root, seen=seen_ids,
+                                                            id_prefix=prefixes[str(path)]),
+                                         desc=f"shard {path.name}", unit="rec",
+                                         disable=None if progress is None else not progress):
+                            if item.error is not None:
+                                rejects.add(item.error.describe(), source=item.row.source, index=item.row.index,
+                                            raw=printable(item.row.data))
+                                continue
+                            writer.write(_table_sample(item, taken))
+                            summary.records += 1
+                        continue
+                    lines = tqdm(iter_jsonl(path), desc=f"shard {path.name}", unit="rec",
+                                 disable=None if progress is None else not progress)
+                    for lineno, obj in lines:
+                        sample = _sample_for(obj, path, lineno, image_root, seen_ids, taken, rejects)
+                        if sample is not None:
+                            writer.write(sample)
+                            summary.records += 1
+            finally:
+                writer.close()
+        summary.rejects = rejects.count
+        summary.first_reject = rejects.first_reason
+        if not rejects.count:
+            summary.rejects_path = None
+        if summary.records == 0:
+            raise MMTuneError(
+                f"no record could be written to {out_dir}"
+                + (f"; first reject: {summary.first_reject} (all in {rejects_file})" if summary.rejects
+                   else " (inputs are empty)")
+                + ("; the shards already there are kept" if old else "")
+            )
+        summary.shards = [(name, count, (stage / name).stat().st_size) for name, count in finished]
+        index = {
+            "format": INDEX_FORMAT,
+            "records": summary.records,
+            "rejects": summary.rejects,
+            "shards": [{"name": n, "count": c, "bytes": b} for n, c, b in summary.shards],
+        }
+        write_json_atomic(index, stage / INDEX_NAME)
+        # The new set is complete: only now does the old one go. index.json comes last.
+        for p in _existing_outputs(out_dir):
+            p.unlink(missing_ok=True)
         for name, _ in finished:
-            (out_dir / name).unlink(missing_ok=True)
-        raise MMTuneError(
-            f"no record could be written to {out_dir}"
-            + (f"; first reject: {summary.first_reject} (all in {rejects_file})" if summary.rejects else " (inputs are empty)")
-        )
-    summary.shards = [(name, count, (out_dir / name).stat().st_size) for name, count in finished]
-    index = {
-        "format": INDEX_FORMAT,
-        "records": summary.records,
-        "rejects": summary.rejects,
-        "shards": [{"name": n, "count": c, "bytes": b} for n, c, b in summary.shards],
-    }
-    tmp = out_dir / (INDEX_NAME + ".tmp")
-    tmp.write_text(json.dumps(index, indent=1) + "\n", encoding="utf-8")
-    os.replace(tmp, out_dir / INDEX_NAME)
+            os.replace(stage / name, out_dir / name)
+        os.replace(stage / INDEX_NAME, out_dir / INDEX_NAME)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
     return summary
 
 

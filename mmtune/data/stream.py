@@ -37,7 +37,6 @@ the one an uninterrupted run would have produced.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import random
@@ -65,6 +64,7 @@ from mmtune.data.shards import (
     reader_info,
 )
 from mmtune.data.templates import Template, get_template
+from mmtune.data.textio import decode, parse_json
 from mmtune.data.tokenize import SkipRecord, TokenizedExample, tokenize_record
 from mmtune.errors import MMTuneError
 
@@ -378,11 +378,9 @@ class ExampleStream:
         if fh is None:
             fh = self._handles[key] = open(item.path, "rb")  # noqa: SIM115 (kept open for the stream's life)
         fh.seek(item.offset)
-        raw = fh.readline()
-        try:
-            obj = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise RecordError(f"bad JSON ({getattr(exc, 'msg', exc)})", path=item.path, line=item.line) from None
+        obj, reason = parse_json(decode(fh.readline(), first=item.offset == 0).rstrip("\r\n"))
+        if reason is not None:
+            raise RecordError(reason, path=item.path, line=item.line)
         return validate_record(obj, line=item.line, path=item.path)
 
     def _process(self, item: Any) -> Example | _Skip:

@@ -164,6 +164,8 @@ def tokenize_record(
             raise MMTuneError("num_image_tokens must be > 0 for records with images (is the model in llm mode?)")
         ids, flags, spans = _expand_images(ids, flags, img_id, num_image_tokens)
     ids, flags, spans, cut = _truncate(ids, flags, spans, max_length)
+    if cut < 0 and not spans:  # nothing but text, and still no room: the setting is wrong, not the record
+        raise MMTuneError(f"max_length must be >= 1 (data.max_length), got {max_length}")
     if cut < 0:
         raise SkipRecord(record.id, "images_exceed_max_length",
                          f"{len(spans)} image(s) x {num_image_tokens} tokens do not fit in max_length={max_length}")

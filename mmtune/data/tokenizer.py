@@ -9,6 +9,7 @@ token and the `<image>` placeholder as a single special token.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -69,16 +70,20 @@ def record_texts(records: Iterable[Record]) -> Iterator[str]:
             yield m["content"].replace(IMAGE_PLACEHOLDER, " ")
 
 
+def load_tokenizer(name_or_path: str | os.PathLike[str], *, trust_remote_code: bool = False) -> Any:
+    """The one way mmtune loads a saved / pretrained tokenizer; a failure is one line naming the source."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(os.fspath(name_or_path), trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise MMTuneError(f"{os.fspath(name_or_path)}: cannot load tokenizer ({str(exc).splitlines()[0]})") from None
+
+
 def build_tokenizer(cfg: TokenizerConfig, corpus: Iterable[str] | None = None) -> Any:
     """The tokenizer a config asks for, made ready for mmtune (pad token, `<image>` token)."""
     if cfg.name_or_path:
-        from transformers import AutoTokenizer
-
-        try:
-            tok = AutoTokenizer.from_pretrained(cfg.name_or_path, trust_remote_code=cfg.trust_remote_code)
-        except (OSError, ValueError) as exc:
-            raise MMTuneError(f"cannot load tokenizer {cfg.name_or_path!r}: {exc}".splitlines()[0]) from None
-        return prepare_tokenizer(tok)
+        return prepare_tokenizer(load_tokenizer(cfg.name_or_path, trust_remote_code=cfg.trust_remote_code))
     if cfg.train_vocab_size:
         texts: list[str] = list(corpus or [])
         for path in cfg.train_files:

@@ -41,6 +41,7 @@ import torch
 
 from mmtune import runs
 from mmtune.data.schema import IMAGE_PLACEHOLDER, Record
+from mmtune.data.tokenizer import load_tokenizer
 from mmtune.errors import MMTuneError
 from mmtune.eval.generate import (
     PromptSkip,
@@ -107,11 +108,13 @@ class EvalModel(ABC):
 
     kind: ClassVar[str]
 
-    def __init__(self, folder: Path, *, template: str | None, device: str, dtype: str | None) -> None:
+    def __init__(self, folder: Path, *, template: str | None, device: str, dtype: str | None,
+                 trust_remote_code: bool = False) -> None:
         self.folder = folder
         self.device = device
         self.dtype = dtype
         self.template_name = template
+        self.trust_remote_code = trust_remote_code  # the user's word, never the checkpoint's
 
     @classmethod
     @abstractmethod
@@ -198,24 +201,19 @@ class MMTuneBackend(EvalModel):
 
     kind = "mmtune"
 
-    def __init__(self, folder: Path, *, template: str | None, device: str, dtype: str | None) -> None:
-        from mmtune.config import ModelConfig, load_config
+    def __init__(self, folder: Path, *, template: str | None, device: str, dtype: str | None,
+                 trust_remote_code: bool = False) -> None:
         from mmtune.data.templates import get_template
         from mmtune.eval.generate import DEFAULT_TEMPLATE
-        from mmtune.runs import MODEL_CONFIG_FILE, TOKENIZER_DIR
+        from mmtune.model.io import load_model_config
 
         folder = runs.resolve_model_folder(folder)
         super().__init__(folder, template=template or runs.trained_template(folder) or DEFAULT_TEMPLATE,
-                         device=device, dtype=dtype)
-        self.config = load_config(folder / MODEL_CONFIG_FILE, ModelConfig)
+                         device=device, dtype=dtype, trust_remote_code=trust_remote_code)
+        # Refuses a checkpoint that would run its own code unless the user passed --trust-remote-code.
+        self.config = load_model_config(folder, trust_remote_code=trust_remote_code)
         self._bundle: Any = None
-        try:
-            from transformers import AutoTokenizer
-
-            self._tokenizer = AutoTokenizer.from_pretrained(
-                str(folder / TOKENIZER_DIR), trust_remote_code=self.config.tokenizer.trust_remote_code)
-        except (OSError, ValueError) as exc:
-            raise MMTuneError(f"{folder / TOKENIZER_DIR}: cannot load tokenizer ({str(exc).splitlines()[0]})") from None
+        self._tokenizer = load_tokenizer(folder / runs.TOKENIZER_DIR, trust_remote_code=trust_remote_code)  # the user's word
         self.template = get_template(self.template_name, self._tokenizer)
 
     @classmethod
@@ -243,7 +241,8 @@ class MMTuneBackend(EvalModel):
         if self._bundle is None:
             from mmtune.model.io import load_model
 
-            self._bundle = load_model(self.folder, device=self.device, dtype=self.dtype)
+            self._bundle = load_model(self.folder, device=self.device, dtype=self.dtype,
+                                      trust_remote_code=self.trust_remote_code)
         return self._bundle
 
     @property
@@ -510,15 +509,16 @@ class LlavaHFBackend(_HFBackend):
     kind = "llava-hf"
 
     def __init__(self, folder: Path, *, template: str | None, device: str, dtype: str | None,
-                 image_backend: str | None = None) -> None:
-        super().__init__(folder, template=template, device=device, dtype=dtype)
+                 image_backend: str | None = None, trust_remote_code: bool = False) -> None:
+        super().__init__(folder, template=template, device=device, dtype=dtype,
+                         trust_remote_code=trust_remote_code)
         from transformers import AutoProcessor
 
         try:
             # image_backend: "pil" or "torchvision" (transformers' default); `mmtune export` prints the one
             # that reproduces the exported model's training pixels exactly.
             kw = {"backend": image_backend} if image_backend else {}
-            self.processor = AutoProcessor.from_pretrained(str(folder), **kw)
+            self.processor = AutoProcessor.from_pretrained(str(folder), trust_remote_code=trust_remote_code, **kw)
         except (OSError, ValueError) as exc:
             raise MMTuneError(f"{folder}: cannot load the processor ({str(exc).splitlines()[0]})") from None
         self.processor.tokenizer.padding_side = "left"
@@ -551,7 +551,8 @@ class LlavaHFBackend(_HFBackend):
             from transformers import LlavaForConditionalGeneration
 
             self._model = LlavaForConditionalGeneration.from_pretrained(
-                str(self.folder), dtype=self._torch_dtype() or "auto").to(self.device).eval()
+                str(self.folder), dtype=self._torch_dtype() or "auto",
+                trust_remote_code=self.trust_remote_code).to(self.device).eval()
         return self._model
 
     def render(self, messages: Sequence[dict[str, str]], meta: dict[str, Any] | None = None) -> str:
@@ -575,14 +576,11 @@ class CausalLMBackend(_HFBackend):
 
     kind = "causal-lm"
 
-    def __init__(self, folder: Path, *, template: str | None, device: str, dtype: str | None) -> None:
-        super().__init__(folder, template=template, device=device, dtype=dtype)
-        from transformers import AutoTokenizer
-
-        try:
-            self._tokenizer = AutoTokenizer.from_pretrained(str(folder))
-        except (OSError, ValueError) as exc:
-            raise MMTuneError(f"{folder}: cannot load the tokenizer ({str(exc).splitlines()[0]})") from None
+    def __init__(self, folder: Path, *, template: str | None, device: str, dtype: str | None,
+                 trust_remote_code: bool = False) -> None:
+        super().__init__(folder, template=template, device=device, dtype=dtype,
+                         trust_remote_code=trust_remote_code)
+        self._tokenizer = load_tokenizer(folder, trust_remote_code=trust_remote_code)
         self._tokenizer.padding_side = "left"
         self._template = None
         if template:
@@ -612,7 +610,8 @@ class CausalLMBackend(_HFBackend):
             from transformers import AutoModelForCausalLM
 
             self._model = AutoModelForCausalLM.from_pretrained(
-                str(self.folder), dtype=self._torch_dtype() or "auto").to(self.device).eval()
+                str(self.folder), dtype=self._torch_dtype() or "auto",
+                trust_remote_code=self.trust_remote_code).to(self.device).eval()
         return self._model
 
     def render(self, messages: Sequence[dict[str, str]], meta: dict[str, Any] | None = None) -> str:
@@ -650,10 +649,12 @@ def detect_backend(path: str | Path) -> str:
 
 
 def open_model(path: str | Path, *, backend: str | None = None, template: str | None = None,
-               device: str | None = None, dtype: str | None = None, image_backend: str | None = None) -> EvalModel:
+               device: str | None = None, dtype: str | None = None, image_backend: str | None = None,
+               trust_remote_code: bool = False) -> EvalModel:
     """An `EvalModel` for `path` (backend detected unless named; see the module docstring).
 
     `image_backend` (llava-hf only): the processor's image backend, "pil" or "torchvision".
+    `trust_remote_code`: the user's word, never the checkpoint's.
     """
     kind = backend or detect_backend(path)
     if kind not in BACKENDS:
@@ -664,4 +665,5 @@ def open_model(path: str | Path, *, backend: str | None = None, template: str | 
         raise MMTuneError(f"unknown model backend {kind!r}{hint} (have: {', '.join(BACKENDS)})")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     extra = {"image_backend": image_backend} if image_backend and kind == "llava-hf" else {}
-    return BACKENDS[kind](Path(path), template=template, device=device, dtype=dtype, **extra)
+    return BACKENDS[kind](Path(path), template=template, device=device, dtype=dtype,
+                          trust_remote_code=trust_remote_code, **extra)

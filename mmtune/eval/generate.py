@@ -39,7 +39,9 @@ from mmtune.data.images import load_image, resolve_image_path
 from mmtune.data.schema import IMAGE_PLACEHOLDER, Record, count_placeholders
 from mmtune.data.templates import Template, get_template, prompt_messages
 from mmtune.data.tokenize import stop_token_ids, tokenize_prompt
+from mmtune.device import resolve_device
 from mmtune.errors import MMTuneError
+from mmtune.outputs import Out, check_outputs
 from mmtune.runs import RUN_CONFIG_FILE, resolve_model_folder, trained_template
 
 if TYPE_CHECKING:  # the model layer loads transformers; `mmtune eval --predictions` needs none of it
@@ -248,6 +250,8 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--top-p", type=float, default=1.0)
     parser.add_argument("--seed", type=int, default=0, help="random seed for sampling")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
+    parser.add_argument("--trust-remote-code", action="store_true",
+                        help="allow the checkpoint's own tokenizer/model code to run (only for sources you trust)")
     parser.add_argument(
         "--dtype",
         default=None,
@@ -268,26 +272,20 @@ class PromptLine(NamedTuple):
 def read_prompt_file(path: str | Path, image_root: str | Path | None = None) -> list[PromptLine]:
     """Unified records or `{"prompt", "image" | "images", "id"?}` lines; relative images from `image_root`
     (default: the file's folder). Every non-blank line gives one `PromptLine`, bad ones with `error` set."""
-    import json
-
     from mmtune.data.schema import RecordError, validate_record
+    from mmtune.data.textio import iter_json_lines
 
     path = Path(path)
     root = Path(image_root) if image_root is not None else path.parent
     out: list[PromptLine] = []
     try:
-        text = path.read_text(encoding="utf-8-sig")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise MMTuneError(f"{path}: cannot read the prompts file ({getattr(exc, 'strerror', None) or exc})") from None
-    for lineno, raw in enumerate(text.split("\n"), start=1):
-        if not raw.strip():
-            continue
+        lines = list(iter_json_lines(path))  # BOM, bad bytes, lone surrogates: one bad line each
+    except OSError as exc:
+        raise MMTuneError(f"{path}: cannot read the prompts file ({exc.strerror or exc})") from None
+    for lineno, obj, reason, _ in lines:
         rid = f"{path.stem}-{lineno}"
-        where = f"{path}:{lineno}"
-        try:
-            obj = json.loads(raw)
-        except json.JSONDecodeError as exc:
-            out.append(PromptLine(lineno, rid, None, f"{where}: bad JSON ({exc.msg} at column {exc.colno})"))
+        if reason is not None:
+            out.append(PromptLine(lineno, rid, None, f"{path}:{lineno}: {reason}"))
             continue
         if isinstance(obj, dict) and isinstance(obj.get("id"), str | int) and not isinstance(obj.get("id"), bool):
             rid = str(obj["id"])
@@ -337,7 +335,6 @@ def generate_file(
     left padding); `generation` takes its sampling settings (max_new_tokens, do_sample, ...).
     """
     import json
-    import os
 
     tmpl = template if isinstance(template, Template) else get_template(template, bundle.tokenizer)
     check_batch_size(batch_size)
@@ -359,11 +356,10 @@ def generate_file(
             prompts.append(PromptSkip(f"{input_path}:{pl.line}: {exc}"))
     answers = generate_tokenized(bundle, prompts, tmpl, batch_size=batch_size, skip_unreadable_images=True,
                                  progress=progress, desc="generate", **generation)
-    out_path = Path(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_path.with_name(f".{out_path.name}.tmp")
+    from mmtune.fileio import atomic_text
+
     errors = 0
-    with open(tmp, "w", encoding="utf-8") as fh:
+    with atomic_text(out_path) as fh:
         for pl, answer in zip(lines, answers, strict=True):
             if isinstance(answer, PromptSkip):
                 errors += 1
@@ -373,7 +369,6 @@ def generate_file(
             else:
                 row = {"id": pl.id, "answer": answer}
             fh.write(json.dumps(row, ensure_ascii=False) + "\n")
-    os.replace(tmp, out_path)
     return len(lines) - errors, errors
 
 
@@ -382,6 +377,7 @@ def cli_main(args: argparse.Namespace) -> int:
 
     if (args.prompt is None) == (args.input is None):
         raise MMTuneError("give either --prompt (one answer, printed) or --input FILE --out FILE (a batch)")
+    args.device = resolve_device(args.device)  # before any work: a bad --device is one line
     if args.input is not None:
         return _cli_batch(args)
 
@@ -396,19 +392,16 @@ def cli_main(args: argparse.Namespace) -> int:
         print(f"no {RUN_CONFIG_FILE} with data.template next to {ckpt}; using template {template}", file=sys.stderr)
     if template != "tokenizer":
         get_template(template)  # fail early (one line) on an unknown name, before loading the model
-    images = [str(Path(p)) for p in args.image]
+    images = [_check_image_arg(p) for p in args.image]
     content = args.prompt
     n_ph = content.count(IMAGE_PLACEHOLDER)
     if images and n_ph == 0:
         content = f"{IMAGE_PLACEHOLDER}\n" * len(images) + content
     elif n_ph != len(images):
         raise MMTuneError(f"--prompt has {n_ph} {IMAGE_PLACEHOLDER} placeholder(s) but {len(images)} --image given")
-    for p in images:
-        if not Path(p).is_file():
-            raise MMTuneError(f"--image {p}: file not found")
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = args.device
     print(f"loading {ckpt} (template {template}, device {device})", file=sys.stderr)
-    bundle = load_model(ckpt, device=device, dtype=args.dtype)
+    bundle = load_model(ckpt, device=device, dtype=args.dtype, trust_remote_code=args.trust_remote_code)
     if images and bundle.image_transform is None:
         raise MMTuneError(f"{ckpt} is a text-only model (mode llm); drop --image")
     record = Record(id="cli", messages=[{"role": "user", "content": content}], images=images)
@@ -427,6 +420,19 @@ def cli_main(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_image_arg(path: str) -> str:
+    """One --image, kept as the user wrote it (a URL is not a local path); a one-line error when unusable."""
+    from mmtune.data.images import is_url
+
+    if is_url(path):
+        raise MMTuneError(f"--image {path}: is a URL; mmtune never downloads: save the image and pass its file")
+    if Path(path).expanduser().is_dir():
+        raise MMTuneError(f"--image {path}: is a folder; give one image file per --image")
+    if not Path(path).expanduser().is_file():
+        raise MMTuneError(f"--image {path}: file not found")
+    return str(Path(path).expanduser())
+
+
 def _cli_batch(args: argparse.Namespace) -> int:
     from mmtune.model.io import load_model
 
@@ -442,15 +448,14 @@ def _cli_batch(args: argparse.Namespace) -> int:
     inp, out = Path(args.input), Path(args.out)
     if not inp.is_file():
         raise MMTuneError(f"--input {inp}: file not found")
-    if out.resolve() == inp.resolve():
-        raise MMTuneError(f"--out {out} is the input file; choose another path")
     ckpt = resolve_model_folder(args.checkpoint)
+    check_outputs([Out(out, "--out")], inputs=[("--input", inp)], runs=[("checkpoint", ckpt)])
     template = args.template or trained_template(ckpt) or DEFAULT_TEMPLATE
     if template != "tokenizer":
         get_template(template)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = args.device
     print(f"loading {ckpt} (template {template}, device {device})", file=sys.stderr)
-    bundle = load_model(ckpt, device=device, dtype=args.dtype)
+    bundle = load_model(ckpt, device=device, dtype=args.dtype, trust_remote_code=args.trust_remote_code)
     answered, errors = generate_file(
         bundle, inp, out, template, batch_size=args.batch_size, image_root=args.image_root, progress=args.progress,
         max_new_tokens=args.max_new_tokens, do_sample=args.do_sample, temperature=args.temperature,

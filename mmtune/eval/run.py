@@ -42,12 +42,10 @@ import sys
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any
-
-import torch
 
 from mmtune import runs
 # The eval config lives with the others in mmtune.config; importable from here as before.
@@ -61,6 +59,7 @@ from mmtune.config import (  # noqa: F401
     validate_config,
 )
 from mmtune.data.schema import Record, read_records
+from mmtune.device import resolve_device
 from mmtune.errors import MMTuneError
 
 # The model backends (mmtune checkpoints, llava-hf folders, causal LMs) live in mmtune.eval.backends;
@@ -91,7 +90,8 @@ from mmtune.eval.tasks import (
     resolve_task,
     split_unseen,
 )
-from mmtune.fileio import write_json_atomic
+from mmtune.fileio import atomic_text, write_json_atomic
+from mmtune.outputs import Out, check_outputs
 
 DEFAULT_MAX_NEW_TOKENS = 64
 RESULTS_FILE = "results.json"
@@ -149,13 +149,15 @@ class PredictionCache:
         self.entries: dict[str, str] = {}
         self.bad_lines = 0
         if path.is_file():
-            with path.open(encoding="utf-8") as fh:
-                for line in fh:
-                    try:
-                        obj = json.loads(line)
-                        self.entries[obj["key"]] = obj["output"]
-                    except (json.JSONDecodeError, KeyError, TypeError):
-                        self.bad_lines += 1
+            from mmtune.data.textio import iter_json_lines
+
+            for _, obj, reason, _ in iter_json_lines(path):
+                try:
+                    if reason is not None:
+                        raise TypeError(reason)
+                    self.entries[obj["key"]] = obj["output"]
+                except (KeyError, TypeError):
+                    self.bad_lines += 1
 
     def get(self, key: str) -> str | None:
         return self.entries.get(key)
@@ -164,7 +166,7 @@ class PredictionCache:
         if not new:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        with self.path.open("a", encoding="utf-8") as fh:
+        with self.path.open("a", encoding="utf-8", errors="backslashreplace") as fh:
             for key, output in new.items():
                 fh.write(json.dumps({"key": key, "output": output}, ensure_ascii=False) + "\n")
             fh.flush()
@@ -431,6 +433,7 @@ def run_eval(cfg: EvalConfig, *, output_dir: str | Path | None = None) -> dict[s
     out = Path(output_dir or cfg.output_dir)
     g = cfg.generation
     validate_config(cfg)  # what loading checks, again for configs built in code
+    device = resolve_device(g.device, "--device (generation.device)")
     models = _model_entries(cfg)
     model_modes = {n: [parse_mode(m, cfg.k) for m in (e.modes or cfg.modes)] for n, e in models.items()}
     if not cfg.tasks:
@@ -444,7 +447,12 @@ def run_eval(cfg: EvalConfig, *, output_dir: str | Path | None = None) -> dict[s
                         else g.max_new_tokens or s.max_new_tokens or DEFAULT_MAX_NEW_TOKENS)
                for s, t in zip(specs, cfg.tasks, strict=True)}
 
-    device = g.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    check_outputs(
+        [Out(out, "--out" if output_dir else "output_dir", "folder")],
+        inputs=[*(("pool", p) for p in cfg.pool), *(("shots_from", p) for p in cfg.shots_from),
+                *((f"task {s.name!r} records", s.records) for s in specs if s.records)],
+        runs=[(f"model {n!r}", e.path) for n, e in models.items()],
+    )
     # Tokenizers/processors load here; weights on first generation (a fully cached rerun loads none).
     handles: dict[str, EvalModel] = {}
     for n, e in models.items():
@@ -452,7 +460,7 @@ def run_eval(cfg: EvalConfig, *, output_dir: str | Path | None = None) -> dict[s
         # The eval-wide template applies to mmtune runs; HF folders keep their own chat template.
         template = e.template or (cfg.template if kind == "mmtune" else None)
         handles[n] = open_model(e.path, backend=kind, template=template, device=device, dtype=g.dtype,
-                                image_backend=e.image_backend)
+                                image_backend=e.image_backend, trust_remote_code=cfg.trust_remote_code)
     read = _reader()
     pool = _read_all(cfg.pool, read, "pool")
     tasks = [load_task(s, pool if cfg.pool else None, pool_name=", ".join(cfg.pool) or "the pool",
@@ -524,21 +532,18 @@ def _write_outputs(report: dict[str, Any], rows: list[dict[str, Any]], out: Path
 
     order = ["model", "mode", "task", "id", "prompt", "images", "shots", "output", "prediction", "answers",
              "score", "skip", "cached"]
-    tmp = out / (PREDICTIONS_FILE + ".tmp")
-    with tmp.open("w", encoding="utf-8") as fh:
+    with atomic_text(out / PREDICTIONS_FILE) as fh:
         for row in rows:
             line = {k: row[k] for k in order if k in row}
             line.update({k: v for k, v in row.items() if k not in line})
             fh.write(json.dumps(line, ensure_ascii=False) + "\n")
-    os.replace(tmp, out / PREDICTIONS_FILE)
     write_json_atomic(report, out / RESULTS_FILE)
     md = out / (TABLE_FILE + ".tmp")
     md.write_text(markdown_table(report), encoding="utf-8")
     os.replace(md, out / TABLE_FILE)
     if cfg is not None:
-        tmp = out / (CONFIG_FILE + ".tmp")
-        tmp.write_text(yaml.safe_dump(asdict(cfg), sort_keys=False), encoding="utf-8")
-        os.replace(tmp, out / CONFIG_FILE)
+        with atomic_text(out / CONFIG_FILE) as fh:
+            fh.write(yaml.safe_dump(asdict(cfg), sort_keys=False))
     if cfg is None or cfg.plot:
         from mmtune.eval.plots import plot_results
 
@@ -754,6 +759,8 @@ def _add_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-new-tokens", type=int, default=None)
     parser.add_argument("--seed", type=int, default=None, help="few-shot example choice (and sampling) seed")
     parser.add_argument("--device", default=None)
+    parser.add_argument("--trust-remote-code", action="store_true",
+                        help="allow a checkpoint's own tokenizer/model code to run (only for sources you trust)")
     parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--predictions", default=None,
                         help="score this predictions JSONL (id/question_id + prediction/text) instead of generating")
@@ -820,14 +827,18 @@ def _merge_remainder(args: argparse.Namespace) -> None:
 
 def cli_main(args: argparse.Namespace) -> int:
     _merge_remainder(args)
+    if args.device is not None:
+        args.device = resolve_device(args.device)  # before any work: a bad --device is one line
     target = args.target
     if args.predictions:
         if target:
             raise MMTuneError("--predictions scores a file; leave out the model/config argument")
+        out = Path(args.out or "runs/eval")
+        check_outputs([Out(out, "--out", "folder")],
+                      inputs=[("--predictions", args.predictions), *(("--records", r) for r in args.records)])
         specs = [resolve_task(e, f"task {e['name']!r}") for e in _tasks_from_records(args)]
         read = _reader()
         tasks = [load_task(s, read=read) for s in specs]
-        out = Path(args.out or "runs/eval")
         report = score_predictions_file(tasks, read_predictions(args.predictions), name=args.name or "predictions",
                                         out=out, source=args.predictions)
     elif target and Path(target).suffix.lower() in (".yaml", ".yml") and Path(target).is_file():
@@ -876,6 +887,8 @@ def _apply_cli_to_config(cfg: EvalConfig, args: argparse.Namespace) -> None:
         cfg.seed = g.seed = args.seed
     if args.device is not None:
         g.device = args.device
+    if args.trust_remote_code:
+        cfg.trust_remote_code = True
     if args.dtype is not None:
         g.dtype = args.dtype
     if args.no_progress:

@@ -24,7 +24,7 @@ from mmtune.data.tokenizer import build_tokenizer
 from mmtune.errors import MMTuneError
 from mmtune.model.mllm import MMTuneModel
 from mmtune.model.projector import build_projector
-from mmtune.model.vision import build_vision_tower
+from mmtune.model.towers import build_vision_tower
 
 MODES = ("llm", "mllm")
 LLAVA_PROJECTOR_FILE = "mm_projector.bin"  # what LLaVA's stage 1 (--tune_mm_mlp_adapter) writes
@@ -47,6 +47,14 @@ class ModelBundle:
     image_transform: Callable[[Any], torch.Tensor] | None
     num_image_tokens: int
     config: ModelConfig
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """The canonical config name of a torch dtype (`torch.bfloat16` -> "bfloat16"), a key of DTYPES."""
+    name = str(dtype).removeprefix("torch.")
+    if DTYPES.get(name) is not dtype:
+        raise MMTuneError(f"dtype {dtype} has no mmtune name (have: float32, bfloat16, float16)")
+    return name
 
 
 def resolve_dtype(name: str | torch.dtype | None) -> torch.dtype | str | None:
@@ -241,7 +249,7 @@ def build_model(
             vcfg.backend == "open_clip" and not vcfg.config and not vcfg.pretrained and not schema_weights
         )
         if init is not None:
-            from mmtune.model.vision import HFVisionTower
+            from mmtune.model.towers import HFVisionTower
 
             base = init.vision_model.to(tower_dtype) if tower_dtype is not None else init.vision_model
             vision = HFVisionTower(base, init.processor_cfg, vcfg.feature_layer, vcfg.select_strategy)

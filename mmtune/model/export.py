@@ -43,16 +43,12 @@ from torch import nn
 from mmtune.data.schema import IMAGE_PLACEHOLDER
 from mmtune.data.templates import Template, get_template
 from mmtune.errors import MMTuneError
+from mmtune.fileio import replace_dir
 from mmtune.model.build import ModelBundle, resolve_dtype
 from mmtune.model.mllm import MMTuneModel
-from mmtune.model.vision import (
-    HFVisionTower,
-    OpenClipTower,
-    VisionTower,
-    open_clip_to_hf_clip,
-)
+from mmtune.model.towers import VisionTower
+from mmtune.outputs import Out, check_outputs
 from mmtune.runs import (
-    MODEL_CONFIG_FILE,
     RUN_CONFIG_FILE,
     resolve_model_folder,
     trained_template,
@@ -147,25 +143,19 @@ def _check_tower_conversion(tower: VisionTower, hf_model: nn.Module) -> None:
 def hf_vision(tower: VisionTower, *, check: bool = True) -> tuple[Any, dict[str, torch.Tensor]]:
     """The tower as a transformers vision config + that model's state dict (tensors shared, not copied).
 
-    HF towers are CLIP/SigLIP vision models already; open_clip ViTs are converted to
-    `CLIPVisionModel` (checked structurally and, with `check`, numerically).
+    The tower says what it is in transformers terms (`to_hf`); a tower whose weights are
+    converted (open_clip -> `CLIPVisionModel`) is checked structurally and, with `check`, numerically.
     """
-    if isinstance(tower, HFVisionTower):
-        return copy.deepcopy(tower.model.config), dict(tower.model.state_dict())
-    if isinstance(tower, OpenClipTower):
-        try:
-            conf, state = open_clip_to_hf_clip(tower)
-        except MMTuneError as exc:
-            raise ExportError(str(exc)) from None
-        if check:
-            from transformers import CLIPVisionModel
-
-            hf_model = CLIPVisionModel(conf)
-            _load_exact(hf_model, {k: v.float() for k, v in state.items()}, what="converted vision tower")
-            _check_tower_conversion(tower, hf_model)
-            del hf_model
-        return conf, state
-    raise ExportError(f"vision tower {type(tower).__name__} has no Hugging Face equivalent")
+    try:
+        conf, state = tower.to_hf()
+    except MMTuneError as exc:
+        raise ExportError(str(exc)) from None
+    if check and tower.converted_for_hf:
+        hf_model = tower.hf_model_class()(conf)
+        _load_exact(hf_model, {k: v.float() for k, v in state.items()}, what="converted vision tower")
+        _check_tower_conversion(tower, hf_model)
+        del hf_model
+    return conf, state
 
 
 def hf_feature_layer(tower: VisionTower) -> int:
@@ -311,74 +301,25 @@ def _generation_config(lm: nn.Module, tokenizer: Any) -> Any:
 # Image processor and LlavaProcessor
 # --------------------------------------------------------------------------- #
 
-_RESAMPLE = {"nearest": 0, "bilinear": 2, "bicubic": 3, "lanczos": 1, "box": 4, "hamming": 5}
-
-
 def image_processor_kwargs(tower: VisionTower, pad_to_square: bool) -> dict[str, Any]:
     """`LlavaImageProcessor` settings equivalent to the tower's mmtune image transform.
 
-    LLaVA's pad-to-square is `do_pad` (same centring and mean-colour fill as
-    mmtune's `expand_to_square`). The PIL backend (`backend="pil"`) reproduces
-    mmtune's pixels exactly; the default torchvision backend resizes with a
-    slightly different bicubic kernel (see docs/export.md).
+    The tower gives its own (`hf_processor_kwargs`); LLaVA's pad-to-square is `do_pad`
+    (same centring and mean-colour fill as mmtune's `expand_to_square`). The PIL backend
+    (`tower.image_backend == "pil"`) reproduces open_clip's pixels exactly; the default
+    torchvision backend resizes with a slightly different bicubic kernel (see docs/export.md).
     """
-    if isinstance(tower, OpenClipTower):
-        pre = tower.preprocess
-        size = pre.get("size", tower.visual.image_size)
-        h, w = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
-        mode = pre.get("resize_mode", "shortest")
-        interp = str(pre.get("interpolation", "bicubic"))
-        if interp not in _RESAMPLE:
-            raise ExportError(f"open_clip interpolation {interp!r} has no PIL equivalent")
-        kwargs: dict[str, Any] = {
-            "do_resize": True,
-            "resample": _RESAMPLE[interp],
-            "image_mean": [float(x) for x in pre.get("mean", tower.image_mean)],
-            "image_std": [float(x) for x in pre["std"]],
-            "do_rescale": True,
-            "rescale_factor": 1 / 255,
-            "do_normalize": True,
-            "do_convert_rgb": True,
-        }
-        if mode == "shortest":
-            if h != w:
-                raise ExportError(f"open_clip resize_mode 'shortest' with a non-square size {(h, w)}")
-            kwargs.update(size={"shortest_edge": h}, do_center_crop=True, crop_size={"height": h, "width": w})
-        elif mode == "squash":
-            kwargs.update(size={"height": h, "width": w}, do_center_crop=False)
-        else:
-            raise ExportError(f"open_clip resize_mode {mode!r} has no LlavaImageProcessor equivalent")
-    elif isinstance(tower, HFVisionTower):
-        proc = tower.image_transform(pad_to_square=False).processor
-        kwargs = {}
-        for key in (
-            "do_resize", "size", "resample", "do_center_crop", "crop_size", "do_rescale", "rescale_factor",
-            "do_normalize", "image_mean", "image_std", "do_convert_rgb",
-        ):
-            value = getattr(proc, key, None)
-            if value is None:
-                continue
-            if hasattr(value, "keys"):
-                value = {k: v for k, v in dict(value).items() if v is not None}
-            elif hasattr(value, "value"):  # an enum (resample)
-                value = int(value.value)
-            elif isinstance(value, tuple):
-                value = list(value)
-            kwargs[key] = value
-        kwargs.setdefault("do_center_crop", False)
-    else:
-        raise ExportError(f"vision tower {type(tower).__name__} has no Hugging Face image processor")
+    try:
+        kwargs = tower.hf_processor_kwargs()
+    except MMTuneError as exc:
+        raise ExportError(str(exc)) from None
     kwargs["do_pad"] = bool(pad_to_square)
     return kwargs
 
 
 def image_backend(tower: VisionTower) -> str:
-    """The `AutoProcessor.from_pretrained(..., backend=...)` that reproduces mmtune's pixels exactly.
-
-    open_clip transforms resize with PIL, so the PIL backend matches them; mmtune's
-    HF towers run transformers' default (torchvision) image processors.
-    """
-    return "pil" if isinstance(tower, OpenClipTower) else "torchvision"
+    """The `AutoProcessor.from_pretrained(..., backend=...)` that reproduces mmtune's pixels exactly."""
+    return tower.image_backend
 
 
 def build_processor(bundle: ModelBundle, template: Template) -> Any:
@@ -393,18 +334,12 @@ def build_processor(bundle: ModelBundle, template: Template) -> Any:
     return LlavaProcessor(
         image_processor=image_processor,
         tokenizer=tokenizer,
-        patch_size=int(_patch_size(tower)),
+        patch_size=int(tower.patch_size),
         vision_feature_select_strategy=hf_select_strategy(tower),
         chat_template=chat,
         image_token=bundle.config.image_token,
         num_additional_image_tokens=1 if tower.has_cls else 0,
     )
-
-
-def _patch_size(tower: VisionTower) -> int:
-    if isinstance(tower, OpenClipTower):
-        return int(tower.visual.patch_size[0])
-    return int(tower.model.config.patch_size)
 
 
 # --------------------------------------------------------------------------- #
@@ -518,15 +453,9 @@ def _verify_hf_causal_lm(folder: Path, expected: dict[str, str], template: Templ
 
 def _replace_dir(tmp: Path, out: Path, overwrite: bool) -> None:
     """Rename `tmp` to `out`; an existing `out` (only with overwrite) is moved aside first, then deleted."""
-    old = None
-    if out.exists():
-        if not overwrite:
-            raise ExportError(f"{out} already exists (pass --overwrite to replace it)")
-        old = out.parent / f".old-{out.name}-{os.getpid()}"
-        os.replace(out, old)
-    os.replace(tmp, out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+    if out.exists() and not overwrite:
+        raise ExportError(f"{out} already exists (pass --overwrite to replace it)")
+    replace_dir(tmp, out)
 
 
 def export_bundle(
@@ -625,23 +554,24 @@ def export_checkpoint(
     template: str | None = None,
     dtype: str | None = None,
     overwrite: bool = False,
+    trust_remote_code: bool = False,
 ) -> ExportResult:
     """Export a saved model / checkpoint folder (a run folder means its latest checkpoint-*).
 
     `fmt`: hf-llava (MLLM) or hf (LLM); None picks by the checkpoint's mode.
     `template`: the chat template to ship (default: data.template of the run's run_config.yaml).
     """
-    from mmtune.config import ModelConfig, load_config
-    from mmtune.model.io import load_model
+    from mmtune.model.io import load_model, load_model_config
 
     if fmt is not None and fmt not in FORMATS:
         raise ExportError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
     ckpt = resolve_model_folder(source)
     out = Path(out)
+    # Never the checkpoint or the run it came from, nor inside or above them (--overwrite would delete them).
+    check_outputs([Out(out, "--out", "folder", whole=True)],
+                  runs=[("checkpoint", ckpt), *([("run folder", Path(source))] if Path(source) != ckpt else [])])
     if out.exists() and not overwrite:
         raise ExportError(f"{out} already exists (pass --overwrite to replace it)")
-    if out.resolve() == ckpt.resolve() or ckpt.resolve() in out.resolve().parents:
-        raise ExportError(f"--out {out} is inside the checkpoint {ckpt}; export somewhere else")
     name = template or trained_template(ckpt)
     if name is None:
         raise ExportError(
@@ -650,14 +580,15 @@ def export_checkpoint(
         )
     if name != "tokenizer":
         get_template(name)  # one-line error on an unknown name before loading any weights
-    mode = load_config(ckpt / MODEL_CONFIG_FILE, ModelConfig).mode
+    mode = load_model_config(ckpt, trust_remote_code=trust_remote_code).mode  # refuses remote code not asked for
     fmt = fmt or ("hf-llava" if mode == "mllm" else "hf")
     if (fmt == "hf-llava") != (mode == "mllm"):
         want = "hf-llava" if mode == "mllm" else "hf"
         raise ExportError(f"{ckpt} is a model.mode {mode} checkpoint: export it with --format {want}")
     # No local reference to the loaded model: _export frees it before reloading the export.
     return _export(
-        lambda: load_model(ckpt, device="cpu", dequantize=True), out, template=name, fmt=fmt, dtype=dtype, overwrite=overwrite
+        lambda: load_model(ckpt, device="cpu", dequantize=True, trust_remote_code=trust_remote_code), out,
+        template=name, fmt=fmt, dtype=dtype, overwrite=overwrite
     )
 
 
@@ -683,11 +614,14 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
         "--dtype", choices=["float32", "bfloat16", "float16"], default=None, help="cast weights (default: the LM's)"
     )
     parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    parser.add_argument("--trust-remote-code", action="store_true",
+                        help="allow the checkpoint's own tokenizer/model code to run (only for sources you trust)")
 
 
 def cli_main(args: argparse.Namespace) -> int:
     result = export_checkpoint(
-        args.checkpoint, args.out, fmt=args.format, template=args.template, dtype=args.dtype, overwrite=args.overwrite
+        args.checkpoint, args.out, fmt=args.format, template=args.template, dtype=args.dtype, overwrite=args.overwrite,
+        trust_remote_code=args.trust_remote_code,
     )
     print(
         f"exported {args.checkpoint} as {result.format} (template {result.template}, "

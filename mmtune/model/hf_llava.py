@@ -90,11 +90,8 @@ def _processor_settings(folder: Path, vision_config: Any) -> tuple[dict[str, Any
     """
     from transformers import AutoImageProcessor
 
-    from mmtune.model.vision import (
-        OPENAI_CLIP_MEAN,
-        OPENAI_CLIP_STD,
-        _pretrained_processor_cfg,
-    )
+    from mmtune.model.towers.base import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+    from mmtune.model.towers.hf_tower import _pretrained_processor_cfg
 
     cfg = _pretrained_processor_cfg(str(folder))
     if cfg is None:

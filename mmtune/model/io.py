@@ -28,8 +28,10 @@ from typing import Any
 import torch
 
 from mmtune.config import ModelConfig, load_config, save_config
+from mmtune.data.tokenizer import load_tokenizer
 from mmtune.errors import MMTuneError
-from mmtune.model.build import ModelBundle, build_model
+from mmtune.integrity import corruption_message, find_corruption
+from mmtune.model.build import ModelBundle, build_model, dtype_name
 
 # The folder's file names belong to mmtune.runs (the one owner of the run-folder layout).
 from mmtune.runs import (
@@ -118,6 +120,7 @@ def load_model(
     dtype: str | torch.dtype | None = None,
     sharded_weights: bool = True,
     dequantize: bool | None = None,
+    trust_remote_code: bool = False,
 ) -> ModelBundle:
     """Rebuild a saved model (see module docstring); `folder` may also be a run folder (latest checkpoint).
 
@@ -128,26 +131,24 @@ def load_model(
     again, unless `dequantize` (default: when there is no CUDA GPU), which loads
     the base weights un-quantized in the quantization's compute dtype, e.g. for
     `mmtune export`, which merges the adapter into them.
+    `trust_remote_code` is the USER's word (a command-line flag or their own
+    config), never the checkpoint's: a checkpoint that needs remote code is
+    refused unless it is True (see `load_model_config`).
     """
     from safetensors.torch import load_file
-    from transformers import AutoTokenizer
 
     folder = resolve_model_folder(folder)
-    cfg = load_config(folder / MODEL_CONFIG_FILE, ModelConfig)
-    parts = json.loads((folder / PARTS_FILE).read_text(encoding="utf-8")) if (folder / PARTS_FILE).is_file() else {}
-    if parts.get("format", FORMAT_VERSION) > FORMAT_VERSION:
-        raise MMTuneError(f"{folder}: saved by a newer mmtune (format {parts['format']})")
+    bad = find_corruption(folder)  # a truncated / garbled file is named, with the earlier intact checkpoint
+    if bad is not None:
+        raise MMTuneError(corruption_message(folder, *bad))
+    cfg = load_model_config(folder, trust_remote_code=trust_remote_code)
+    parts = read_parts(folder)
     if cfg.lm.quantization.bits and (dequantize or (dequantize is None and not torch.cuda.is_available())):
         cfg.lm.dtype = cfg.lm.quantization.compute_dtype
         cfg.lm.quantization.bits = None
     if dtype is not None:
-        cfg.lm.dtype = dtype if isinstance(dtype, str) else {v: k for k, v in _DTYPE_NAMES.items()}[dtype]
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(
-            str(folder / TOKENIZER_DIR), trust_remote_code=cfg.tokenizer.trust_remote_code
-        )
-    except (OSError, ValueError) as exc:
-        raise MMTuneError(f"{folder / TOKENIZER_DIR}: cannot load tokenizer ({str(exc).splitlines()[0]})") from None
+        cfg.lm.dtype = dtype if isinstance(dtype, str) else dtype_name(dtype)
+    tokenizer = load_tokenizer(folder / TOKENIZER_DIR, trust_remote_code=trust_remote_code)  # the user's word
 
     def weights(name: str) -> dict[str, torch.Tensor] | None:
         if not parts.get(name):
@@ -189,6 +190,68 @@ def load_model(
     return bundle
 
 
+REMOTE_CODE_FLAG = "--trust-remote-code"
+
+
+def remote_code_reasons(folder: Path, cfg: ModelConfig) -> list[str]:
+    """Why loading `folder` would run code shipped with it (empty: it would not).
+
+    A saved config that switches trust_remote_code on, an `auto_map` in the
+    tokenizer's or the LM's Hugging Face config, or a Python file anywhere in
+    the checkpoint all count.
+    """
+    reasons = []
+    for part in ("tokenizer", "lm"):
+        if getattr(cfg, part).trust_remote_code:
+            reasons.append(f"{MODEL_CONFIG_FILE} sets {part}.trust_remote_code")
+    for rel in (f"{TOKENIZER_DIR}/tokenizer_config.json", f"{LM_DIR}/config.json", f"{ADAPTER_DIR}/adapter_config.json"):
+        path = folder / rel
+        if path.is_file():
+            try:
+                data = json.loads(path.read_text(encoding="utf-8"))
+            except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+                continue  # the loader names the broken file
+            if isinstance(data, dict) and data.get("auto_map"):
+                reasons.append(f"{rel} names custom classes (auto_map)")
+    reasons += [f"it ships {p.relative_to(folder).as_posix()}" for p in sorted(folder.rglob("*.py"))[:1]]
+    return reasons
+
+
+def load_model_config(folder: Path, *, trust_remote_code: bool = False) -> ModelConfig:
+    """The checkpoint's ModelConfig with trust_remote_code taken from the user, not the file.
+
+    A checkpoint that would run its own code is refused (one line naming
+    --trust-remote-code) unless the user passed `trust_remote_code=True`; the
+    returned config never trusts more than the user does.
+    """
+    cfg = load_config(folder / MODEL_CONFIG_FILE, ModelConfig)
+    reasons = remote_code_reasons(folder, cfg)
+    if reasons and not trust_remote_code:
+        raise MMTuneError(
+            f"{folder}: refusing to run code that comes with this checkpoint ({reasons[0]}); "
+            f"pass {REMOTE_CODE_FLAG} (or set trust_remote_code in your own config) only if you trust its source"
+        )
+    cfg.tokenizer.trust_remote_code = bool(trust_remote_code and cfg.tokenizer.trust_remote_code)
+    cfg.lm.trust_remote_code = bool(trust_remote_code and cfg.lm.trust_remote_code)
+    return cfg
+
+
+def read_parts(folder: Path) -> dict[str, Any]:
+    """model_parts.json of a checkpoint ({} when absent); a corrupt one is a one-line error naming it."""
+    path = folder / PARTS_FILE
+    if not path.is_file():
+        return {}
+    try:
+        parts = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise MMTuneError(f"{path}: corrupt ({exc.__class__.__name__}: {str(exc).splitlines()[0]})") from None
+    if not isinstance(parts, dict):
+        raise MMTuneError(f"{path}: corrupt (expected a JSON object)")
+    if parts.get("format", FORMAT_VERSION) > FORMAT_VERSION:
+        raise MMTuneError(f"{folder}: saved by a newer mmtune (format {parts['format']})")
+    return parts
+
+
 def load_full_model_state(folder: str | Path, model: torch.nn.Module) -> None:
     """Fill an ordinary (unsharded) model from `folder/sharded/` in this one process (no process group needed).
 
@@ -214,5 +277,3 @@ def is_sharded(folder: str | Path) -> bool:
     path = Path(folder) / PARTS_FILE
     return path.is_file() and bool(json.loads(path.read_text(encoding="utf-8")).get("sharded"))
 
-
-_DTYPE_NAMES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

@@ -36,7 +36,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from mmtune.config import ModelConfig
 from mmtune.errors import MMTuneError
 from mmtune.model.projector import Projector
-from mmtune.model.vision import VisionTower
+from mmtune.model.towers import VisionTower
 
 STAGES = ("align", "instruct")
 

@@ -30,7 +30,6 @@ import numpy as np
 
 from mmtune.config import SelectConfig
 from mmtune.data.schema import Record, RejectsWriter, write_records
-from mmtune.errors import MMTuneError
 from mmtune.select.algorithms import (
     METHODS,
     MethodInputs,
@@ -479,9 +478,17 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
 
 def cli_main(args: argparse.Namespace) -> int:
     progress = sys.stderr.isatty() if args.progress is None else args.progress
+    from mmtune.device import resolve_device
+    from mmtune.outputs import Out, check_outputs
+
+    if args.device is not None:
+        args.device = resolve_device(args.device)
     out = Path(args.out) if args.out else default_out(args.pool, args.method, args.k, args.report)
-    if Path(args.pool).resolve() == out.resolve():
-        raise MMTuneError(f"--out {out} would overwrite the pool")
+    check_outputs(
+        [Out(out, "--out" if args.out else "--out (default)"), args.rejects and Out(Path(args.rejects), "--rejects"),
+         args.report and Out(Path(args.report), "--report", "folder")],
+        inputs=[("the pool", args.pool), ("--embeddings", args.embeddings)],
+    )
     result = select_pool(
         args.pool, args.k, args.method, out=out, embeddings_file=args.embeddings, cache=not args.no_cache,
         image_root=args.image_root, fmt=args.format, rejects=args.rejects, text_model=args.text_model,

@@ -13,7 +13,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import tempfile
@@ -53,18 +52,16 @@ def _is_shards(path: str) -> bool:
 
 
 def _looks_unified(path: Path) -> bool:
-    """A JSONL file whose first non-blank line is an object with `id` and `messages`."""
+    """A JSONL file whose first non-blank line is an object with `id` and `messages` (BOM allowed)."""
+    from mmtune.data.textio import iter_lines, parse_json
+
     if path.suffix.lower() != ".jsonl":
         return False
-    with path.open("r", encoding="utf-8", errors="replace") as fh:
-        for line in fh:
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError:
-                return True  # the schema reader reports the bad line with its number
-            return isinstance(obj, dict) and "messages" in obj and "id" in obj
+    for _, text in iter_lines(path):
+        obj, reason = parse_json(text)
+        if reason is not None:
+            return True  # the schema reader reports the bad line with its number
+        return isinstance(obj, dict) and "messages" in obj and "id" in obj
     return True  # empty file: the empty-pool error names it
 
 

@@ -2,8 +2,8 @@
 
 `run` is the recipe behind `mmtune train`; `checkpoint` writes and finds
 checkpoint folders; `metrics` writes metrics.jsonl / TensorBoard / loss.png;
-`trainer` holds the optimizer, schedule, precision and the guards (signals,
-NaN, out of memory, fault injection for tests).
+`optim` builds the optimizer, schedule and autocast precision; `guards` what
+stops a run cleanly (signals, NaN, out of memory) and fault injection for tests.
 """
 
 from mmtune.train.run import TrainResult, train

@@ -15,6 +15,7 @@ back with `torch.load(weights_only=True)`, which refuses arbitrary pickles.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import random
 import shutil
@@ -27,6 +28,7 @@ import torch
 
 from mmtune import runs
 from mmtune.fileio import write_json_atomic
+from mmtune.integrity import corruption_message, find_corruption
 
 # The layout and what counts as a complete checkpoint belong to mmtune.runs (the
 # finders are imported here because resume, rotation and the tests reach them as ckpt.NAME).
@@ -65,8 +67,25 @@ def resolve_resume(resume_from: str | None, output_dir: str | os.PathLike[str]) 
     if not resume_from:
         return None
     if resume_from == "latest":
-        return latest_checkpoint(output_dir)
-    return resolve_checkpoint(resume_from)
+        # The newest checkpoint that is whole; a broken newer one is named and skipped.
+        ckpts = list_checkpoints(output_dir)
+        for _, folder in reversed(ckpts):
+            bad = find_corruption(folder)
+            if bad is None:
+                if folder != ckpts[-1][1]:
+                    logging.getLogger("mmtune.train").warning(
+                        "resume_from=latest: resuming from %s, the newest intact checkpoint", folder)
+                return folder
+            logging.getLogger("mmtune.train").warning("resume_from=latest: skipping %s: %s", folder,
+                                                       corruption_message(folder, *bad))
+        if ckpts:
+            raise CheckpointError(corruption_message(ckpts[-1][1], *find_corruption(ckpts[-1][1])))
+        return None
+    folder = resolve_checkpoint(resume_from)
+    bad = find_corruption(folder)
+    if bad is not None:
+        raise CheckpointError(corruption_message(folder, *bad))
+    return folder
 
 
 def step_of(folder: str | os.PathLike[str]) -> int:

@@ -36,6 +36,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import sys
 import time
 from collections.abc import Iterator
@@ -46,28 +47,38 @@ from typing import Any
 import torch
 
 from mmtune import runs
-from mmtune.config import RunConfig, check_input_files, load_config, to_dict, validate_config
+from mmtune.config import (
+    RunConfig,
+    check_input_files,
+    load_config,
+    to_dict,
+    validate_config,
+)
 from mmtune.errors import MMTuneError
 from mmtune.train import checkpoint as ckpt
+from mmtune.train.guards import (
+    FaultInjector,
+    NonFiniteLossError,
+    StopSignal,
+    TrainingOOMError,
+    describe_batch,
+    free_accelerator_memory,
+    oom_message,
+)
 from mmtune.train.metrics import BatchTrace, MetricsLogger, plot_loss_curve
+from mmtune.train.optim import build_optimizer, build_scheduler, resolve_mixed_precision
 from mmtune.train.param_groups import describe_groups, norm_parameter_names
 from mmtune.train.precision import (
     dtype_name,
     keep_trainable_fp32,
     optimizer_state_dtype,
 )
-from mmtune.train.sharding import fsdp_requested, load_sharded, save_sharded, shard_model, wrap_plan
-from mmtune.train.trainer import (
-    FaultInjector,
-    NonFiniteLossError,
-    StopSignal,
-    TrainingOOMError,
-    build_optimizer,
-    build_scheduler,
-    describe_batch,
-    free_accelerator_memory,
-    oom_message,
-    resolve_mixed_precision,
+from mmtune.train.sharding import (
+    fsdp_requested,
+    load_sharded,
+    save_sharded,
+    shard_model,
+    wrap_plan,
 )
 
 log = logging.getLogger("mmtune.train")
@@ -98,11 +109,83 @@ class TrainResult:
 # --------------------------------------------------------------------------- #
 
 
-def train(cfg: RunConfig) -> TrainResult:
-    """Run (or resume) training as `cfg` says; see the module docstring."""
+def train(cfg: RunConfig, *, overwrite: bool = False) -> TrainResult:
+    """Run (or resume) training as `cfg` says; see the module docstring.
+
+    A fresh run (no `train.resume_from`) into a folder that already holds
+    something is refused, unless `overwrite`: then the old contents are moved
+    aside and deleted only once the new run has saved a checkpoint (they are
+    put back when it fails before that).
+    """
+    _check_config(cfg)
+    _check_output_dir(cfg, overwrite)
+    previous = _move_previous_run(cfg) if overwrite else None
+    try:
+        result = _train(cfg)
+    except BaseException:
+        if previous is not None:
+            _restore_previous_run(cfg, previous)
+        raise
+    if previous is not None:
+        shutil.rmtree(previous, ignore_errors=True)
+    return result
+
+
+def _check_output_dir(cfg: RunConfig, overwrite: bool) -> None:
+    """The output rule (mmtune.outputs) for a run folder, and no fresh run over an existing one."""
+    from mmtune.outputs import Out, check_outputs
+
+    tc, mc = cfg.train, cfg.model
+    out = Path(tc.output_dir)
+    inputs = [*(("data.train", p) for p in cfg.data.train_paths()), *(("data.eval", p) for p in cfg.data.eval),
+              *(("model.tokenizer.train_files", p) for p in mc.tokenizer.train_files)]
+    runs = []
+    for what, value in (("model.lm.name_or_path", mc.lm.name_or_path),
+                        ("model.tokenizer.name_or_path", mc.tokenizer.name_or_path),
+                        ("projector checkpoint (model.projector.checkpoint)", mc.projector.checkpoint)):
+        if value and Path(value).exists():
+            runs.append((what, value))
+    if tc.resume_from and tc.resume_from != "latest" and Path(tc.resume_from).exists():
+        start = Path(tc.resume_from).resolve()
+        if start != out.resolve() and out.resolve() not in start.parents:  # resuming another run's checkpoint
+            runs.append(("checkpoint to resume (train.resume_from)", tc.resume_from))
+    check_outputs([Out(out, "train.output_dir", "folder", whole=overwrite)], inputs=inputs, runs=runs)
+    if tc.resume_from or overwrite or not out.is_dir():
+        return
+    held = sorted(p.name for p in out.iterdir())
+    if held:
+        raise MMTuneError(
+            f"{out}: already holds a run ({', '.join(held[:3])}{', ...' if len(held) > 3 else ''}); "
+            "continue it with --resume-from latest, replace it with --overwrite, or choose another --output-dir")
+
+
+def _move_previous_run(cfg: RunConfig) -> Path | None:
+    """--overwrite: the old run folder goes aside (not deleted) on the main process."""
+    from mmtune.fileio import temp_sibling
+
+    out = Path(cfg.train.output_dir)
+    if int(os.environ.get("RANK", "0")) != 0 or not out.is_dir() or not any(out.iterdir()):
+        return None
+    previous = temp_sibling(out, "previous")
+    os.replace(out, previous)
+    print(f"mmtune train: --overwrite: the previous run is kept in {previous} until this one saves", file=sys.stderr)
+    return previous
+
+
+def _restore_previous_run(cfg: RunConfig, previous: Path) -> None:
+    out = Path(cfg.train.output_dir)
+    if out.is_dir() and ckpt.latest_checkpoint(out) is not None:
+        print(f"mmtune train: the run failed after saving a checkpoint; the previous run is still in {previous}",
+              file=sys.stderr)
+        return
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(previous, out)
+    print(f"mmtune train: the run failed before saving; {out} holds the previous run again", file=sys.stderr)
+
+
+def _train(cfg: RunConfig) -> TrainResult:
     from accelerate import Accelerator
 
-    _check_config(cfg)
     precision = resolve_mixed_precision(cfg.train.mixed_precision, _stored_dtype(cfg))
     # Several processes without CUDA (torchrun / accelerate on CPU): accelerate
     # only sets up its gloo process group when told the run is on CPU.
@@ -189,7 +272,10 @@ class _Recipe:
         self.world = accelerator.num_processes
         self.main = accelerator.is_main_process
         self.out = Path(self.tc.output_dir)
-        self.fsdp = fsdp_requested(self.tc.distributed)
+        # One process has nothing to shard (and no process group): it trains unsharded.
+        self.fsdp = fsdp_requested(self.tc.distributed) and self.world > 1
+        if fsdp_requested(self.tc.distributed) and self.world == 1:
+            log.warning("train.distributed=fsdp with one process: nothing to shard, training unsharded")
         self.faults = FaultInjector(rank=self.rank)
         self.metrics: MetricsLogger | None = None
         self.trace: BatchTrace | None = None
@@ -321,7 +407,10 @@ class _Recipe:
         set_seed(self.tc.seed)  # random-init parts are seeded by the caller
         if self.resumed_from is not None:
             # A sharded checkpoint's weights are read after sharding (_load_training_state).
-            bundle = load_model(self.resumed_from, sharded_weights=False)
+            # Remote code only on the user's word: their own config, never the checkpoint's copy of it.
+            mc = self.cfg.model
+            bundle = load_model(self.resumed_from, sharded_weights=False,
+                                trust_remote_code=mc.lm.trust_remote_code or mc.tokenizer.trust_remote_code)
             if to_dict(bundle.config) != to_dict(self.cfg.model):
                 diff = _dict_diff(to_dict(self.cfg.model), to_dict(bundle.config), "model")
                 raise MMTuneError(f"cannot resume from {self.resumed_from}: the model config changed ({diff})")
@@ -936,6 +1025,8 @@ def _option_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Ar
     p.add_argument("--max-steps", type=int, metavar="N", help="optimizer steps (train.max_steps)")
     p.add_argument("--resume-from", metavar="latest|PATH",
                    help="continue from DIR's latest checkpoint or a checkpoint folder (train.resume_from)")
+    p.add_argument("--overwrite", action="store_true", default=None,
+                   help="replace the run already in DIR (kept aside until the new run saves)")
     return p
 
 
@@ -951,7 +1042,7 @@ def cli_main(args: argparse.Namespace) -> int:
     inner = _option_parser()
     inner.add_argument("overrides", nargs="*")
     rest = inner.parse_intermixed_args(list(args.overrides or []))
-    for key in ("output_dir", "max_steps", "resume_from"):
+    for key in ("output_dir", "max_steps", "resume_from", "overwrite"):
         if getattr(rest, key) is not None:
             setattr(args, key, getattr(rest, key))
     cfg = load_config(args.config, RunConfig, rest.overrides)
@@ -961,7 +1052,7 @@ def cli_main(args: argparse.Namespace) -> int:
         cfg.train.max_steps = args.max_steps
     if args.resume_from is not None:
         cfg.train.resume_from = args.resume_from
-    result = train(cfg)
+    result = train(cfg, overwrite=bool(args.overwrite))
     if result.stopped_by:
         print(f"mmtune train: stopped by {result.stopped_by} at step {result.step}/{result.total_steps}; "
               f"checkpoint {result.last_checkpoint}; continue with --resume-from latest", file=sys.stderr)
