@@ -16,7 +16,7 @@ def test_stage1_align_matches_pretrain_sh() -> None:
     assert cfg.data.template == "plain" and get_template(cfg.data.template).name == "plain"
     assert cfg.train.stage == "align"  # projector only
     assert cfg.train.lr == 1e-3
-    assert cfg.train.batch_size * cfg.train.grad_accum == 256
+    assert cfg.train.batch_size * cfg.train.grad_accum * 8 == 256  # written for 8 GPUs, as pretrain.sh
     assert cfg.train.num_epochs == 1 and cfg.train.max_steps == -1
     assert cfg.train.warmup_ratio == 0.03 and cfg.train.lr_schedule == "cosine" and cfg.train.weight_decay == 0
     assert cfg.data.max_length == 2048
@@ -30,7 +30,7 @@ def test_stage2_instruct_matches_finetune_sh() -> None:
     assert cfg.data.template == "vicuna_v1"
     assert cfg.train.stage == "instruct" and not cfg.train.lora.enabled
     assert cfg.train.lr == 2e-5
-    assert cfg.train.batch_size * cfg.train.grad_accum == 128
+    assert cfg.train.batch_size * cfg.train.grad_accum * 8 == 128  # written for 8 GPUs, as finetune.sh
     assert cfg.train.num_epochs == 1 and cfg.train.max_steps == -1
     assert cfg.train.warmup_ratio == 0.03 and cfg.train.lr_schedule == "cosine" and cfg.train.weight_decay == 0
     assert cfg.data.max_length == 2048

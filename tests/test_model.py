@@ -40,8 +40,8 @@ def test_every_config_in_configs_loads():
         assert cfg.model.mode in ("llm", "mllm"), p
     align = load_config(ROOT / "configs/llava15_7b_align.yaml")
     inst = load_config(ROOT / "configs/llava15_7b_instruct.yaml")
-    assert (align.train.stage, align.train.lr, align.train.batch_size * align.train.grad_accum) == ("align", 1e-3, 256)
-    assert (inst.train.stage, inst.train.lr, inst.train.batch_size * inst.train.grad_accum) == ("instruct", 2e-5, 128)
+    assert (align.train.stage, align.train.lr, align.train.batch_size * align.train.grad_accum * 8) == ("align", 1e-3, 256)
+    assert (inst.train.stage, inst.train.lr, inst.train.batch_size * inst.train.grad_accum * 8) == ("instruct", 2e-5, 128)
     assert load_config(ROOT / "configs/llm_lora.yaml").train.lora.enabled
 
 
