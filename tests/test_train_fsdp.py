@@ -50,7 +50,7 @@ from mmtune.train import checkpoint as ckpt
 from mmtune.train.metrics import read_metrics
 from mmtune.train.param_groups import norm_parameter_names
 from mmtune.train.precision import keep_trainable_fp32
-from mmtune.train.trainer import build_optimizer, build_scheduler
+from mmtune.train.optim import build_optimizer, build_scheduler
 
 REPO = Path(__file__).resolve().parents[1]
 FIX = REPO / "tests" / "fixtures" / "train"

@@ -45,6 +45,7 @@ from mmtune.eval.metrics import (
     MetricError,
     ScoreReport,
     _gold_index,
+    _read_choices,
     _read_item,
     _Tally,
 )
@@ -203,9 +204,7 @@ def score_mmbench_circular(items: Iterable[Mapping[str, Any]]) -> ScoreReport:
         if got is None:
             continue
         rid, pred, answers = got
-        choices = item.get("choices")
-        if not isinstance(choices, (list, tuple)) or not choices or not all(isinstance(c, str) for c in choices):
-            raise MetricError(f"item {rid!r}: field 'choices' must be a non-empty list of strings")
+        choices = _read_choices(item, rid)
         letters = DEFAULT_OPTIONS[: len(choices)]
         gold = meta.get("answer_letter")
         if gold not in letters:

@@ -360,6 +360,14 @@ def _item_id(item: Mapping[str, Any], index: int) -> str:
     return str(rid) if rid is not None else f"#{index}"
 
 
+def _read_choices(item: Mapping[str, Any], rid: str) -> list[str]:
+    """The item's `choices`, or a MetricError naming the item when they are not a non-empty list of strings."""
+    choices = item.get("choices")
+    if not isinstance(choices, (list, tuple)) or not choices or not all(isinstance(c, str) for c in choices):
+        raise MetricError(f"item {rid!r}: field 'choices' must be a non-empty list of strings")
+    return list(choices)
+
+
 def _read_item(
     tally: _Tally, item: Any, index: int, *, need_answers: bool = True
 ) -> tuple[str, str, list[str]] | None:
@@ -523,9 +531,7 @@ def score_multiple_choice(
         if got is None:
             continue
         rid, pred, answers = got
-        choices = item.get("choices")
-        if not isinstance(choices, (list, tuple)) or not choices or not all(isinstance(c, str) for c in choices):
-            raise MetricError(f"item {rid!r}: field 'choices' must be a non-empty list of strings")
+        choices = _read_choices(item, rid)
         if len(choices) > len(options):
             raise MetricError(f"item {rid!r}: {len(choices)} choices but only {len(options)} option letters")
         gold = _gold_index(item, rid, answers, list(choices), options)
