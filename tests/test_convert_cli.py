@@ -12,8 +12,10 @@ from mmtune.cli import main
 from mmtune.data.convert import ConvertResult, convert_files, default_rejects_path
 from mmtune.data.schema import IMAGE_PLACEHOLDER, read_records
 
+from conftest import SHARED_DATA
+
 FIX = Path(__file__).parent / "fixtures" / "data"
-SHARED = Path(__file__).parents[2] / "shared" / "data"
+SHARED = SHARED_DATA
 
 
 def convert(capsys, *args: str | Path) -> tuple[int, str, str]:

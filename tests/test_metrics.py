@@ -31,8 +31,10 @@ from mmtune.eval.metrics import (
     vqa_process_punctuation,
 )
 
+from conftest import SHARED_DATA
+
 FIXTURES = Path(__file__).parent / "fixtures" / "eval"
-SHARED_SQA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "llava" / "test_sqa_llava_13b_v0.json"
+SHARED_SQA = SHARED_DATA / "llava" / "test_sqa_llava_13b_v0.json"
 
 
 # --------------------------------------------------------------------------- #
