@@ -27,8 +27,9 @@ from mmtune.train.optim import build_optimizer, build_scheduler, resolve_mixed_p
 
 
 def _fake_checkpoint(out, step, payload="x"):
+    # A plain-text payload: the integrity check (mmtune/integrity.py) would rightly call a text weights.bin corrupt.
     tmp = ckpt.begin_checkpoint(out, step)
-    (tmp / "weights.bin").write_text(payload)
+    (tmp / "payload.txt").write_text(payload)
     return ckpt.commit_checkpoint(out, step, {"step": step})
 
 
@@ -41,7 +42,7 @@ def test_commit_is_atomic_and_latest_ignores_unfinished(tmp_path):
     _fake_checkpoint(tmp_path, 2)
     # A save that died half way: temp folder with some files, no state file, never renamed.
     tmp = ckpt.begin_checkpoint(tmp_path, 4)
-    (tmp / "weights.bin").write_text("half")
+    (tmp / "payload.txt").write_text("half")
     # A checkpoint-like folder that is not one (no trainer_state.json).
     (tmp_path / "checkpoint-9").mkdir()
     assert [s for s, _ in ckpt.list_checkpoints(tmp_path)] == [2]
@@ -56,7 +57,7 @@ def test_commit_is_atomic_and_latest_ignores_unfinished(tmp_path):
 def test_resave_same_step_replaces_and_crash_between_renames_is_repaired(tmp_path):
     _fake_checkpoint(tmp_path, 3, "old")
     _fake_checkpoint(tmp_path, 3, "new")
-    assert (tmp_path / "checkpoint-3" / "weights.bin").read_text() == "new"
+    assert (tmp_path / "checkpoint-3" / "payload.txt").read_text() == "new"
     assert not any(p.name.startswith(".") for p in tmp_path.iterdir())
     # Crash after moving the old copy aside but before the new one was renamed in.
     os.replace(tmp_path / "checkpoint-3", tmp_path / ".old-checkpoint-3")
