@@ -323,6 +323,26 @@ def test_report_to_tensorboard_and_wandb_offline(tmp_path, monkeypatch):
     assert b"eval_loss" in data and b"tokens_per_s" in data  # the logged rows
 
 
+def test_report_to_mlflow_logs_into_the_run_folder(tmp_path, monkeypatch):
+    pytest.importorskip("mlflow")
+    pytest.importorskip("sqlalchemy")  # mlflow's database store (the full mlflow package, not mlflow-skinny)
+    import mlflow
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.chdir(tmp_path)  # mlflow's own default would put mlflow.db here; it must not
+    out = tmp_path / "tracked"
+    assert main(llm_args(out, "--max-steps", "3", "train.report_to=[mlflow]")) == 0
+    db = out / "trackers" / "mlflow.db"
+    assert db.is_file() and not (tmp_path / "mlflow.db").exists() and not (tmp_path / "mlruns").exists()
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{db}")
+    (exp,) = [e for e in client.search_experiments() if e.name == out.name]
+    (run,) = client.search_runs([exp.experiment_id])
+    history = client.get_metric_history(run.info.run_id, "loss")
+    rows = train_rows(out)
+    assert sorted((m.step, m.value) for m in history) == [(r["step"], pytest.approx(r["loss"], rel=1e-6)) for r in rows]
+    assert run.data.params["data.template"] == "vicuna_v1"  # the run config as parameters
+
+
 def test_report_to_names_the_missing_package(tmp_path, capsys, monkeypatch):
     import importlib.util
 

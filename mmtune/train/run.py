@@ -772,6 +772,12 @@ class _Recipe:
         if self.main:
             folder.mkdir(parents=True, exist_ok=True)
         kwargs = {"wandb": {"dir": str(folder), "name": name}, "mlflow": {"logging_dir": str(folder / "mlruns")}}
+        if "mlflow" in self.tc.report_to and not os.environ.get("MLFLOW_TRACKING_URI"):
+            # accelerate passes logging_dir only as the artifact location; without a tracking URI
+            # mlflow would open its default database in the working directory, not in the run folder.
+            import mlflow
+
+            mlflow.set_tracking_uri("sqlite:///" + str((folder / "mlflow.db").resolve()))
         self.acc.init_trackers(name, config=flat_config(self.cfg),
                                init_kwargs={k: v for k, v in kwargs.items() if k in self.tc.report_to})
 

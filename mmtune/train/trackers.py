@@ -11,8 +11,9 @@ before any model is built. `mmtune train` then passes the names to
 flattened to `section.key` scalars, as the run's hyperparameters) and logs every
 metrics.jsonl row with `accelerator.log` (`tracker_values`). Local trackers
 write under `DIR/trackers/` (TensorBoard event files in `DIR/trackers/NAME/`,
-wandb's run folder, mlflow's file store); none of them needs the network when
-run offline (`WANDB_MODE=offline`, mlflow's file store, trackio's local store).
+wandb's run folder, mlflow's database `DIR/trackers/mlflow.db` unless MLFLOW_TRACKING_URI is set);
+none of them needs the network when run offline (`WANDB_MODE=offline`, mlflow's local database,
+trackio's local store).
 metrics.jsonl stays the record a run always writes.
 """
 
