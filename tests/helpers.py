@@ -87,3 +87,12 @@ def save_run(bundle: ModelBundle, cfg: RunConfig, run: Path, step: int = 1, temp
         cfg.data.template = template
     save_config(cfg, ckpt / "run_config.yaml")
     return ckpt
+
+
+def free_port() -> int:
+    """A free local TCP port for a multi-process launch's rendezvous."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import free_port
 
 from mmtune.cli import main
 from mmtune.train.metrics import read_metrics
@@ -22,12 +23,7 @@ TEXT = FIX / "text.jsonl"
 MIXED = FIX / "mixed.jsonl"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def llm_args(out, *extra, data=f"[{TEXT}]"):
@@ -364,7 +360,6 @@ def test_report_to_names_the_missing_package(tmp_path, capsys, monkeypatch):
 @pytest.mark.slow
 @pytest.mark.timeout(420)
 def test_two_processes_validation_and_mixture(tmp_path):
-    import socket
     import subprocess
     import sys
 
@@ -372,9 +367,7 @@ def test_two_processes_validation_and_mixture(tmp_path):
     from mmtune.model.io import load_model
     from mmtune.train.validate import ValidationSet
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     b = second_source(tmp_path)
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",

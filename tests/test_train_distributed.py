@@ -13,12 +13,12 @@ from __future__ import annotations
 import json
 import math
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from helpers import free_port
 
 from mmtune.train import checkpoint as ckpt
 from mmtune.train.metrics import read_metrics
@@ -32,12 +32,6 @@ def _alternating(path: Path) -> None:
     text = (FIX / "text.jsonl").read_text().splitlines()
     lines = [x for pair in zip(image, text, strict=False) for x in pair]
     path.write_text("\n".join(lines) + "\n")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _rows(path: Path) -> list[dict]:
@@ -54,7 +48,7 @@ def test_two_processes_text_only_and_image_batches_do_not_hang(tmp_path):
     cmd = [
         sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
         "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-        "--main_process_port", str(_free_port()), "-m", "mmtune.cli", "train", str(REPO / "configs" / "tiny_mllm.yaml"),
+        "--main_process_port", str(free_port()), "-m", "mmtune.cli", "train", str(REPO / "configs" / "tiny_mllm.yaml"),
         "--output-dir", str(out), "--max-steps", "4",
         f"data.train=[{data}]", f"model.tokenizer.train_files=[{data}]", f"data.image_root={FIX}",
         "train.batch_size=2", "train.save_every=2", "train.progress=false",

@@ -27,13 +27,13 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from helpers import free_port
 
 from mmtune.cli import main
 from mmtune.config import load_config
@@ -48,20 +48,14 @@ from mmtune.model.consolidate import consolidate
 from mmtune.model.io import is_sharded, load_model
 from mmtune.train import checkpoint as ckpt
 from mmtune.train.metrics import read_metrics
+from mmtune.train.optim import build_optimizer, build_scheduler
 from mmtune.train.param_groups import norm_parameter_names
 from mmtune.train.precision import keep_trainable_fp32
-from mmtune.train.optim import build_optimizer, build_scheduler
 
 REPO = Path(__file__).resolve().parents[1]
 FIX = REPO / "tests" / "fixtures" / "train"
 CONFIG = REPO / "configs" / "tiny_mllm.yaml"
 STEPS, BATCH = 4, 2
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _rows(path: Path) -> list[dict]:
@@ -93,7 +87,7 @@ def fsdp_runs(tmp_path_factory):
     first, resumed = tmp / "run", tmp / "resumed"
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--use_fsdp", "--fsdp_version", "2",
               "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-              "--main_process_port", str(_free_port()), "-m", "mmtune.cli"]
+              "--main_process_port", str(free_port()), "-m", "mmtune.cli"]
     proc = _run([*launch, "train", str(CONFIG), "--output-dir", str(first), "--max-steps", str(STEPS),
                  *_overrides(data)])
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",

@@ -389,6 +389,17 @@ class _HFBackend(EvalModel):
     """Shared by the transformers backends: dtype, device, batched `generate`, stop handling."""
 
     _model: Any = None
+    hf_class: str  # the transformers class that loads the folder, named by each backend
+
+    @property
+    def model(self) -> torch.nn.Module:
+        if self._model is None:
+            import transformers
+
+            self._model = getattr(transformers, self.hf_class).from_pretrained(
+                str(self.folder), dtype=self._torch_dtype() or "auto",
+                trust_remote_code=self.trust_remote_code).to(self.device).eval()
+        return self._model
 
     def _torch_dtype(self) -> torch.dtype | None:
         from mmtune.model.build import resolve_dtype
@@ -507,6 +518,7 @@ class LlavaHFBackend(_HFBackend):
     """A `LlavaForConditionalGeneration` folder with its processor (chat template, image processor)."""
 
     kind = "llava-hf"
+    hf_class = "LlavaForConditionalGeneration"
 
     def __init__(self, folder: Path, *, template: str | None, device: str, dtype: str | None,
                  image_backend: str | None = None, trust_remote_code: bool = False) -> None:
@@ -545,16 +557,6 @@ class LlavaHFBackend(_HFBackend):
     def takes_images(self) -> bool:
         return True
 
-    @property
-    def model(self) -> torch.nn.Module:
-        if self._model is None:
-            from transformers import LlavaForConditionalGeneration
-
-            self._model = LlavaForConditionalGeneration.from_pretrained(
-                str(self.folder), dtype=self._torch_dtype() or "auto",
-                trust_remote_code=self.trust_remote_code).to(self.device).eval()
-        return self._model
-
     def render(self, messages: Sequence[dict[str, str]], meta: dict[str, Any] | None = None) -> str:
         if self._template is not None:
             from mmtune.data.tokenize import prompt_text
@@ -575,6 +577,7 @@ class CausalLMBackend(_HFBackend):
     """A transformers causal-LM folder, prompted with its tokenizer's chat template (or an mmtune template)."""
 
     kind = "causal-lm"
+    hf_class = "AutoModelForCausalLM"
 
     def __init__(self, folder: Path, *, template: str | None, device: str, dtype: str | None,
                  trust_remote_code: bool = False) -> None:
@@ -603,16 +606,6 @@ class CausalLMBackend(_HFBackend):
     @property
     def takes_images(self) -> bool:
         return False
-
-    @property
-    def model(self) -> torch.nn.Module:
-        if self._model is None:
-            from transformers import AutoModelForCausalLM
-
-            self._model = AutoModelForCausalLM.from_pretrained(
-                str(self.folder), dtype=self._torch_dtype() or "auto",
-                trust_remote_code=self.trust_remote_code).to(self.device).eval()
-        return self._model
 
     def render(self, messages: Sequence[dict[str, str]], meta: dict[str, Any] | None = None) -> str:
         if self._template is not None:
