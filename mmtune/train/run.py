@@ -186,7 +186,8 @@ def _restore_previous_run(cfg: RunConfig, previous: Path) -> None:
 def _train(cfg: RunConfig) -> TrainResult:
     from accelerate import Accelerator
 
-    precision = resolve_mixed_precision(cfg.train.mixed_precision, _stored_dtype(cfg))
+    dtype_key = "model.lm.quantization.compute_dtype" if cfg.model.lm.quantization.bits else "model.lm.dtype"
+    precision = resolve_mixed_precision(cfg.train.mixed_precision, _stored_dtype(cfg), dtype_key)
     # Several processes without CUDA (torchrun / accelerate on CPU): accelerate
     # only sets up its gloo process group when told the run is on CPU.
     multi_cpu = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
