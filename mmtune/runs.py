@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from mmtune.errors import MMTuneError
+from mmtune.fileio import atomic_path
 
 # --- the run folder -------------------------------------------------------- #
 RUN_CONFIG_FILE = "run_config.yaml"
@@ -233,7 +234,6 @@ def write_run_config(cfg: Any, folder: str | os.PathLike[str]) -> Path:
     from mmtune.config import save_config
 
     path = Path(folder) / RUN_CONFIG_FILE
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_config(cfg, tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        save_config(cfg, tmp)
     return path

@@ -30,7 +30,6 @@ import hashlib
 import json
 import math
 import random
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -38,6 +37,8 @@ from typing import Any
 
 import numpy as np
 import torch
+
+from mmtune.fileio import atomic_dir
 
 # Seeds of the two corpora: far from the demo's pool (seed) and eval sets (seed + 101/202/303).
 CLIP_DATA_SEED = 910_001
@@ -268,46 +269,40 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {out} exists and is not empty; remove it or choose another --out", file=sys.stderr)
         return 2
     torch.set_num_threads(args.threads)
-    tmp = out.with_name(f".{out.name}.tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    t0 = time.perf_counter()
+    with atomic_dir(out) as tmp:  # an empty `out` (checked above) is replaced only once all is written
+        t0 = time.perf_counter()
 
-    from mmtune.data.synthetic import fact_corpus
+        from mmtune.data.synthetic import fact_corpus
 
-    docs = fact_corpus(args.lm_docs, LM_DATA_SEED + args.seed)
-    lm_tok = build_tokenizer(docs, args.vocab, append_eos=False)
-    clip_tok = build_tokenizer(docs, args.vocab, append_eos=True)
-    # The two bases are independent: train them in two processes (each seeded, each on --threads threads).
-    from concurrent.futures import ProcessPoolExecutor
+        docs = fact_corpus(args.lm_docs, LM_DATA_SEED + args.seed)
+        lm_tok = build_tokenizer(docs, args.vocab, append_eos=False)
+        clip_tok = build_tokenizer(docs, args.vocab, append_eos=True)
+        # The two bases are independent: train them in two processes (each seeded, each on --threads threads).
+        from concurrent.futures import ProcessPoolExecutor
 
-    with ProcessPoolExecutor(max_workers=2) as pool:
-        lm_job = pool.submit(_timed, pretrain_lm, tmp / "lm", lm_tok, docs, steps=args.lm_steps,
-                             batch=args.lm_batch, seq=args.lm_seq, lr=args.lm_lr, seed=args.seed,
-                             threads=args.threads)
-        clip_job = pool.submit(_timed, pretrain_clip, tmp / "clip", clip_tok, pairs=args.clip_pairs,
-                               steps=args.clip_steps, batch=args.clip_batch, lr=args.clip_lr, seed=args.seed,
-                               threads=args.threads)
-        lm, clip = lm_job.result(), clip_job.result()
-    print(f"LM: {lm['parameters']:,} parameters, {lm['tokens']:,} tokens, loss {lm['loss_first']:.3f} -> "
-          f"{lm['loss_last']:.3f} in {lm['seconds']} s", flush=True)
-    print(f"CLIP: {clip['parameters']:,} parameters, {clip['pairs']:,} pairs, loss {clip['loss_first']:.3f} -> "
-          f"{clip['loss_last']:.3f} in {clip['seconds']} s", flush=True)
+        with ProcessPoolExecutor(max_workers=2) as pool:
+            lm_job = pool.submit(_timed, pretrain_lm, tmp / "lm", lm_tok, docs, steps=args.lm_steps,
+                                 batch=args.lm_batch, seq=args.lm_seq, lr=args.lm_lr, seed=args.seed,
+                                 threads=args.threads)
+            clip_job = pool.submit(_timed, pretrain_clip, tmp / "clip", clip_tok, pairs=args.clip_pairs,
+                                   steps=args.clip_steps, batch=args.clip_batch, lr=args.clip_lr, seed=args.seed,
+                                   threads=args.threads)
+            lm, clip = lm_job.result(), clip_job.result()
+        print(f"LM: {lm['parameters']:,} parameters, {lm['tokens']:,} tokens, loss {lm['loss_first']:.3f} -> "
+              f"{lm['loss_last']:.3f} in {lm['seconds']} s", flush=True)
+        print(f"CLIP: {clip['parameters']:,} parameters, {clip['pairs']:,} pairs, loss {clip['loss_first']:.3f} -> "
+              f"{clip['loss_last']:.3f} in {clip['seconds']} s", flush=True)
 
-    files = {str(p.relative_to(tmp)): _sha256(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
-    command = "python scripts/pretrain_demo_bases.py " + " ".join(sys.argv[1:] if argv is None else argv)
-    info = {
-        "command": command, "seed": args.seed, "vocab": len(lm_tok), "threads": args.threads, "torch": torch.__version__,
-        "seconds": round(time.perf_counter() - t0, 1),
-        "lm": {k: v for k, v in lm.items() if k != "losses"}, "clip": {k: v for k, v in clip.items() if k != "losses"},
-        "sha256": files,
-    }
-    (tmp / "pretrain.json").write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
-    (tmp / "README.md").write_text(_readme(info), encoding="utf-8")
-    if out.exists():
-        out.rmdir()  # empty (checked above)
-    tmp.rename(out)
+        files = {str(p.relative_to(tmp)): _sha256(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
+        command = "python scripts/pretrain_demo_bases.py " + " ".join(sys.argv[1:] if argv is None else argv)
+        info = {
+            "command": command, "seed": args.seed, "vocab": len(lm_tok), "threads": args.threads, "torch": torch.__version__,
+            "seconds": round(time.perf_counter() - t0, 1),
+            "lm": {k: v for k, v in lm.items() if k != "losses"}, "clip": {k: v for k, v in clip.items() if k != "losses"},
+            "sha256": files,
+        }
+        (tmp / "pretrain.json").write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
+        (tmp / "README.md").write_text(_readme(info), encoding="utf-8")
     print(f"wrote {out} in {info['seconds']} s", flush=True)
     return 0
 

@@ -114,7 +114,7 @@ def test_qlora_trains_in_4bit_on_gpu_and_exports(tmp_path):
             "--max-steps", "3", f"model.lm.name_or_path={cfg.model.lm.name_or_path}", "model.lm.config=null",
             f"model.tokenizer.name_or_path={cfg.model.lm.name_or_path}", "model.tokenizer.train_vocab_size=null",
             "model.tokenizer.train_files=[]", f"data.train=[{TEXT}]", "train.progress=false", "train.lr=1e-3",
-            "train.batch_size=4", *QLORA]
+            "train.batch_size=4", "train.mixed_precision=bf16", *QLORA]
     assert main(args) == 0
     rows = read_metrics(tmp_path / "run" / "metrics.jsonl")
     assert len(rows) == 3 and all(math.isfinite(r["loss"]) for r in rows)

@@ -31,16 +31,13 @@ from mmtune.data.formats import (
     Format,
     FormatError,
     InputFile,
+    Paired,
     Row,
     RowError,
-    VQAAnnotations,
     detect_format,
-    gqa_rows,
     read_input,
     row_id,
     type_name,
-    vqa_role,
-    vqa_rows,
 )
 from mmtune.data.images import check_image, is_url, resolve_image_path
 from mmtune.data.schema import (
@@ -208,7 +205,7 @@ class _Converter:
             mapped = fmt.map_row(data)
         except RowError as exc:
             raise fail(exc.reason, exc.field, exc.record_id or _safe_id(data) or default_id) from None
-        if mapped.get("id") is None and fmt.name != "unified":
+        if mapped.get("id") is None and fmt.assigns_ids:
             mapped["id"] = default_id
         image_dirs: list[str] = mapped.pop(IMAGE_DIRS_KEY, [])
         embedded = self.take_embedded(mapped, fail, rid=mapped.get("id"))
@@ -293,15 +290,7 @@ def _resolve_format(inp: InputFile, fmt: str) -> str:
         return detect_format(inp)
     if fmt not in FORMATS:
         raise MMTuneError(f"unknown format {fmt!r}; choose one of auto, {', '.join(FORMATS)}")
-    if FORMATS[fmt].container and inp.layout != "object":
-        raise FormatError(f"{inp.path}: --format {fmt} expects the official {fmt.upper()} JSON object, found {inp.layout} rows")
-    if fmt == "vqa" and (inp.top is None or vqa_role(inp.top) is None):
-        raise FormatError(f"{inp.path}: --format vqa expects a VQA questions or annotations file (top-level 'questions' or 'annotations' list)")
-    if fmt == "gqa" and inp.top is not None and vqa_role(inp.top) is not None:
-        raise FormatError(f"{inp.path}: --format gqa given, but this is a VQA {vqa_role(inp.top)} file")
-    if not FORMATS[fmt].container and inp.layout == "object":
-        keys = sorted(inp.top or {})[:6]
-        raise FormatError(f"{inp.path}: --format {fmt} expects a JSON array or JSONL of rows, found one JSON object with keys {keys}")
+    FORMATS[fmt].check(inp)
     return fmt
 
 
@@ -332,23 +321,11 @@ def convert_files(
     inputs = [read_table(p) if is_table_source(p) else read_input(p) for p in files]
     formats = {str(inp.path): _resolve_format(inp, fmt) for inp in inputs}
 
-    annotations = VQAAnnotations()
-    questions = []
+    # Each format sees all its input files at once: one published as several files joins them here.
+    by_format: dict[str, list[InputFile]] = {}
     for inp in inputs:
-        if formats[str(inp.path)] == "vqa":
-            assert inp.top is not None
-            if vqa_role(inp.top) == "annotations":
-                annotations.add_file(inp)
-            else:
-                questions.append(inp)
-    if annotations.by_qid or annotations.bad:
-        if not questions:
-            raise MMTuneError("VQA annotations given without their questions file; pass both, e.g. "
-                              "mmtune convert questions.json annotations.json --out vqa.jsonl")
-    for inp in questions:
-        if not (annotations.by_qid or annotations.bad):
-            raise MMTuneError(f"{inp.path}: VQA questions file needs its annotations file among the inputs "
-                              f"(e.g. mmtune convert {inp.path} annotations.json --out vqa.jsonl)")
+        by_format.setdefault(formats[str(inp.path)], []).append(inp)
+    paired: dict[str, Paired] = {name: FORMATS[name].pair(group) for name, group in by_format.items()}
 
     prefixes = default_id_prefixes([inp.path for inp in inputs])
     result = ConvertResult(records=[], rejects=[], formats=formats, rejects_path=rejects_file)
@@ -357,19 +334,18 @@ def convert_files(
         conv = _Converter(source=source, task=task, writer=writer, progress=progress, images=sink)
         for inp in inputs:
             name = formats[str(inp.path)]
-            if name == "vqa" and inp.top is not None and vqa_role(inp.top) == "annotations":
+            rows = paired[name].rows.get(str(inp.path))
+            if rows is None:  # joined into another input of its format
                 continue
-            rows = vqa_rows(inp, annotations) if name == "vqa" else gqa_rows(inp) if name == "gqa" else inp.rows
             root = Path(image_root) if image_root is not None else inp.path.parent
             before = conv.rows
             conv.run(rows, FORMATS[name], inp.stem, root.expanduser().absolute(), desc=inp.path.name,
                      id_prefix=prefixes[str(inp.path)])
             result.rows_per_input[str(inp.path)] = conv.rows - before
-        orphans = annotations.orphans()
-        for row in orphans:
+        for row in (row for pairing in paired.values() for row in pairing.leftovers):
             conv.rows += 1
             conv.reject(row, f"{row.location}: {row.error}")
-            result.rows_per_input[row.source] = result.rows_per_input.get(row.source, 0) + 1  # orphans
+            result.rows_per_input[row.source] = result.rows_per_input.get(row.source, 0) + 1
     result.records, result.rejects = conv.records, conv.rejects
     result.input_rows, result.url_images = conv.rows, conv.url_images
     result.embedded_images = getattr(sink, "written", 0)

@@ -10,8 +10,12 @@ Reading happens in two steps so that a bad row never takes the file down with it
    dict, raising `RowError` (reason + field) for rows it cannot map.
    `mmtune.data.convert` then validates, resolves images and de-duplicates ids.
 
-Formats (registered in `FORMATS`, prismatic-style, so a new layout is one
-function and one decorator):
+Formats (registered in `FORMATS`, prismatic-style: a new layout is one
+`Format` subclass and the `@register` decorator). A format maps one row
+(`map_row`); a layout published as one top-level JSON object says how to
+recognise it (`claims`) and how to cut it into rows (`rows`); a release split
+over several files joins them itself (`pair`: VQA's questions + annotations),
+so `mmtune.data.convert` knows no layout by name:
 
 - `alpaca`    {instruction, input, output} (+ optional system, history, images)
 - `dolly`     {instruction, context, response, category}
@@ -28,10 +32,10 @@ from __future__ import annotations
 import itertools
 import json
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar, TypeVar
 
 from mmtune.data.schema import IMAGE_PLACEHOLDER, OPTIONAL_KEYS
 from mmtune.data.templates import alpaca_user
@@ -211,7 +215,12 @@ def type_name(value: Any) -> str:
 
 
 def _is_container(top: dict[str, Any]) -> bool:
-    return vqa_role(top) is not None or _is_gqa(top)
+    return container_format(top) is not None
+
+
+def container_format(top: dict[str, Any]) -> str | None:
+    """The registered whole-file layout (VQA, GQA) a top-level JSON object has, or None."""
+    return next((f.name for f in FORMATS.values() if f.container and f.claims(top)), None)
 
 
 def vqa_role(top: dict[str, Any]) -> str | None:
@@ -256,7 +265,9 @@ def detect_format(inp: InputFile, sample_size: int = 50) -> str:
     """
     if inp.layout == "object":
         assert inp.top is not None
-        return "vqa" if vqa_role(inp.top) else "gqa"
+        found = container_format(inp.top)
+        assert found is not None  # read_input makes an "object" input only of a claimed layout
+        return found
     # islice: table inputs (mmtune.data.tables) read their rows lazily; only the head is needed
     sample = list(itertools.islice((r.data for r in inp.rows if isinstance(r.data, dict)), sample_size))
     if not sample:
@@ -389,30 +400,64 @@ def _turns(row: dict[str, Any], key: str, role_key: str, content_key: str) -> li
 # The registry
 # --------------------------------------------------------------------------- #
 
-RowMapper = Callable[[dict[str, Any]], dict[str, Any]]
+@dataclass
+class Paired:
+    """What a format makes of every input file given in it (`Format.pair`)."""
+
+    rows: dict[str, Iterable[Row]]  # input path -> rows to convert; a file joined into another has no entry
+    leftovers: list[Row] = field(default_factory=list)  # rows of joined files that matched nothing (`error` says why)
 
 
-@dataclass(frozen=True)
 class Format:
-    """An input layout: how one of its rows becomes a unified record dict."""
+    """An input layout: how its files become rows, and how one row becomes a unified record dict.
 
-    name: str
-    description: str
-    map_row: RowMapper
-    container: bool = False  # rows come from one top-level JSON object (VQA, GQA)
+    Subclasses set `name` (the value of `--format`) and `description`, and
+    implement `map_row`; one read from a top-level JSON object sets
+    `container` and implements `claims` and `rows`.
+    """
+
+    name: ClassVar[str]
+    description: ClassVar[str]
+    container: ClassVar[bool] = False  # rows come from one top-level JSON object (VQA, GQA)
+    assigns_ids: ClassVar[bool] = True  # a row without an id gets "{file}-{row}"; False: its own id is required
+
+    def map_row(self, row: dict[str, Any]) -> dict[str, Any]:
+        """One row as an unvalidated unified dict; raises `RowError` (reason + field) for a row it cannot map."""
+        raise NotImplementedError
+
+    def claims(self, top: dict[str, Any]) -> bool:
+        """Whether a top-level JSON object has this (container) layout; used to detect it."""
+        return False
+
+    def rows(self, inp: InputFile) -> Iterable[Row]:
+        """The rows of one input file (a container format cuts its top-level object into rows)."""
+        return inp.rows
+
+    def check(self, inp: InputFile) -> None:
+        """Raise `FormatError` when `--format NAME` was given for a file of another layout."""
+        if self.container and inp.layout != "object":
+            raise FormatError(f"{inp.path}: --format {self.name} expects the official {self.name.upper()} JSON object, "
+                              f"found {inp.layout} rows")
+        if not self.container and inp.layout == "object":
+            keys = sorted(inp.top or {})[:6]
+            raise FormatError(f"{inp.path}: --format {self.name} expects a JSON array or JSONL of rows, "
+                              f"found one JSON object with keys {keys}")
+
+    def pair(self, inputs: Sequence[InputFile]) -> Paired:
+        """The rows of all the input files given in this format, in order; a layout published as
+        several files (questions + annotations) joins them here, or raises `MMTuneError` when one is missing."""
+        return Paired({str(inp.path): self.rows(inp) for inp in inputs})
 
 
 FORMATS: dict[str, Format] = {}
 
+F = TypeVar("F", bound=type[Format])
 
-def register(name: str, description: str, *, container: bool = False) -> Callable[[RowMapper], RowMapper]:
-    """Add a format to `FORMATS` under `name` (the value of `--format`)."""
 
-    def deco(fn: RowMapper) -> RowMapper:
-        FORMATS[name] = Format(name, description, fn, container)
-        return fn
-
-    return deco
+def register(cls: F) -> F:
+    """Class decorator: add a format to `FORMATS` under its `name`."""
+    FORMATS[cls.name] = cls()
+    return cls
 
 
 def _history(row: dict[str, Any]) -> list[dict[str, str]]:
@@ -449,54 +494,75 @@ def _instruction_record(
     return messages, {"instruction": instruction, "input": inp, "output": output}
 
 
-@register("alpaca", "Alpaca rows {instruction, input, output} (+ system, history, images)")
-def map_alpaca(row: dict[str, Any]) -> dict[str, Any]:
-    messages, meta = _instruction_record(row, "instruction", "input", "output")
-    used = ("id", "instruction", "input", "output", "system", "history", "images", "image")
-    return {
-        "id": row_id(row),
-        "messages": messages,
-        "images": _images(row),
-        "meta": {**meta, **_extras(row, used)},
-    }
+@register
+class Alpaca(Format):
+    name = "alpaca"
+    description = "Alpaca rows {instruction, input, output} (+ system, history, images)"
+
+    def map_row(self, row: dict[str, Any]) -> dict[str, Any]:
+        messages, meta = _instruction_record(row, "instruction", "input", "output")
+        used = ("id", "instruction", "input", "output", "system", "history", "images", "image")
+        return {
+            "id": row_id(row),
+            "messages": messages,
+            "images": _images(row),
+            "meta": {**meta, **_extras(row, used)},
+        }
 
 
-@register("dolly", "Dolly rows {instruction, context, response, category}")
-def map_dolly(row: dict[str, Any]) -> dict[str, Any]:
-    # meta uses Alpaca's names (input = context, output = response) so the alpaca
-    # template renders Dolly rows exactly like Alpaca ones.
-    messages, meta = _instruction_record(row, "instruction", "context", "response")
-    category = _str(row, "category", required=False)
-    used = ("id", "instruction", "context", "response", "system", "history", "images", "image")
-    return {
-        "id": row_id(row),
-        "messages": messages,
-        "images": _images(row),
-        "task": category or None,
-        "meta": {**meta, **_extras(row, used)},
-    }
+@register
+class Dolly(Format):
+    name = "dolly"
+    description = "Dolly rows {instruction, context, response, category}"
+
+    def map_row(self, row: dict[str, Any]) -> dict[str, Any]:
+        # meta uses Alpaca's names (input = context, output = response) so the alpaca
+        # template renders Dolly rows exactly like Alpaca ones.
+        messages, meta = _instruction_record(row, "instruction", "context", "response")
+        category = _str(row, "category", required=False)
+        used = ("id", "instruction", "context", "response", "system", "history", "images", "image")
+        return {
+            "id": row_id(row),
+            "messages": messages,
+            "images": _images(row),
+            "task": category or None,
+            "meta": {**meta, **_extras(row, used)},
+        }
 
 
-def _map_conversations(row: dict[str, Any]) -> dict[str, Any]:
-    messages = [*_system(row), *_turns(row, "conversations", "from", "value")]
-    used = ("id", "conversations", "system", "images", "image")
-    return {"id": row_id(row), "messages": messages, "images": _images(row), "meta": _extras(row, used)}
+@register
+class ShareGPT(Format):
+    name = "sharegpt"
+    description = "ShareGPT {conversations: [{from: human|gpt|system, value}]}"
+    turns_key, role_key, content_key = "conversations", "from", "value"
+
+    def map_row(self, row: dict[str, Any]) -> dict[str, Any]:
+        messages = [*_system(row), *_turns(row, self.turns_key, self.role_key, self.content_key)]
+        used = ("id", self.turns_key, "system", "images", "image")
+        return {"id": row_id(row), "messages": messages, "images": _images(row), "meta": _extras(row, used)}
 
 
-register("sharegpt", "ShareGPT {conversations: [{from: human|gpt|system, value}]}")(_map_conversations)
-register("llava", "LLaVA: ShareGPT plus image (path or list), <image> in the first human turn")(_map_conversations)
+@register
+class LLaVA(ShareGPT):
+    name = "llava"
+    description = "LLaVA: ShareGPT plus image (path or list), <image> in the first human turn"
 
 
-@register("messages", "{messages: [{role, content}], images: [...]} (LLaMA-Factory mllm_demo)")
-def map_messages(row: dict[str, Any]) -> dict[str, Any]:
-    messages = [*_system(row), *_turns(row, "messages", "role", "content")]
-    used = ("id", "messages", "system", "images", "image")
-    return {"id": row_id(row), "messages": messages, "images": _images(row), "meta": _extras(row, used)}
+@register
+class Messages(ShareGPT):
+    name = "messages"
+    description = "{messages: [{role, content}], images: [...]} (LLaMA-Factory mllm_demo)"
+    turns_key, role_key, content_key = "messages", "role", "content"
 
 
-@register("unified", "mmtune's own JSONL records, validated as they are")
-def map_unified(row: dict[str, Any]) -> dict[str, Any]:
-    return dict(row)
+@register
+class Unified(Format):
+    name = "unified"
+    description = "mmtune's own JSONL records, validated as they are"
+    assigns_ids = False
+
+    def map_row(self, row: dict[str, Any]) -> dict[str, Any]:
+        return dict(row)
 
 
 # --------------------------------------------------------------------------- #
@@ -574,16 +640,53 @@ def vqa_rows(inp: InputFile, annotations: VQAAnnotations) -> list[Row]:
     return rows
 
 
-@register("vqa", "official VQA v1/v2 questions + annotations JSON (pass both files)", container=True)
-def map_vqa(row: dict[str, Any]) -> dict[str, Any]:
-    qid = row["question"].get("question_id")
-    if isinstance(qid, bool) or not isinstance(qid, int):
-        raise RowError("missing or not an integer", "question_id")
-    try:
-        return _map_vqa(row, qid)
-    except RowError as exc:
-        exc.record_id = str(qid)
-        raise
+@register
+class VQA(Format):
+    """Official VQA v1/v2: a questions file and an annotations file, joined by question id."""
+
+    name = "vqa"
+    description = "official VQA v1/v2 questions + annotations JSON (pass both files)"
+    container = True
+
+    def claims(self, top: dict[str, Any]) -> bool:
+        return vqa_role(top) is not None
+
+    def check(self, inp: InputFile) -> None:
+        super().check(inp)
+        if inp.top is None or vqa_role(inp.top) is None:
+            raise FormatError(f"{inp.path}: --format vqa expects a VQA questions or annotations file "
+                              "(top-level 'questions' or 'annotations' list)")
+
+    def pair(self, inputs: Sequence[InputFile]) -> Paired:
+        """Each questions file's rows, joined with the annotations of all annotation files; annotations
+        that match no question (or cannot be indexed) come back as leftovers."""
+        annotations = VQAAnnotations()
+        questions = []
+        for inp in inputs:
+            assert inp.top is not None
+            if vqa_role(inp.top) == "annotations":
+                annotations.add_file(inp)
+            else:
+                questions.append(inp)
+        if (annotations.by_qid or annotations.bad) and not questions:
+            raise MMTuneError("VQA annotations given without their questions file; pass both, e.g. "
+                              "mmtune convert questions.json annotations.json --out vqa.jsonl")
+        for inp in questions:
+            if not (annotations.by_qid or annotations.bad):
+                raise MMTuneError(f"{inp.path}: VQA questions file needs its annotations file among the inputs "
+                                  f"(e.g. mmtune convert {inp.path} annotations.json --out vqa.jsonl)")
+        rows = {str(inp.path): vqa_rows(inp, annotations) for inp in questions}
+        return Paired(rows, annotations.orphans())
+
+    def map_row(self, row: dict[str, Any]) -> dict[str, Any]:
+        qid = row["question"].get("question_id")
+        if isinstance(qid, bool) or not isinstance(qid, int):
+            raise RowError("missing or not an integer", "question_id")
+        try:
+            return _map_vqa(row, qid)
+        except RowError as exc:
+            exc.record_id = str(qid)
+            raise
 
 
 def _map_vqa(row: dict[str, Any], qid: int) -> dict[str, Any]:
@@ -652,24 +755,41 @@ def gqa_rows(inp: InputFile) -> list[Row]:
     return rows
 
 
-@register("gqa", "official GQA questions JSON {question_id: {question, imageId, answer, ...}}", container=True)
-def map_gqa(row: dict[str, Any]) -> dict[str, Any]:
-    question = _str(row, "question")
-    answer = _str(row, "answer")
-    image_id = row_id(row, "imageId")
-    if image_id is None:
-        raise RowError("missing required field", "imageId")
-    assert question is not None and answer is not None
-    return {
-        "id": str(row["question_id"]),
-        "messages": [
-            {"role": "user", "content": f"{IMAGE_PLACEHOLDER}\n{question}"},
-            {"role": "assistant", "content": answer},
-        ],
-        "images": [f"{image_id}.jpg"],
-        "source": "gqa",
-        "task": "gqa",
-        "answers": [answer],
-        "meta": _extras(row, ("question", "answer")),
-        IMAGE_DIRS_KEY: ["images"],
-    }
+@register
+class GQA(Format):
+    name = "gqa"
+    description = "official GQA questions JSON {question_id: {question, imageId, answer, ...}}"
+    container = True
+
+    def claims(self, top: dict[str, Any]) -> bool:
+        return _is_gqa(top)
+
+    def check(self, inp: InputFile) -> None:
+        super().check(inp)
+        if inp.top is not None and vqa_role(inp.top) is not None:
+            raise FormatError(f"{inp.path}: --format gqa given, but this is a VQA {vqa_role(inp.top)} file")
+
+    def rows(self, inp: InputFile) -> list[Row]:
+        return gqa_rows(inp)
+
+    def map_row(self, row: dict[str, Any]) -> dict[str, Any]:
+        """One GQA question (its id folded in by `gqa_rows`) as a unified dict."""
+        question = _str(row, "question")
+        answer = _str(row, "answer")
+        image_id = row_id(row, "imageId")
+        if image_id is None:
+            raise RowError("missing required field", "imageId")
+        assert question is not None and answer is not None
+        return {
+            "id": str(row["question_id"]),
+            "messages": [
+                {"role": "user", "content": f"{IMAGE_PLACEHOLDER}\n{question}"},
+                {"role": "assistant", "content": answer},
+            ],
+            "images": [f"{image_id}.jpg"],
+            "source": "gqa",
+            "task": "gqa",
+            "answers": [answer],
+            "meta": _extras(row, ("question", "answer")),
+            IMAGE_DIRS_KEY: ["images"],
+        }

@@ -290,7 +290,7 @@ class RejectsWriter:
         self.count = 0
         self.first_reason: str | None = None
         self._fh: Any = None
-        self._tmp: Path | None = None
+        self._writing: Any = None  # the open `atomic_text` of `path`, from the first reject on
         self._closed = False
 
     def add(self, reason: str, *, source: str | None = None, index: int | None = None, raw: Any = None) -> None:
@@ -300,11 +300,10 @@ class RejectsWriter:
         if self.path is None:
             return
         if self._fh is None:
-            from mmtune.fileio import TEXT_ERRORS, temp_sibling
+            from mmtune.fileio import atomic_text
 
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._tmp = temp_sibling(self.path)
-            self._fh = self._tmp.open("w", encoding="utf-8", errors=TEXT_ERRORS)
+            self._writing = atomic_text(self.path)
+            self._fh = self._writing.__enter__()
         entry = {"source": source, "index": index, "reason": reason, "raw": raw}
         self._fh.write(json.dumps(entry, ensure_ascii=False, default=str) + "\n")
 
@@ -315,19 +314,13 @@ class RejectsWriter:
         if self._closed:
             return
         self._closed = True
-        if self._fh is not None:
-            self._fh.close()
-            self._fh = None
-        if self.path is None:
-            return
-        if not ok:
-            if self._tmp is not None:
-                self._tmp.unlink(missing_ok=True)
-        elif self._tmp is not None:
-            self._tmp.replace(self.path)
-        else:
+        self._fh = None
+        writing, self._writing = self._writing, None
+        if writing is not None:  # rename on a clean close; otherwise the temporary file goes
+            failed = None if ok else MMTuneError("rejects of a failed run")
+            writing.__exit__(type(failed) if failed else None, failed, None)
+        elif ok and self.path is not None:
             self.path.unlink(missing_ok=True)
-        self._tmp = None
 
     def __enter__(self) -> RejectsWriter:
         return self

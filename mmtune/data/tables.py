@@ -37,6 +37,7 @@ from PIL import Image, UnidentifiedImageError
 
 from mmtune.data.formats import FormatError, InputFile, Row
 from mmtune.errors import MMTuneError
+from mmtune.fileio import write_bytes_atomic
 
 TABLE_SUFFIXES = (".parquet", ".arrow")
 DATASET_MARKERS = ("state.json", "dataset_dict.json")  # what save_to_disk writes
@@ -190,10 +191,7 @@ class ImageFolder:
             if target.read_bytes() != data:
                 raise MMTuneError(f"{target}: exists with other content; choose another --images-dir")
             return str(target.absolute())
-        self.folder.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_name(f".{target.name}.tmp")
-        tmp.write_bytes(data)
-        os.replace(tmp, target)
+        write_bytes_atomic(data, target)
         self.written += 1
         return str(target.absolute())
 

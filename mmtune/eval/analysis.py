@@ -33,7 +33,6 @@ follows a token, so scores do not depend on batch composition).
 from __future__ import annotations
 
 import math
-import os
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -46,6 +45,7 @@ import torch
 from tqdm.auto import tqdm
 
 from mmtune.errors import MMTuneError
+from mmtune.fileio import write_png
 
 
 class AnalysisError(MMTuneError, ValueError):
@@ -342,12 +342,7 @@ def token_distribution_shift(
 
 def _save_figure(fig: Any, path: str | Path) -> Path:
     """Write a matplotlib figure as PNG atomically (temp file, then rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
-    os.replace(tmp, path)
-    return path
+    return write_png(fig, path, dpi=120, bbox_inches="tight")
 
 
 def plot_token_shift(result: TokenShiftResult, path: str | Path, *, title: str = "Token distribution shift") -> Path:

@@ -53,6 +53,7 @@ from typing import Any
 
 from mmtune.data.schema import IMAGE_PLACEHOLDER, Record, write_records
 from mmtune.errors import MMTuneError
+from mmtune.fileio import atomic_path, atomic_text, write_bytes_atomic
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".JPG", ".PNG", ".JPEG")
 CIRCULAR_OFFSET = 1_000_000  # MMBench numbers circular copies index + k * 1e6
@@ -214,9 +215,7 @@ def import_mmbench(source: str | Path, *, images_out: str | Path | None = None, 
                        fld="image")
             continue
         if not img_path.exists():
-            tmp = img_path.with_name(img_path.name + ".tmp")
-            tmp.write_bytes(data)
-            tmp.replace(img_path)
+            write_bytes_atomic(data, img_path)
         hint = _cell(row, "hint")
         text = (hint + "\n" if hint else "") + question
         texts = [t for _, t in options]
@@ -257,14 +256,11 @@ def write_mmbench_submission(records: Sequence[Record], rows: Sequence[dict[str,
         for i, c in enumerate(MMBENCH_OPTIONS[:n_opt]):
             line[c] = (rec.choices or [])[i] if i < len(rec.choices or []) else ""
         table.append(line)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tsv = path.with_suffix(".tsv")
-    tmp = tsv.with_name(tsv.name + ".tmp")
-    with tmp.open("w", encoding="utf-8", newline="") as fh:
+    with atomic_text(tsv, newline="") as fh:
         w = csv.DictWriter(fh, fieldnames=cols, delimiter="\t")
         w.writeheader()
         w.writerows(table)
-    tmp.replace(tsv)
     written = [tsv]
     try:
         import openpyxl
@@ -276,9 +272,8 @@ def write_mmbench_submission(records: Sequence[Record], rows: Sequence[dict[str,
     for line in table:
         ws.append([line[c] for c in cols])
     xlsx = path.with_suffix(".xlsx")
-    tmp = xlsx.with_name(xlsx.stem + ".tmp.xlsx")
-    wb.save(tmp)
-    tmp.replace(xlsx)
+    with atomic_path(xlsx) as tmp:
+        wb.save(tmp)
     written.append(xlsx)
     return written
 

@@ -7,9 +7,10 @@ result with no counted record is an empty hatched slot ("n/a"), not a zero bar.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
+
+from mmtune.fileio import write_png
 
 MODE_COLOURS = ["#4c72b0", "#dd8452", "#55a868", "#c44e52", "#8172b3", "#937860", "#da8bc3", "#8c8c8c"]
 
@@ -65,12 +66,7 @@ def plot_results(report: dict[str, Any], path: str | Path) -> Path:
         ax.legend(handles, modes_here, fontsize=8, loc="upper right", ncol=max(1, len(modes_here)), frameon=False)
     fig.suptitle("mmtune eval: score per task and mode (labels: score, counted/total)", fontsize=11)
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
     try:
-        fig.savefig(tmp, format="png", dpi=110)
-        os.replace(tmp, path)
+        return write_png(fig, path, dpi=110)
     finally:
         plt.close(fig)
-    return path

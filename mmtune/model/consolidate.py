@@ -16,11 +16,11 @@ The run's `run_config.yaml` is copied along, so the template is still found.
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
 from pathlib import Path
 
 from mmtune.errors import MMTuneError
+from mmtune.fileio import atomic_dir
 from mmtune.model.io import is_sharded, load_model, save_model
 from mmtune.runs import resolve_model_folder
 
@@ -34,19 +34,11 @@ def consolidate(checkpoint: str | Path, out: str | Path | None = None) -> Path:
     if target.exists():
         raise MMTuneError(f"{target}: already exists; choose another --out (nothing was overwritten)")
     bundle = load_model(folder)
-    tmp = target.parent / f".tmp-{target.name}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    try:
+    with atomic_dir(target) as tmp:
         save_model(bundle, tmp)
         for name in ("run_config.yaml",):
             if (folder / name).is_file():
                 shutil.copy2(folder / name, tmp / name)
-        os.replace(tmp, target)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return target
 
 

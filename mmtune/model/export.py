@@ -29,8 +29,6 @@ import argparse
 import copy
 import gc
 import hashlib
-import os
-import shutil
 import sys
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -43,7 +41,7 @@ from torch import nn
 from mmtune.data.schema import IMAGE_PLACEHOLDER
 from mmtune.data.templates import Template, get_template
 from mmtune.errors import MMTuneError
-from mmtune.fileio import replace_dir
+from mmtune.fileio import atomic_dir
 from mmtune.model.build import ModelBundle, resolve_dtype
 from mmtune.model.mllm import MMTuneModel
 from mmtune.model.towers import VisionTower
@@ -451,13 +449,6 @@ def _verify_hf_causal_lm(folder: Path, expected: dict[str, str], template: Templ
     return n_params
 
 
-def _replace_dir(tmp: Path, out: Path, overwrite: bool) -> None:
-    """Rename `tmp` to `out`; an existing `out` (only with overwrite) is moved aside first, then deleted."""
-    if out.exists() and not overwrite:
-        raise ExportError(f"{out} already exists (pass --overwrite to replace it)")
-    replace_dir(tmp, out)
-
-
 def export_bundle(
     bundle: ModelBundle,
     out: str | Path,
@@ -512,12 +503,7 @@ def _export(
     num_image_tokens = model.num_image_tokens
     backend = image_backend(model.vision) if mllm else None
     trust = bool(bundle.config.lm.trust_remote_code)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".tmp-export-{out.name}-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    try:
+    with atomic_dir(out) as tmp:  # an existing `out` is replaced only once the new one is verified
         with torch.no_grad():
             if fmt == "hf-llava":
                 expected = _write_hf_llava(bundle, tmpl, tmp, torch_dtype)
@@ -531,10 +517,8 @@ def _export(
             n_params = _verify_hf_causal_lm(tmp, expected, tmpl, trust)
         _check_no_pickles(tmp)
         files = sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file())
-        _replace_dir(tmp, out, overwrite)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        if out.exists() and not overwrite:  # it appeared while we wrote
+            raise ExportError(f"{out} already exists (pass --overwrite to replace it)")
     return ExportResult(
         out=out, format=fmt, template=tmpl.name, num_parameters=n_params, files=files, image_backend=backend
     )

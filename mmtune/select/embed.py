@@ -302,10 +302,10 @@ def embed_records(
         print(f"mmtune select: note: embedding cache not written ({cache_file.parent} is read-only)", file=sys.stderr)
     elif cache_file is not None:
         try:
-            cache_file.parent.mkdir(parents=True, exist_ok=True)
-            tmp = cache_file.with_name(cache_file.name + ".tmp.npy")
-            np.save(tmp, emb)
-            tmp.replace(cache_file)
+            from mmtune.fileio import atomic_path
+
+            with atomic_path(cache_file) as tmp:
+                np.save(tmp, emb)
         except OSError as exc:
             print(f"mmtune select: note: embedding cache not written ({exc.strerror}: {cache_file})", file=sys.stderr)
     return emb, bad

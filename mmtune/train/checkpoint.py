@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from mmtune import runs
-from mmtune.fileio import write_json_atomic
+from mmtune.fileio import replace_dir, write_json_atomic
 from mmtune.integrity import corruption_message, find_corruption
 
 # The layout and what counts as a complete checkpoint belong to mmtune.runs (the
@@ -139,16 +139,9 @@ def commit_checkpoint(output_dir: str | os.PathLike[str], step: int, state: dict
     write_json_atomic(state, tmp / STATE_FILE, fsync=True, sort_keys=True)
     _fsync_tree(tmp)
     final = checkpoint_path(output_dir, step)
-    old = None
-    if final.exists():
-        old = old_checkpoint_path(output_dir, step)
-        if old.exists():
-            shutil.rmtree(old)
-        os.replace(final, old)
-    os.replace(tmp, final)
+    # The previous copy waits under the name remove_stale_temps puts back after a crash.
+    replace_dir(tmp, final, aside=old_checkpoint_path(output_dir, step))
     _fsync_dir(Path(output_dir))
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
     return final
 
 

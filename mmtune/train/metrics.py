@@ -16,6 +16,7 @@ import os
 from pathlib import Path
 from typing import Any, TextIO
 
+from mmtune.fileio import atomic_text, write_png
 from mmtune.runs import METRICS_FILE
 
 
@@ -38,10 +39,8 @@ def read_metrics(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
 
 def _truncate_after(path: Path, step: int) -> None:
     rows = [r for r in read_metrics(path) if int(r.get("step", 0)) <= step]
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", encoding="utf-8") as fh:
+    with atomic_text(path) as fh:
         fh.writelines(json.dumps(r) + "\n" for r in rows)
-    os.replace(tmp, path)
 
 
 def _open_log(path: Path, resume_step: int | None) -> TextIO:
@@ -142,10 +141,10 @@ def plot_loss_curve(metrics_path: str | os.PathLike[str], png_path: str | os.Pat
         ax.set_title(title)
     fig.tight_layout()
     png_path = Path(png_path)
-    tmp = png_path.with_name(f".{png_path.stem}.tmp.png")
-    fig.savefig(tmp, format="png")
-    plt.close(fig)
-    os.replace(tmp, png_path)
+    try:
+        write_png(fig, png_path)
+    finally:
+        plt.close(fig)
     return png_path
 
 

@@ -16,7 +16,9 @@ from mmtune.config import TrainConfig
 from mmtune.errors import MMTuneError
 
 
-def resolve_mixed_precision(name: str, weights_dtype: torch.dtype | None = None) -> str:
+def resolve_mixed_precision(
+    name: str, weights_dtype: torch.dtype | None = None, dtype_key: str = "model.lm.dtype"
+) -> str:
     """The autocast mode: `auto` -> the half type the frozen weights are stored in (`model.lm.dtype`),
     else bf16 on a CUDA GPU that supports it, else no; fp16 needs CUDA.
 
@@ -38,9 +40,9 @@ def resolve_mixed_precision(name: str, weights_dtype: torch.dtype | None = None)
     if name == "fp16" and not cuda:
         raise MMTuneError("train.mixed_precision fp16 needs a CUDA GPU; use bf16 or no on CPU")
     if name == "no" and half is not None:
-        raise MMTuneError(f"train.mixed_precision no with model.lm.dtype {weights_dtype}: trainable weights are kept in "
+        raise MMTuneError(f"train.mixed_precision no with {dtype_key} {weights_dtype}: trainable weights are kept in "
                           f"float32 and the frozen ones in {weights_dtype}, which needs autocast; set "
-                          f"train.mixed_precision {half} (or auto), or model.lm.dtype float32")
+                          f"train.mixed_precision {half} (or auto), or {dtype_key} float32")
     return name
 
 

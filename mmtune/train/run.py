@@ -186,7 +186,8 @@ def _restore_previous_run(cfg: RunConfig, previous: Path) -> None:
 def _train(cfg: RunConfig) -> TrainResult:
     from accelerate import Accelerator
 
-    precision = resolve_mixed_precision(cfg.train.mixed_precision, _stored_dtype(cfg))
+    dtype_key = "model.lm.quantization.compute_dtype" if cfg.model.lm.quantization.bits else "model.lm.dtype"
+    precision = resolve_mixed_precision(cfg.train.mixed_precision, _stored_dtype(cfg), dtype_key)
     # Several processes without CUDA (torchrun / accelerate on CPU): accelerate
     # only sets up its gloo process group when told the run is on CPU.
     multi_cpu = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
@@ -824,26 +825,17 @@ class _Recipe:
 
     def _save_best(self, loss: float) -> None:
         """DIR/best: the model (and run config) of the lowest validation loss so far, replaced atomically."""
-        import shutil
-
-        from mmtune.fileio import write_json_atomic
+        from mmtune.fileio import atomic_dir, write_json_atomic
         from mmtune.model.io import save_model
 
         self.acc.wait_for_everyone()
         if self.main:
-            best = runs.BEST_DIR
-            tmp, final, old = self.out / f".{best}.tmp", self.out / best, self.out / f".{best}.old"
-            for stale in (tmp, old):
-                shutil.rmtree(stale, ignore_errors=True)
-            tmp.mkdir(parents=True)
-            with _quiet_hf_progress():
-                save_model(self.bundle, tmp)
-            runs.write_run_config(self.cfg, tmp)
-            write_json_atomic({"step": self.step, "eval_loss": loss}, tmp / runs.BEST_FILE)
-            if final.exists():
-                os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
+            final = self.out / runs.BEST_DIR
+            with atomic_dir(final) as tmp:
+                with _quiet_hf_progress():
+                    save_model(self.bundle, tmp)
+                runs.write_run_config(self.cfg, tmp)
+                write_json_atomic({"step": self.step, "eval_loss": loss}, tmp / runs.BEST_FILE)
             log.info("step %d: best validation loss so far (%.4f), model saved to %s", self.step, loss, final)
         self.acc.wait_for_everyone()
 
