@@ -191,10 +191,10 @@ def _token_shift(base_dir: Path, eval_files: list[Path], pred_rows: list[dict[st
     """
     import torch
 
+    from mmtune.data.encode import stop_token_ids, tokenize_prompt
     from mmtune.data.images import load_image
     from mmtune.data.schema import read_records
     from mmtune.data.templates import get_template, prompt_messages
-    from mmtune.data.tokenize import stop_token_ids, tokenize_prompt
     from mmtune.eval.analysis import (
         plot_token_shift,
         shift_category,

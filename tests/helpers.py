@@ -13,10 +13,10 @@ import torch
 
 from mmtune.config import RunConfig, load_config, save_config
 from mmtune.data.collate import collate_examples
+from mmtune.data.encode import TokenizedExample, tokenize_record
 from mmtune.data.images import load_image
 from mmtune.data.schema import Record, read_records
 from mmtune.data.templates import get_template
-from mmtune.data.tokenize import TokenizedExample, tokenize_record
 from mmtune.model import build_model, save_model
 from mmtune.model.build import ModelBundle
 

@@ -13,9 +13,9 @@ from PIL import Image
 
 from mmtune.data.batching import Batcher, collate_packed, model_inputs, pack_rows
 from mmtune.data.collate import collate_examples
+from mmtune.data.encode import IGNORE_INDEX, image_token_id
 from mmtune.data.schema import Record, write_records
 from mmtune.data.stream import ExampleStream
-from mmtune.data.tokenize import IGNORE_INDEX, image_token_id
 from mmtune.data.tokenizer import build_byte_bpe_tokenizer, record_texts
 from mmtune.errors import MMTuneError
 

@@ -87,8 +87,8 @@ def test_generate_image_urls_and_folders_are_named_as_such(tmp_path, capsys):
 
 
 def test_negative_max_length_on_text_is_a_setting_error_not_an_image_skip():
+    from mmtune.data.encode import SkipRecord, tokenize_record
     from mmtune.data.templates import get_template
-    from mmtune.data.tokenize import SkipRecord, tokenize_record
     from mmtune.data.tokenizer import build_byte_bpe_tokenizer
 
     tok = build_byte_bpe_tokenizer(["what is two plus two? four"] * 20, 300)

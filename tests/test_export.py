@@ -13,16 +13,25 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import HF_CLIP, ROOT, TINY_VIT, build_tiny, make_batch, mixed_records, save_run, tiny_cfg
+from helpers import (
+    HF_CLIP,
+    ROOT,
+    TINY_VIT,
+    build_tiny,
+    make_batch,
+    mixed_records,
+    save_run,
+    tiny_cfg,
+)
 from helpers import TRAIN_FIX as FIX
 
 from mmtune.cli import main
 from mmtune.config import LoraConfig, VisionConfig
 from mmtune.data.collate import pad_sequences
+from mmtune.data.encode import tokenize_prompt
 from mmtune.data.images import load_image
 from mmtune.data.schema import read_records
 from mmtune.data.templates import get_template
-from mmtune.data.tokenize import tokenize_prompt
 from mmtune.eval.generate import generate_answers
 from mmtune.model import apply_lora, build_model, load_model
 from mmtune.model.export import (
@@ -344,7 +353,9 @@ def test_unsupported_models_fail_with_one_line_errors(tmp_path, capsys, change, 
 
 
 def test_a_wrong_tower_conversion_is_caught_numerically(tmp_path, monkeypatch):
-    from mmtune.model.towers import open_clip_convert as export  # where OpenClipTower.to_hf converts
+    from mmtune.model.towers import (
+        open_clip_convert as export,  # where OpenClipTower.to_hf converts
+    )
 
     real = export.open_clip_to_hf_clip
 

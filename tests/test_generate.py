@@ -9,9 +9,9 @@ from helpers import build_tiny, save_run
 
 from mmtune.cli import main
 from mmtune.data.collate import pad_sequences
+from mmtune.data.encode import tokenize_prompt
 from mmtune.data.schema import Record, read_records
 from mmtune.data.templates import get_template
-from mmtune.data.tokenize import tokenize_prompt
 from mmtune.eval.generate import generate_answers
 from mmtune.model import load_model
 

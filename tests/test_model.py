@@ -7,13 +7,21 @@ import json
 
 import pytest
 import torch
-from helpers import HF_CLIP, ROOT, TINY_VIT, build_tiny, make_batch, mixed_records, tiny_cfg
+from helpers import (
+    HF_CLIP,
+    ROOT,
+    TINY_VIT,
+    build_tiny,
+    make_batch,
+    mixed_records,
+    tiny_cfg,
+)
 from helpers import TRAIN_FIX as FIX
 
 from mmtune.config import LoraConfig, ModelConfig, VisionConfig, load_config
+from mmtune.data.encode import IGNORE_INDEX
 from mmtune.data.images import load_image
 from mmtune.data.schema import read_records
-from mmtune.data.tokenize import IGNORE_INDEX
 from mmtune.errors import MMTuneError
 from mmtune.model import apply_lora, build_model, load_model, merge_lora, save_model
 from mmtune.model.vision import build_vision_tower, open_clip_to_hf_clip

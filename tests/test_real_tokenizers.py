@@ -18,18 +18,18 @@ import pytest
 import torch
 from conftest import SHARED_DATA
 
+from mmtune.data.encode import (
+    IGNORE_INDEX,
+    stop_token_ids,
+    tokenize_prompt,
+    tokenize_record,
+)
 from mmtune.data.schema import Record
 from mmtune.data.templates import (
     VICUNA_SYSTEM,
     TemplateError,
     content_parts,
     get_template,
-)
-from mmtune.data.tokenize import (
-    IGNORE_INDEX,
-    stop_token_ids,
-    tokenize_prompt,
-    tokenize_record,
 )
 from mmtune.data.tokenizer import prepare_tokenizer
 
@@ -210,7 +210,7 @@ def test_llama2_chat_template_with_llama2_tokenizer() -> None:
 
 def test_a_record_the_template_refuses_is_a_counted_skip() -> None:
     """Mistral's template raises on two user turns in a row: that record is skipped (named), not a crash."""
-    from mmtune.data.tokenize import SkipRecord
+    from mmtune.data.encode import SkipRecord
 
     tok = load("mistral-7b-instruct-v0.3")
     msgs = [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}, {"role": "assistant", "content": "c"}]

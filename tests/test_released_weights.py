@@ -19,10 +19,10 @@ from helpers import build_tiny, make_batch, mixed_records, save_run
 from mmtune.cli import main
 from mmtune.config import ModelConfig
 from mmtune.data.collate import collate_examples
+from mmtune.data.encode import tokenize_record
 from mmtune.data.images import load_image
 from mmtune.data.schema import read_records
 from mmtune.data.templates import get_template
-from mmtune.data.tokenize import tokenize_record
 from mmtune.data.tokenizer import build_byte_bpe_tokenizer, record_texts
 from mmtune.errors import MMTuneError
 from mmtune.model import build_model, load_model

@@ -5,9 +5,21 @@ from pathlib import Path
 
 import pytest
 
+from mmtune.data.encode import (
+    IGNORE_INDEX,
+    SkipRecord,
+    tokenize_prompt,
+    tokenize_record,
+)
 from mmtune.data.schema import Record
-from mmtune.data.templates import ALPACA_PROMPT_INPUT, ALPACA_PROMPT_NO_INPUT, VICUNA_SYSTEM, few_shot, get_template, prompt_messages
-from mmtune.data.tokenize import IGNORE_INDEX, SkipRecord, tokenize_prompt, tokenize_record
+from mmtune.data.templates import (
+    ALPACA_PROMPT_INPUT,
+    ALPACA_PROMPT_NO_INPUT,
+    VICUNA_SYSTEM,
+    few_shot,
+    get_template,
+    prompt_messages,
+)
 from mmtune.data.tokenizer import build_byte_bpe_tokenizer
 from mmtune.errors import MMTuneError
 

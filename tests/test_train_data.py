@@ -242,9 +242,9 @@ def img2dataset_folder(tmp_path) -> Path:
 
 
 def test_img2dataset_shards_stream_as_plain_caption_records(tmp_path, tokenizer):
+    from mmtune.data.encode import IGNORE_INDEX
     from mmtune.data.shards import expand_shards, is_shard_source, iter_records
     from mmtune.data.stream import ExampleStream
-    from mmtune.data.tokenize import IGNORE_INDEX
 
     folder = img2dataset_folder(tmp_path)
     assert is_shard_source(str(folder)) and len(expand_shards(str(folder))) == 2

@@ -38,10 +38,10 @@ from helpers import free_port
 from mmtune.cli import main
 from mmtune.config import load_config
 from mmtune.data.collate import collate_examples
+from mmtune.data.encode import tokenize_record
 from mmtune.data.images import load_image
 from mmtune.data.schema import read_records
 from mmtune.data.templates import get_template
-from mmtune.data.tokenize import tokenize_record
 from mmtune.errors import MMTuneError
 from mmtune.model import build_model
 from mmtune.model.consolidate import consolidate

@@ -46,7 +46,7 @@ import torch
 
 from mmtune.config import DataConfig
 from mmtune.data.collate import collate_examples, pad_sequences
-from mmtune.data.tokenize import IGNORE_INDEX, TokenizedExample
+from mmtune.data.encode import IGNORE_INDEX, TokenizedExample
 from mmtune.errors import MMTuneError
 
 STATE_FORMAT = "mmtune.Batcher/1"

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 import torch
 
-from mmtune.data.tokenize import IGNORE_INDEX, TokenizedExample
+from mmtune.data.encode import IGNORE_INDEX, TokenizedExample
 
 
 def pad_sequences(

@@ -51,6 +51,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from mmtune.config import DataConfig
+from mmtune.data.encode import SkipRecord, TokenizedExample, tokenize_record
 from mmtune.data.images import ImageError, load_image, resolve_image_path
 from mmtune.data.schema import Record, RecordError, validate_record
 from mmtune.data.shards import (
@@ -65,7 +66,6 @@ from mmtune.data.shards import (
 )
 from mmtune.data.templates import Template, get_template
 from mmtune.data.textio import decode, parse_json
-from mmtune.data.tokenize import SkipRecord, TokenizedExample, tokenize_record
 from mmtune.errors import MMTuneError
 
 log = logging.getLogger(__name__)

@@ -239,7 +239,7 @@ class MMTuneBackend(EvalModel):
         return self.bundle.model
 
     def render(self, messages: Sequence[dict[str, str]], meta: dict[str, Any] | None = None) -> str:
-        from mmtune.data.tokenize import prompt_text
+        from mmtune.data.encode import prompt_text
 
         return prompt_text(messages, self._tokenizer, self.template, meta=meta)
 
@@ -262,7 +262,7 @@ class MMTuneBackend(EvalModel):
                                 desc=desc)
 
     def stop_ids(self) -> list[int]:
-        from mmtune.data.tokenize import stop_token_ids
+        from mmtune.data.encode import stop_token_ids
 
         return stop_token_ids(self._tokenizer, self.template)
 
@@ -498,7 +498,7 @@ class LlavaHFBackend(_HFBackend):
 
     def render(self, messages: Sequence[dict[str, str]], meta: dict[str, Any] | None = None) -> str:
         if self._template is not None:
-            from mmtune.data.tokenize import prompt_text
+            from mmtune.data.encode import prompt_text
 
             return prompt_text(messages, self.tokenizer, self._template, meta=meta)
         conv = [{"role": m["role"], "content": _as_parts(m["content"])} for m in messages]
@@ -548,7 +548,7 @@ class CausalLMBackend(_HFBackend):
 
     def render(self, messages: Sequence[dict[str, str]], meta: dict[str, Any] | None = None) -> str:
         if self._template is not None:
-            from mmtune.data.tokenize import prompt_text
+            from mmtune.data.encode import prompt_text
 
             return prompt_text(messages, self._tokenizer, self._template, meta=meta)
         return self._tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=False)

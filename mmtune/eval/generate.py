@@ -41,10 +41,10 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import torch
 
 from mmtune.data.collate import pad_sequences
+from mmtune.data.encode import stop_token_ids, tokenize_prompt
 from mmtune.data.images import load_image, resolve_image_path
 from mmtune.data.schema import IMAGE_PLACEHOLDER, Record, count_placeholders
 from mmtune.data.templates import Template, get_template, prompt_messages
-from mmtune.data.tokenize import stop_token_ids, tokenize_prompt
 from mmtune.device import resolve_device
 from mmtune.errors import MMTuneError
 from mmtune.outputs import Out, check_outputs

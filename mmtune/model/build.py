@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from mmtune.config import LMConfig, ModelConfig
-from mmtune.data.tokenize import image_token_id
+from mmtune.data.encode import image_token_id
 from mmtune.data.tokenizer import build_tokenizer
 from mmtune.errors import MMTuneError
 from mmtune.model.mllm import MMTuneModel

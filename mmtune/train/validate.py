@@ -72,7 +72,7 @@ class ValidationSet:
         from tqdm.auto import tqdm
 
         from mmtune.data.batching import model_inputs
-        from mmtune.data.tokenize import IGNORE_INDEX
+        from mmtune.data.encode import IGNORE_INDEX
         from mmtune.train import checkpoint as ckpt
 
         rng = ckpt.capture_rng_state()
