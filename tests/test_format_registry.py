@@ -19,8 +19,6 @@ from mmtune.data.formats import FORMATS, Format, InputFile, Paired, Row, RowErro
 class PromptReplies(Format):
     """Test layout: {"prompts": [{pid, text}]} and {"replies": [{pid, text}]}, joined on pid."""
 
-    name = "prompt-replies"
-    description = "test: prompts file + replies file"
     container = True
 
     def claims(self, top: dict[str, Any]) -> bool:
@@ -58,11 +56,11 @@ class PromptReplies(Format):
 
 @pytest.fixture
 def registered() -> Iterator[None]:
-    register(PromptReplies)
+    register("prompt-replies", "test: prompts file + replies file")(PromptReplies)
     try:
         yield
     finally:
-        FORMATS.pop(PromptReplies.name, None)
+        FORMATS.pop("prompt-replies", None)
 
 
 def _write(path: Path, obj: Any) -> Path:

@@ -32,7 +32,7 @@ from __future__ import annotations
 import itertools
 import json
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
@@ -411,7 +411,7 @@ class Paired:
 class Format:
     """An input layout: how its files become rows, and how one row becomes a unified record dict.
 
-    Subclasses set `name` (the value of `--format`) and `description`, and
+    Subclasses are registered with `@register(name, description)` and
     implement `map_row`; one read from a top-level JSON object sets
     `container` and implements `claims` and `rows`.
     """
@@ -442,6 +442,13 @@ class Format:
             keys = sorted(inp.top or {})[:6]
             raise FormatError(f"{inp.path}: --format {self.name} expects a JSON array or JSONL of rows, "
                               f"found one JSON object with keys {keys}")
+        problem = self.mismatch(inp.top) if self.container and inp.top is not None else None
+        if problem:
+            raise FormatError(f"{inp.path}: {problem}")
+
+    def mismatch(self, top: dict[str, Any]) -> str | None:
+        """Why a top-level JSON object given with `--format NAME` is another layout (None: it is this one)."""
+        return None
 
     def pair(self, inputs: Sequence[InputFile]) -> Paired:
         """The rows of all the input files given in this format, in order; a layout published as
@@ -454,10 +461,15 @@ FORMATS: dict[str, Format] = {}
 F = TypeVar("F", bound=type[Format])
 
 
-def register(cls: F) -> F:
-    """Class decorator: add a format to `FORMATS` under its `name`."""
-    FORMATS[cls.name] = cls()
-    return cls
+def register(name: str, description: str) -> Callable[[F], F]:
+    """Class decorator: add a `Format` subclass to `FORMATS` under `name` (the value of `--format`)."""
+
+    def deco(cls: F) -> F:
+        cls.name, cls.description = name, description
+        FORMATS[name] = cls()
+        return cls
+
+    return deco
 
 
 def _history(row: dict[str, Any]) -> list[dict[str, str]]:
@@ -494,46 +506,39 @@ def _instruction_record(
     return messages, {"instruction": instruction, "input": inp, "output": output}
 
 
-@register
+@register("alpaca", "Alpaca rows {instruction, input, output} (+ system, history, images)")
 class Alpaca(Format):
-    name = "alpaca"
-    description = "Alpaca rows {instruction, input, output} (+ system, history, images)"
+    input_key, output_key = "input", "output"
 
     def map_row(self, row: dict[str, Any]) -> dict[str, Any]:
-        messages, meta = _instruction_record(row, "instruction", "input", "output")
-        used = ("id", "instruction", "input", "output", "system", "history", "images", "image")
+        messages, meta = _instruction_record(row, "instruction", self.input_key, self.output_key)
+        own = self.own_fields(row)
+        used = ("id", "instruction", self.input_key, self.output_key, "system", "history", "images", "image")
         return {
             "id": row_id(row),
             "messages": messages,
             "images": _images(row),
+            **own,
             "meta": {**meta, **_extras(row, used)},
         }
 
-
-@register
-class Dolly(Format):
-    name = "dolly"
-    description = "Dolly rows {instruction, context, response, category}"
-
-    def map_row(self, row: dict[str, Any]) -> dict[str, Any]:
-        # meta uses Alpaca's names (input = context, output = response) so the alpaca
-        # template renders Dolly rows exactly like Alpaca ones.
-        messages, meta = _instruction_record(row, "instruction", "context", "response")
-        category = _str(row, "category", required=False)
-        used = ("id", "instruction", "context", "response", "system", "history", "images", "image")
-        return {
-            "id": row_id(row),
-            "messages": messages,
-            "images": _images(row),
-            "task": category or None,
-            "meta": {**meta, **_extras(row, used)},
-        }
+    def own_fields(self, row: dict[str, Any]) -> dict[str, Any]:
+        """Record fields this layout fills besides messages, images and meta."""
+        return {}
 
 
-@register
+@register("dolly", "Dolly rows {instruction, context, response, category}")
+class Dolly(Alpaca):
+    # meta uses Alpaca's names (input = context, output = response) so the alpaca
+    # template renders Dolly rows exactly like Alpaca ones.
+    input_key, output_key = "context", "response"
+
+    def own_fields(self, row: dict[str, Any]) -> dict[str, Any]:
+        return {"task": _str(row, "category", required=False) or None}
+
+
+@register("sharegpt", "ShareGPT {conversations: [{from: human|gpt|system, value}]}")
 class ShareGPT(Format):
-    name = "sharegpt"
-    description = "ShareGPT {conversations: [{from: human|gpt|system, value}]}"
     turns_key, role_key, content_key = "conversations", "from", "value"
 
     def map_row(self, row: dict[str, Any]) -> dict[str, Any]:
@@ -542,23 +547,18 @@ class ShareGPT(Format):
         return {"id": row_id(row), "messages": messages, "images": _images(row), "meta": _extras(row, used)}
 
 
-@register
+@register("llava", "LLaVA: ShareGPT plus image (path or list), <image> in the first human turn")
 class LLaVA(ShareGPT):
-    name = "llava"
-    description = "LLaVA: ShareGPT plus image (path or list), <image> in the first human turn"
+    """ShareGPT rows with images; the same mapping, its own name for detection and --format."""
 
 
-@register
+@register("messages", "{messages: [{role, content}], images: [...]} (LLaMA-Factory mllm_demo)")
 class Messages(ShareGPT):
-    name = "messages"
-    description = "{messages: [{role, content}], images: [...]} (LLaMA-Factory mllm_demo)"
     turns_key, role_key, content_key = "messages", "role", "content"
 
 
-@register
+@register("unified", "mmtune's own JSONL records, validated as they are")
 class Unified(Format):
-    name = "unified"
-    description = "mmtune's own JSONL records, validated as they are"
     assigns_ids = False
 
     def map_row(self, row: dict[str, Any]) -> dict[str, Any]:
@@ -640,22 +640,19 @@ def vqa_rows(inp: InputFile, annotations: VQAAnnotations) -> list[Row]:
     return rows
 
 
-@register
+@register("vqa", "official VQA v1/v2 questions + annotations JSON (pass both files)")
 class VQA(Format):
     """Official VQA v1/v2: a questions file and an annotations file, joined by question id."""
 
-    name = "vqa"
-    description = "official VQA v1/v2 questions + annotations JSON (pass both files)"
     container = True
 
     def claims(self, top: dict[str, Any]) -> bool:
         return vqa_role(top) is not None
 
-    def check(self, inp: InputFile) -> None:
-        super().check(inp)
-        if inp.top is None or vqa_role(inp.top) is None:
-            raise FormatError(f"{inp.path}: --format vqa expects a VQA questions or annotations file "
-                              "(top-level 'questions' or 'annotations' list)")
+    def mismatch(self, top: dict[str, Any]) -> str | None:
+        if vqa_role(top) is None:
+            return "--format vqa expects a VQA questions or annotations file (top-level 'questions' or 'annotations' list)"
+        return None
 
     def pair(self, inputs: Sequence[InputFile]) -> Paired:
         """Each questions file's rows, joined with the annotations of all annotation files; annotations
@@ -755,22 +752,19 @@ def gqa_rows(inp: InputFile) -> list[Row]:
     return rows
 
 
-@register
+@register("gqa", "official GQA questions JSON {question_id: {question, imageId, answer, ...}}")
 class GQA(Format):
-    name = "gqa"
-    description = "official GQA questions JSON {question_id: {question, imageId, answer, ...}}"
     container = True
+
+    def rows(self, inp: InputFile) -> list[Row]:
+        return gqa_rows(inp)
 
     def claims(self, top: dict[str, Any]) -> bool:
         return _is_gqa(top)
 
-    def check(self, inp: InputFile) -> None:
-        super().check(inp)
-        if inp.top is not None and vqa_role(inp.top) is not None:
-            raise FormatError(f"{inp.path}: --format gqa given, but this is a VQA {vqa_role(inp.top)} file")
-
-    def rows(self, inp: InputFile) -> list[Row]:
-        return gqa_rows(inp)
+    def mismatch(self, top: dict[str, Any]) -> str | None:
+        role = vqa_role(top)
+        return f"--format gqa given, but this is a VQA {role} file" if role else None
 
     def map_row(self, row: dict[str, Any]) -> dict[str, Any]:
         """One GQA question (its id folded in by `gqa_rows`) as a unified dict."""
