@@ -87,28 +87,40 @@ PREDICTION_ID_KEYS = ("id", "question_id")
 PREDICTION_TEXT_KEYS = ("prediction", "text", "answer")
 
 
+def read_keyed_jsonl(path: str | Path, where: str, id_keys: Sequence[str] = PREDICTION_ID_KEYS,
+                     duplicate_hint: str = "") -> dict[str, dict[str, Any]]:
+    """id -> JSON object for an answers-style JSONL file (one object per line, each with an id).
+
+    The id is the first of `id_keys` present (as a string). A missing file
+    (named by `where`), bad JSON, a line that is not an object, a line without
+    an id or an id seen before is a one-line error naming the line.
+    """
+    from mmtune.data.schema import iter_jsonl
+
+    path = Path(path)
+    if not path.is_file():
+        raise MMTuneError(f"{where}: {path} not found")
+    out: dict[str, dict[str, Any]] = {}
+    for line, obj in iter_jsonl(path):
+        if isinstance(obj, Exception):
+            raise obj
+        if not isinstance(obj, dict):
+            raise MMTuneError(f"{path}:{line}: expected a JSON object")
+        rid = next((obj[k] for k in id_keys if obj.get(k) is not None), None)
+        if rid is None:
+            raise MMTuneError(f"{path}:{line}: no id (one of {', '.join(id_keys)})")
+        rid = str(rid)
+        if rid in out:
+            raise MMTuneError(f"{path}:{line}: id {rid!r} appears twice{duplicate_hint}")
+        out[rid] = obj
+    return out
+
+
 def read_predictions(path: str | Path) -> dict[str, Any]:
     """id -> prediction from JSONL: mmtune's (`id`, `prediction`) or LLaVA's answers file (`question_id`, `text`).
 
     A line without an id, a duplicated id or bad JSON is an error naming the
     line; a line without a prediction field maps to None (a counted skip).
     """
-    from mmtune.data.schema import iter_jsonl
-
-    path = Path(path)
-    if not path.is_file():
-        raise MMTuneError(f"--predictions: {path} not found")
-    out: dict[str, Any] = {}
-    for line, obj in iter_jsonl(path):
-        if isinstance(obj, Exception):
-            raise obj
-        if not isinstance(obj, dict):
-            raise MMTuneError(f"{path}:{line}: expected a JSON object")
-        rid = next((obj[k] for k in PREDICTION_ID_KEYS if obj.get(k) is not None), None)
-        if rid is None:
-            raise MMTuneError(f"{path}:{line}: no id (one of {', '.join(PREDICTION_ID_KEYS)})")
-        rid = str(rid)
-        if rid in out:
-            raise MMTuneError(f"{path}:{line}: id {rid!r} appears twice")
-        out[rid] = next((obj[k] for k in PREDICTION_TEXT_KEYS if k in obj), None)
-    return out
+    return {rid: next((obj[k] for k in PREDICTION_TEXT_KEYS if k in obj), None)
+            for rid, obj in read_keyed_jsonl(path, "--predictions").items()}
