@@ -180,19 +180,17 @@ def run_token_shift(args: argparse.Namespace) -> dict[str, Any]:
 
 def _choice_scores(model: Any, recs: Sequence[Record], args: argparse.Namespace, desc: str) -> list[list[float]]:
     """Each record's choices scored by `model`: mean token log-likelihood after its own rendered prompt."""
-    from mmtune.eval.analysis import answer_logprobs
+    from mmtune.eval.analysis import answer_logprobs, candidate_ids
 
     prompts, answers, extra, owner = [], [], [], []
     for i, r in enumerate(recs):
         ids, ex = model.prompt_inputs(r.messages, r.images, r.meta)
-        for c in r.choices or []:
-            cand = model.tokenizer(args.answer_prefix + c, add_special_tokens=False)["input_ids"]
-            if not cand:
-                raise MMTuneError(f"{args.data}: record {r.id!r} field 'choices': {c!r} encodes to no tokens")
-            prompts.append(ids)
-            answers.append(cand)
-            extra.append(ex)
-            owner.append(i)
+        where = f"{args.data}: record {r.id!r} field 'choices':"
+        cands = [candidate_ids(model.tokenizer, c, args.answer_prefix, where) for c in r.choices or []]
+        prompts += [ids] * len(cands)
+        answers += cands
+        extra += [ex] * len(cands)
+        owner += [i] * len(cands)
     pad = getattr(model.tokenizer, "pad_token_id", None) or 0
     flat = answer_logprobs(model.model, prompts, answers, extra_inputs=extra, batch_size=args.batch_size,
                            pad_token_id=pad, progress=not args.no_progress, desc=desc)

@@ -330,6 +330,29 @@ class _HFBackend(EvalModel):
 
     _model: Any = None
     hf_class: str  # the transformers class that loads the folder, named by each backend
+    _template: Any = None  # the mmtune template named by `template`; None: the folder's own chat template
+
+    def _choose_template(self, template: str | None, owner: Any, what: str, hint: str = "") -> None:
+        """Prompt with the mmtune template `template`, or else with the chat template of `owner`
+        (the folder's `what`: processor or tokenizer), which must then have one."""
+        if template:
+            from mmtune.data.templates import get_template
+
+            self._template = get_template(template, self.tokenizer)
+        elif not getattr(owner, "chat_template", None):
+            raise MMTuneError(f"{self.folder}: the {what} has no chat template; name one with `template`{hint}")
+        self.template_name = template or f"{what} chat template"
+
+    def render(self, messages: Sequence[dict[str, str]], meta: dict[str, Any] | None = None) -> str:
+        if self._template is not None:
+            from mmtune.data.encode import prompt_text
+
+            return prompt_text(messages, self.tokenizer, self._template, meta=meta)
+        return self._own_chat_template(messages)
+
+    @abstractmethod
+    def _own_chat_template(self, messages: Sequence[dict[str, str]]) -> str:
+        """The prompt rendered by the folder's own chat template."""
 
     @property
     def model(self) -> torch.nn.Module:
@@ -473,14 +496,7 @@ class LlavaHFBackend(_HFBackend):
         except (OSError, ValueError) as exc:
             raise MMTuneError(f"{folder}: cannot load the processor ({str(exc).splitlines()[0]})") from None
         self.processor.tokenizer.padding_side = "left"
-        self._template = None
-        if template:
-            from mmtune.data.templates import get_template
-
-            self._template = get_template(template, self.processor.tokenizer)
-        elif not getattr(self.processor, "chat_template", None):
-            raise MMTuneError(f"{folder}: the processor has no chat template; name one with `template`")
-        self.template_name = template or "processor chat template"
+        self._choose_template(template, self.processor, "processor")
 
     @classmethod
     def matches(cls, path: Path) -> bool:
@@ -488,19 +504,13 @@ class LlavaHFBackend(_HFBackend):
         return cfg is not None and (cfg.get("model_type") == "llava"
                                     or "LlavaForConditionalGeneration" in (cfg.get("architectures") or []))
 
+    takes_images = True
+
     @property
     def tokenizer(self) -> Any:
         return self.processor.tokenizer
 
-    @property
-    def takes_images(self) -> bool:
-        return True
-
-    def render(self, messages: Sequence[dict[str, str]], meta: dict[str, Any] | None = None) -> str:
-        if self._template is not None:
-            from mmtune.data.encode import prompt_text
-
-            return prompt_text(messages, self.tokenizer, self._template, meta=meta)
+    def _own_chat_template(self, messages: Sequence[dict[str, str]]) -> str:
         conv = [{"role": m["role"], "content": _as_parts(m["content"])} for m in messages]
         return self.processor.apply_chat_template(conv, add_generation_prompt=True, tokenize=False)
 
@@ -524,33 +534,19 @@ class CausalLMBackend(_HFBackend):
                          trust_remote_code=trust_remote_code)
         self._tokenizer = load_tokenizer(folder, trust_remote_code=trust_remote_code)
         self._tokenizer.padding_side = "left"
-        self._template = None
-        if template:
-            from mmtune.data.templates import get_template
-
-            self._template = get_template(template, self._tokenizer)
-        elif not getattr(self._tokenizer, "chat_template", None):
-            raise MMTuneError(f"{folder}: the tokenizer has no chat template; name one with `template` "
-                              "(e.g. vicuna_v1, chatml)")
-        self.template_name = template or "tokenizer chat template"
+        self._choose_template(template, self._tokenizer, "tokenizer", hint=" (e.g. vicuna_v1, chatml)")
 
     @classmethod
     def matches(cls, path: Path) -> bool:
         return _hf_config(path) is not None
 
+    takes_images = False
+
     @property
     def tokenizer(self) -> Any:
         return self._tokenizer
 
-    @property
-    def takes_images(self) -> bool:
-        return False
-
-    def render(self, messages: Sequence[dict[str, str]], meta: dict[str, Any] | None = None) -> str:
-        if self._template is not None:
-            from mmtune.data.encode import prompt_text
-
-            return prompt_text(messages, self._tokenizer, self._template, meta=meta)
+    def _own_chat_template(self, messages: Sequence[dict[str, str]]) -> str:
         return self._tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=False)
 
     def _encode(self, texts: list[str], images: list[list[Any]]) -> dict[str, torch.Tensor]:
