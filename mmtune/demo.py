@@ -323,12 +323,13 @@ def run_demo(
 
     import torch
 
-    from mmtune.config import load_config, save_config
+    from mmtune.config import EvalConfig, load_config, save_config
     from mmtune.data.convert import convert_files
     from mmtune.data.schema import write_records
     from mmtune.data.shards import write_shards
     from mmtune.data.synthetic import make_pool
-    from mmtune.eval.run import EvalConfig, format_table, run_eval
+    from mmtune.eval.report import format_table
+    from mmtune.eval.run import run_eval
     from mmtune.eval.tasks import split_unseen
     from mmtune.select.api import select_records
     from mmtune.train.run import train

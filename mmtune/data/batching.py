@@ -27,6 +27,11 @@ Batches are the contract's dict: `input_ids`, `attention_mask` (1 = real token,
 also in packed batches, for token counts and padding share), `labels`,
 `pixel_values` (images in reading order: row by row, left to right) when any,
 `position_ids` when packed, and `ids` / `num_images` (per example, reading order).
+Images arrive as the stream's transform made them (uint8 pixels from a tower
+with a pixel_norm, which normalises them on the device) and are stacked as
+they are. `pin_memory=True` (CUDA runs) returns the batch's tensors in
+page-locked memory, so the trainer's `.to(device, non_blocking=True)` is an
+asynchronous copy.
 
 Resuming: the state is the stream's state at the start of the current buffer,
 the buffer's number and how many of its batches were already yielded. On
@@ -165,6 +170,7 @@ class Batcher:
         seed: int = 0,
         drop_last: bool = False,
         group_by_modality: bool = False,
+        pin_memory: bool = False,
     ) -> None:
         if batch_size < 1:
             raise MMTuneError(f"batch_size must be >= 1, got {batch_size}")
@@ -193,6 +199,7 @@ class Batcher:
             raise MMTuneError(f"pack_length={self.pack_length} must be >= the stream's max_length={stream_max}")
         self.seed = seed
         self.drop_last = drop_last
+        self.pin_memory = pin_memory
         self.stats = {"batches": 0, "examples": 0, "tokens": 0, "slots": 0, "dropped_examples": 0}
         self._buffer_index = 0
         self._emitted = 0
@@ -200,13 +207,13 @@ class Batcher:
 
     @classmethod
     def from_config(cls, stream: Iterable[Example], cfg: DataConfig, *, batch_size: int, seed: int = 0,
-                    pad_token_id: int | None = None) -> Batcher:
+                    pad_token_id: int | None = None, pin_memory: bool = False) -> Batcher:
         """Batching as a run's `data:` section asks (group_by_length x group_factor, group_by_modality,
-        packing into max_length rows)."""
+        packing into max_length rows); `pin_memory` for a CUDA device."""
         return cls(stream, batch_size=batch_size, pad_token_id=pad_token_id, group_by_length=cfg.group_by_length,
                    group_factor=cfg.group_factor, packing=cfg.packing,
                    pack_length=cfg.max_length if cfg.packing else None, seed=seed,
-                   group_by_modality=cfg.group_by_modality)
+                   group_by_modality=cfg.group_by_modality, pin_memory=pin_memory)
 
     @property
     def buffer_size(self) -> int:
@@ -312,6 +319,8 @@ class Batcher:
                                                    self.pad_token_id, pixel_values=pixels)
         else:
             batch = collate_examples([buffer[i][0] for i in order], self.pad_token_id, pixel_values=pixels)
+        if self.pin_memory:
+            batch = {k: v.pin_memory() for k, v in batch.items()}
         batch["ids"] = [buffer[i][0].id for i in order]
         batch["num_images"] = [len(buffer[i][1]) for i in order]
         return batch

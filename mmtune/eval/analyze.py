@@ -41,9 +41,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mmtune.data.schema import Record, iter_jsonl, read_records
+from mmtune.data.schema import Record, read_records
 from mmtune.data.templates import prompt_messages
 from mmtune.errors import MMTuneError
+from mmtune.eval.scoring import read_keyed_jsonl
 from mmtune.fileio import write_json_atomic
 
 MEASURES = {
@@ -229,19 +230,17 @@ def run_token_shift(opts: TokenShiftOptions) -> dict[str, Any]:
 
 def _choice_scores(model: Any, recs: Sequence[Record], opts: ConsistencyOptions, desc: str) -> list[list[float]]:
     """Each record's choices scored by `model`: mean token log-likelihood after its own rendered prompt."""
-    from mmtune.eval.analysis import answer_logprobs
+    from mmtune.eval.analysis import answer_logprobs, candidate_ids
 
     prompts, answers, extra, owner = [], [], [], []
     for i, r in enumerate(recs):
         ids, ex = model.prompt_inputs(r.messages, r.images, r.meta)
-        for c in r.choices or []:
-            cand = model.tokenizer(opts.answer_prefix + c, add_special_tokens=False)["input_ids"]
-            if not cand:
-                raise MMTuneError(f"{opts.data}: record {r.id!r} field 'choices': {c!r} encodes to no tokens")
-            prompts.append(ids)
-            answers.append(cand)
-            extra.append(ex)
-            owner.append(i)
+        where = f"{opts.data}: record {r.id!r} field 'choices':"
+        cands = [candidate_ids(model.tokenizer, c, opts.answer_prefix, where) for c in r.choices or []]
+        prompts += [ids] * len(cands)
+        answers += cands
+        extra += [ex] * len(cands)
+        owner += [i] * len(cands)
     pad = getattr(model.tokenizer, "pad_token_id", None) or 0
     flat = answer_logprobs(model.model, prompts, answers, extra_inputs=extra, batch_size=opts.batch_size,
                            pad_token_id=pad, progress=opts.progress, desc=desc)
@@ -350,31 +349,18 @@ def _plot_consistency(report: dict[str, Any], path: Path) -> Path:
 # judge
 # --------------------------------------------------------------------------- #
 
-_ID_KEYS = ("id", "question_id")
 _ANSWER_KEYS = ("prediction", "output", "text", "answer", "response")
 _QUESTION_KEYS = ("question", "prompt", "instruction")
 
 
 def read_answers(path: str, where: str) -> dict[str, dict[str, Any]]:
     """id -> {answer, question} from an answers JSONL (errors name the line and field)."""
-    p = Path(path)
-    if not p.is_file():
-        raise MMTuneError(f"{where}: {path} not found")
     out: dict[str, dict[str, Any]] = {}
-    for line, obj in iter_jsonl(p):
-        if isinstance(obj, Exception):
-            raise obj
-        if not isinstance(obj, dict):
-            raise MMTuneError(f"{path}:{line}: expected a JSON object")
-        rid = next((obj[k] for k in _ID_KEYS if obj.get(k) is not None), None)
-        if rid is None:
-            raise MMTuneError(f"{path}:{line}: no id field ({', '.join(_ID_KEYS)})")
-        if str(rid) in out:
-            raise MMTuneError(f"{path}:{line}: id {rid!r} appears twice (filter an eval's predictions.jsonl "
-                              "to one model and mode first)")
+    hint = " (filter an eval's predictions.jsonl to one model and mode first)"
+    for rid, obj in read_keyed_jsonl(path, where, duplicate_hint=hint).items():
         ans = next((obj[k] for k in _ANSWER_KEYS if k in obj), None)
         q = next((obj[k] for k in _QUESTION_KEYS if isinstance(obj.get(k), str)), None)
-        out[str(rid)] = {"answer": ans if isinstance(ans, str) else None, "question": q}
+        out[rid] = {"answer": ans if isinstance(ans, str) else None, "question": q}
     return out
 
 

@@ -44,9 +44,12 @@ class ModelBundle:
 
     model: MMTuneModel
     tokenizer: Any
-    image_transform: Callable[[Any], torch.Tensor] | None
+    image_transform: Callable[[Any], torch.Tensor] | None  # PIL -> normalised float [3, H, W]
     num_image_tokens: int
     config: ModelConfig
+    # PIL -> what the training loader ships: uint8 [3, H, W] that the tower normalises on the device
+    # (towers with a pixel_norm), else the same as image_transform. None in llm mode.
+    pixel_transform: Callable[[Any], torch.Tensor] | None = None
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -238,7 +241,7 @@ def build_model(
     _set_special_ids(lm, tokenizer, random_init=lm_random)
 
     vision = projector = None
-    transform = None
+    transform = pixel_transform = None
     if cfg.mode == "mllm":
         dtype = resolve_dtype(cfg.lm.dtype)
         tower_dtype = None if dtype in (None, "auto") else dtype
@@ -268,12 +271,13 @@ def build_model(
         if projector_state is not None:
             _load_state(projector, projector_state, "projector")
         transform = vision.image_transform(vcfg.pad_to_square)
+        pixel_transform = vision.image_transform(vcfg.pad_to_square, normalize=False)
         vision.eval()
         for p in vision.parameters():
             p.requires_grad_(False)
 
     model = MMTuneModel(lm, config=cfg, image_token_id=img_id, vision=vision, projector=projector, owned_parts=owned)
-    return ModelBundle(model, tokenizer, transform, model.num_image_tokens, cfg)
+    return ModelBundle(model, tokenizer, transform, model.num_image_tokens, cfg, pixel_transform)
 
 
 def _read_init_from(cfg: ModelConfig, load_lm: bool) -> tuple[Any, ModelConfig]:

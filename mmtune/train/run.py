@@ -462,7 +462,8 @@ class _Recipe:
         def make(sources: list[str], epochs: int | None) -> ExampleStream:
             return ExampleStream.from_config(
                 dc, self.bundle.tokenizer, num_image_tokens=self.bundle.num_image_tokens,
-                image_transform=self.bundle.image_transform, seed=self.tc.seed, epochs=epochs,
+                image_transform=self.bundle.pixel_transform or self.bundle.image_transform, seed=self.tc.seed,
+                epochs=epochs,
                 rank=self.rank, world_size=self.world, sources=sources, draft_size=self._draft_size(),
             )
 
@@ -475,7 +476,8 @@ class _Recipe:
         else:  # plain sources (or counting num_epochs of a mixture: one pass over all of its sources)
             stream = make(dc.train_paths(), epochs)
         return Batcher.from_config(stream, dc, batch_size=self.tc.batch_size, seed=self.tc.seed,
-                                   pad_token_id=self.bundle.tokenizer.pad_token_id)
+                                   pad_token_id=self.bundle.tokenizer.pad_token_id,
+                                   pin_memory=self.acc.device.type == "cuda")
 
     def _draft_size(self) -> int | None:
         if not self.cfg.data.jpeg_draft or self.model.vision is None:

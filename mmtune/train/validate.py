@@ -51,7 +51,8 @@ class ValidationSet:
         dc = self.cfg.data
         stream = ExampleStream(
             dc.eval, self.bundle.tokenizer, dc.template, max_length=dc.max_length,
-            num_image_tokens=self.bundle.num_image_tokens, image_transform=self.bundle.image_transform,
+            num_image_tokens=self.bundle.num_image_tokens,
+            image_transform=self.bundle.pixel_transform or self.bundle.image_transform,
             image_root=dc.image_root, shuffle=False, seed=0, epochs=1, rank=self.rank, world_size=self.world,
         )
         if self.per_rank is not None:

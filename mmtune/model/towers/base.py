@@ -15,6 +15,18 @@ builds the PIL -> tensor transform (with LLaVA's optional pad-to-square), and
 tells export what it is in Hugging Face terms (`to_hf`, `hf_processor_kwargs`,
 `patch_size`, `image_backend`), so export never checks a tower's type.
 
+Pixels. A tower with a `pixel_norm` (open_clip towers) splits its transform:
+the PIL steps (pad, resize, crop) give uint8 pixels [3, H, W]
+(`image_transform(..., normalize=False)`: what the training loader ships,
+4x smaller than float32 and with no float work on the CPU), and the tower
+normalises uint8 input itself at the start of `forward`, on whatever device
+it runs on. `pixel_norm` holds the one copy of the mean/std constants and
+does torchvision's ToTensor + Normalize arithmetic step by step, so the
+normalised pixels are bit-identical to the CPU transform they replace
+(tests/test_model.py checks this against open_clip's own transform).
+Floating-point pixel_values are taken as already normalised (the default
+`image_transform(pad_to_square)`, HF processors, towers without a pixel_norm).
+
 Adding a backend: one module in mmtune/model/towers/ with a `VisionTower`
 subclass decorated `@register_tower("id")` that implements `build` and the
 hooks below; import it in mmtune/model/towers/__init__.py and add the id to
@@ -63,6 +75,8 @@ class VisionTower(nn.Module):
     num_patches: int
     has_cls: bool
     image_mean: tuple[float, ...]
+    # uint8 -> normalised float32 (see module docstring); None: the transform normalises on the CPU.
+    pixel_norm: PixelNorm | None = None
 
     def __init__(self, feature_layer: int, select_strategy: str) -> None:
         super().__init__()
@@ -103,6 +117,11 @@ class VisionTower(nn.Module):
         raise NotImplementedError
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        if pixel_values.dtype == torch.uint8:  # raw pixels from the loader: normalised here, on the device
+            if self.pixel_norm is None:
+                raise MMTuneError(f"{type(self).__name__} got uint8 pixel_values but normalises on the CPU; "
+                                  "pass its image_transform's (normalised) output")
+            pixel_values = self.pixel_norm(pixel_values)
         feats = self.hidden_states(pixel_values.to(self.dtype), upto=self.layer_index)[self.layer_index]
         if self.has_cls and self.select_strategy == "patch":
             feats = feats[:, 1:]
@@ -118,7 +137,12 @@ class VisionTower(nn.Module):
         raise NotImplementedError
 
     # ----------------------------------------------------------- transform
-    def image_transform(self, pad_to_square: bool) -> ImageTransform:
+    def image_transform(self, pad_to_square: bool, *, normalize: bool = True) -> ImageTransform:
+        """PIL image -> [3, H, W] tensor this tower takes.
+
+        `normalize=False`: uint8 pixels that `forward` normalises (towers with a
+        `pixel_norm`; the others return their normalised float transform anyway).
+        """
         raise NotImplementedError
 
     # ------------------------------------------------------ building, export
@@ -150,7 +174,76 @@ class VisionTower(nn.Module):
         raise MMTuneError(f"vision tower {type(self).__name__} has no Hugging Face image processor")
 
 
+class PixelNorm:
+    """uint8 RGB pixels [..., 3, H, W] -> float32 `(x / scale - mean) / std`, on the tensor's own device.
+
+    The steps are torchvision's `to_tensor` (`x.float().div(255)`) and
+    `Normalize` (`sub_(mean).div_(std)`) in float32, in that order, so the
+    result equals the CPU transform bit for bit. Each division is by a tensor
+    on `x`'s device: CUDA turns division by a CPU scalar into a multiplication
+    by its reciprocal, which can differ in the last bit. The constants are
+    plain attributes, not module buffers, so casting the tower to bf16 never
+    rounds them.
+    """
+
+    def __init__(self, mean: tuple[float, ...], std: tuple[float, ...], scale: float = 255.0) -> None:
+        if len(mean) != 3 or len(std) != 3:
+            raise MMTuneError(f"pixel normalisation needs 3 channel means and stds, got {mean} / {std}")
+        self.mean, self.std, self.scale = tuple(float(m) for m in mean), tuple(float(s) for s in std), float(scale)
+        self._on: dict[torch.device, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+
+    def __getstate__(self) -> dict[str, Any]:  # pickled into DataLoader workers: no device tensors
+        return {**self.__dict__, "_on": {}}
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, PixelNorm) and (self.mean, self.std, self.scale) == (other.mean, other.std, other.scale)
+
+    def __hash__(self) -> int:
+        return hash((self.mean, self.std, self.scale))
+
+    def __repr__(self) -> str:
+        return f"PixelNorm(mean={self.mean}, std={self.std}, scale={self.scale})"
+
+    def _constants(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if device not in self._on:
+            f32 = {"dtype": torch.float32, "device": device}
+            self._on[device] = (torch.tensor(self.scale, **f32), torch.tensor(self.mean, **f32).view(-1, 1, 1),
+                                torch.tensor(self.std, **f32).view(-1, 1, 1))
+        return self._on[device]
+
+    def __call__(self, pixels: torch.Tensor) -> torch.Tensor:
+        if pixels.dtype != torch.uint8 or pixels.ndim < 3 or pixels.shape[-3] != 3:
+            raise MMTuneError(f"expected uint8 pixels [..., 3, H, W], got {pixels.dtype} {tuple(pixels.shape)}")
+        scale, mean, std = self._constants(pixels.device)
+        return pixels.to(torch.float32).div(scale).sub(mean).div(std)
+
+
 # Transforms are classes, not closures, so DataLoader workers can pickle them.
+class RawPixels:
+    """PIL image -> uint8 [3, H, W]: the PIL steps of a tower's transform (resize, crop), then the bytes as a tensor."""
+
+    def __init__(self, steps: Callable[[Any], Any]) -> None:
+        self.steps = steps
+
+    def __call__(self, img: Any) -> torch.Tensor:
+        from torchvision.transforms.functional import pil_to_tensor
+
+        out = self.steps(img)
+        if out.mode != "RGB":
+            raise MMTuneError(f"the tower's PIL steps gave a {out.mode} image, expected RGB")
+        return pil_to_tensor(out)  # a [3, H, W] view of the HWC bytes; collation's stack copies it once
+
+
+class Normalized:
+    """`raw` then `norm` on the CPU: the float transform for callers that need normalised pixels up front."""
+
+    def __init__(self, raw: ImageTransform, norm: PixelNorm) -> None:
+        self.raw, self.norm = raw, norm
+
+    def __call__(self, img: Any) -> torch.Tensor:
+        return self.norm(self.raw(img))
+
+
 class PadToSquare:
     """LLaVA-1.5's 'pad' aspect ratio: pad with the normalization mean colour, then `base`."""
 

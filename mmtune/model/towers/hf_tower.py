@@ -60,7 +60,8 @@ class HFVisionTower(VisionTower):
             if id(p) not in unused:
                 yield name, p
 
-    def image_transform(self, pad_to_square: bool) -> ImageTransform:
+    def image_transform(self, pad_to_square: bool, *, normalize: bool = True) -> ImageTransform:
+        # The processor normalises on the CPU (no pixel_norm): normalize=False changes nothing here.
         return _with_padding(
             HFImageTransform(_hf_image_processor(self.kind, self.processor_cfg)), pad_to_square, self.image_mean
         )

@@ -43,6 +43,7 @@ class OpenClipTower(VisionTower):
         self.num_patches = int(visual.grid_size[0] * visual.grid_size[1])
         self.has_cls = True
         self.image_mean = tuple(self.preprocess.get("mean", tower_base.OPENAI_CLIP_MEAN))
+        self.pixel_norm = self._split_transform()[1]
         self._check_selection()
 
     def embeddings(self, pixel_values: torch.Tensor) -> torch.Tensor:
@@ -88,14 +89,32 @@ class OpenClipTower(VisionTower):
                 for sub, p in item.named_parameters():
                     yield f"{name}.{sub}", p
 
-    def image_transform(self, pad_to_square: bool) -> tower_base.ImageTransform:
+    def open_clip_transform(self) -> Any:
+        """open_clip's own eval transform for this tower (PIL -> normalised float tensor)."""
         from open_clip.transform import PreprocessCfg, image_transform_v2
 
         known = {f.name for f in dataclasses.fields(PreprocessCfg)}
         cfg = PreprocessCfg(**{k: v for k, v in self.preprocess.items() if k in known})
-        base = image_transform_v2(cfg, is_train=False)
-        return tower_base._with_padding(base, pad_to_square, self.image_mean)
+        return image_transform_v2(cfg, is_train=False)
 
+    def _split_transform(self) -> tuple[Any, tower_base.PixelNorm]:
+        """open_clip's transform is [PIL steps..., (Maybe)ToTensor, Normalize]: the PIL steps run in the
+        loader (uint8 out); ToTensor + Normalize become `pixel_norm`, with the constants open_clip uses."""
+        from torchvision.transforms import Compose, Normalize, ToTensor
+
+        full = self.open_clip_transform()
+        steps = list(full.transforms)
+        cut = next((i for i, t in enumerate(steps) if isinstance(t, ToTensor)), None)
+        tail = steps[cut + 1:] if cut is not None else []
+        if cut is None or len(tail) != 1 or not isinstance(tail[0], Normalize):
+            raise MMTuneError(f"unexpected open_clip transform {full} (expected PIL steps, ToTensor, Normalize)")
+        return Compose(steps[:cut]), tower_base.PixelNorm(tuple(tail[0].mean), tuple(tail[0].std))
+
+    def image_transform(self, pad_to_square: bool, *, normalize: bool = True) -> tower_base.ImageTransform:
+        steps, norm = self._split_transform()
+        raw = tower_base.RawPixels(steps)
+        base = tower_base.Normalized(raw, norm) if normalize else raw
+        return tower_base._with_padding(base, pad_to_square, self.image_mean)
 
     # open_clip resizes with PIL, so the PIL backend of transformers' processors matches it.
     image_backend = "pil"

@@ -1,0 +1,140 @@
+"""uint8 pixels from the loader, normalised by the tower on the device: the same numbers as the CPU transform.
+
+The reference is open_clip's own eval transform (PIL steps, ToTensor,
+Normalize on the CPU), which is what the loader ran before it shipped uint8.
+Equality is bitwise (`torch.equal`), not a tolerance.
+"""
+
+from __future__ import annotations
+
+import copy
+import pickle
+
+import pytest
+import torch
+from PIL import Image
+from conftest import SHARED_DATA
+from helpers import HF_CLIP, TINY_VIT, TRAIN_FIX, build_tiny, make_batch, mixed_records
+
+from mmtune.config import VisionConfig
+from mmtune.data.images import expand_to_square, load_image
+from mmtune.data.stream import ExampleStream
+from mmtune.errors import MMTuneError
+from mmtune.model.towers.base import PixelNorm
+from mmtune.model.vision import build_vision_tower
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+VIT_336 = {"embed_dim": 32, "vision_cfg": {"image_size": 336, "patch_size": 14, "width": 32, "layers": 1,
+                                           "head_width": 16, "mlp_ratio": 1.0}}
+
+
+def _images() -> list:
+    """Fixture images (wide, tall, square, PNG) and, when ../shared is there, a few real JPEGs."""
+    paths = sorted((TRAIN_FIX / "images").glob("*.png"))[:6]
+    paths += sorted(SHARED_DATA.rglob("*.jpg"))[::3] if SHARED_DATA.is_dir() else []
+    imgs = [load_image(p) for p in paths]
+    return [*imgs, imgs[2].transpose(Image.Transpose.ROTATE_90)]  # a tall one too (pads left and right)
+
+
+def _old_cpu_path(tower, img, pad: bool) -> torch.Tensor:
+    """What the loader computed before: (pad to square with the mean colour,) open_clip's transform."""
+    fill = tuple(int(m * 255) for m in tower.image_mean)
+    return tower.open_clip_transform()(expand_to_square(img, fill) if pad else img)
+
+
+@pytest.mark.parametrize("vit", [TINY_VIT, VIT_336], ids=["32px", "336px"])
+@pytest.mark.parametrize("pad", [True, False], ids=["pad", "crop"])
+def test_uint8_pixels_normalised_by_the_tower_equal_the_old_cpu_transform(vit, pad):
+    tower = build_vision_tower(VisionConfig(config=vit))
+    raw = pickle.loads(pickle.dumps(tower.image_transform(pad, normalize=False)))  # as DataLoader workers get it
+    full = tower.image_transform(pad)
+    naive_differs = False
+    for img in _images():
+        old = _old_cpu_path(tower, img, pad)
+        pixels = raw(img)
+        assert pixels.dtype == torch.uint8 and pixels.shape == old.shape
+        assert torch.equal(tower.pixel_norm(pixels), old)
+        assert torch.equal(full(img), old)  # the float transform eval and generate use: the same numbers
+        # the check has teeth: multiplying by 1/255 (what CUDA does for a CPU-scalar divisor) is not the same
+        mean, std = (torch.tensor(v).view(3, 1, 1) for v in (tower.pixel_norm.mean, tower.pixel_norm.std))
+        naive_differs |= not torch.equal((pixels.float() * (1 / 255) - mean) / std, old)
+    assert naive_differs
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_tower_features_from_uint8_equal_features_from_normalised_pixels(dtype):
+    torch.manual_seed(0)
+    tower = build_vision_tower(VisionConfig(config=TINY_VIT)).to(dtype).eval()
+    imgs = _images()[:4]
+    raw = tower.image_transform(True, normalize=False)
+    pixels = torch.stack([raw(i) for i in imgs])
+    old = torch.stack([_old_cpu_path(tower, i, True) for i in imgs])
+    with torch.no_grad():
+        assert torch.equal(tower(pixels), tower(old))
+    # casting the tower does not round the constants (they are not buffers)
+    assert tower.pixel_norm == PixelNorm(tuple(tower.image_mean), tower.pixel_norm.std)
+    with pytest.raises(MMTuneError, match="uint8 pixels"):
+        tower.pixel_norm(old)
+
+
+def test_model_loss_from_uint8_batch_equals_loss_from_normalised_batch():
+    bundle, _ = build_tiny("tiny_mllm")
+    batch, _ = make_batch(bundle, mixed_records())
+    records = mixed_records()
+    raw = torch.stack([bundle.pixel_transform(load_image(TRAIN_FIX / p)) for r in records for p in r.images])
+    assert raw.dtype == torch.uint8 and raw.shape == batch["pixel_values"].shape
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "labels")}
+    with torch.no_grad():
+        ref = bundle.model(**inputs, pixel_values=batch["pixel_values"]).loss
+        mine = bundle.model(**inputs, pixel_values=raw).loss
+    assert torch.equal(ref, mine)
+
+
+def test_training_stream_ships_uint8_with_and_without_workers(tmp_path):
+    bundle, cfg = build_tiny("tiny_mllm")
+    out = {}
+    for workers in (0, 2):
+        stream = ExampleStream(cfg.data.train, bundle.tokenizer, "vicuna_v1", max_length=256,
+                               num_image_tokens=bundle.num_image_tokens, image_transform=bundle.pixel_transform,
+                               image_root=str(TRAIN_FIX), shuffle_buffer=4, seed=3, epochs=1, num_workers=workers)
+        out[workers] = [(ex.id, [img.clone() for img in imgs]) for ex, imgs in stream]
+    images = [img for _, imgs in out[0] for img in imgs]
+    assert images and all(img.dtype == torch.uint8 and img.shape == (3, 32, 32) for img in images)
+    assert [i for i, _ in out[0]] == [i for i, _ in out[2]]
+    assert all(torch.equal(a, b) for (_, x), (_, y) in zip(out[0], out[2], strict=True)
+               for a, b in zip(x, y, strict=True))
+
+
+def test_a_tower_that_normalises_on_the_cpu_refuses_uint8():
+    tower = build_vision_tower(VisionConfig(backend="hf", config=HF_CLIP))
+    assert tower.pixel_norm is None
+    img = load_image(sorted((TRAIN_FIX / "images").glob("*.png"))[0])
+    # its loader transform is the normalised one: nothing changes for HF towers
+    assert tower.image_transform(True, normalize=False)(img).dtype == torch.float32
+    with pytest.raises(MMTuneError, match="uint8 pixel_values"):
+        tower(torch.zeros(1, 3, 32, 32, dtype=torch.uint8))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: checks the device-side normalisation")
+def test_normalising_on_cuda_gives_the_cpu_bits():
+    tower = build_vision_tower(VisionConfig(config=VIT_336))
+    raw = tower.image_transform(True, normalize=False)
+    pixels = torch.stack([raw(i) for i in _images()])
+    cpu = tower.pixel_norm(pixels)
+    gpu_norm = copy.deepcopy(tower.pixel_norm)
+    assert torch.equal(gpu_norm(pixels.cuda()).cpu(), cpu)
+    every = torch.arange(256, dtype=torch.uint8).view(1, 1, 1, 256).expand(1, 3, 1, 256).contiguous()
+    assert torch.equal(gpu_norm(every.cuda()).cpu(), tower.pixel_norm(every))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: pinning page-locks host memory for a GPU")
+def test_batcher_pins_batches_for_a_cuda_device():
+    from mmtune.data.batching import Batcher
+
+    bundle, cfg = build_tiny("tiny_mllm")
+    stream = ExampleStream(cfg.data.train, bundle.tokenizer, "vicuna_v1", max_length=256,
+                           num_image_tokens=bundle.num_image_tokens, image_transform=bundle.pixel_transform,
+                           image_root=str(TRAIN_FIX), epochs=1)
+    batch = next(iter(Batcher(stream, batch_size=4, group_by_length=False, pin_memory=True)))
+    assert all(v.is_pinned() for v in batch.values() if isinstance(v, torch.Tensor))
