@@ -38,7 +38,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from mmtune.data.schema import Record, iter_jsonl, read_records
+from mmtune.data.schema import Record, read_records
 from mmtune.data.templates import prompt_messages
 from mmtune.errors import MMTuneError
 from mmtune.fileio import write_json_atomic
@@ -305,24 +305,14 @@ _QUESTION_KEYS = ("question", "prompt", "instruction")
 
 def read_answers(path: str, where: str) -> dict[str, dict[str, Any]]:
     """id -> {answer, question} from an answers JSONL (errors name the line and field)."""
-    p = Path(path)
-    if not p.is_file():
-        raise MMTuneError(f"{where}: {path} not found")
+    from mmtune.eval.scoring import iter_keyed_jsonl
+
     out: dict[str, dict[str, Any]] = {}
-    for line, obj in iter_jsonl(p):
-        if isinstance(obj, Exception):
-            raise obj
-        if not isinstance(obj, dict):
-            raise MMTuneError(f"{path}:{line}: expected a JSON object")
-        rid = next((obj[k] for k in _ID_KEYS if obj.get(k) is not None), None)
-        if rid is None:
-            raise MMTuneError(f"{path}:{line}: no id field ({', '.join(_ID_KEYS)})")
-        if str(rid) in out:
-            raise MMTuneError(f"{path}:{line}: id {rid!r} appears twice (filter an eval's predictions.jsonl "
-                              "to one model and mode first)")
+    hint = " (filter an eval's predictions.jsonl to one model and mode first)"
+    for rid, obj in iter_keyed_jsonl(path, where, _ID_KEYS, twice_hint=hint):
         ans = next((obj[k] for k in _ANSWER_KEYS if k in obj), None)
         q = next((obj[k] for k in _QUESTION_KEYS if isinstance(obj.get(k), str)), None)
-        out[str(rid)] = {"answer": ans if isinstance(ans, str) else None, "question": q}
+        out[rid] = {"answer": ans if isinstance(ans, str) else None, "question": q}
     return out
 
 

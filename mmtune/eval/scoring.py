@@ -14,7 +14,7 @@ of records (checked: a wrong denominator is a bug, never a silent result).
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -93,22 +93,34 @@ def read_predictions(path: str | Path) -> dict[str, Any]:
     A line without an id, a duplicated id or bad JSON is an error naming the
     line; a line without a prediction field maps to None (a counted skip).
     """
+    return {rid: next((obj[k] for k in PREDICTION_TEXT_KEYS if k in obj), None)
+            for rid, obj in iter_keyed_jsonl(Path(path), "--predictions")}
+
+
+def iter_keyed_jsonl(
+    path: str | Path, flag: str, id_keys: Sequence[str] = PREDICTION_ID_KEYS, *, twice_hint: str = ""
+) -> Iterator[tuple[str, dict[str, Any]]]:
+    """(id, object) per line of a JSONL file of answers keyed by id (the first of `id_keys` present).
+
+    A missing file (named after `flag`, the option that gave it), bad JSON, a
+    line that is not an object or has no id, and an id seen twice are errors
+    naming the line (`twice_hint` is added to the last).
+    """
     from mmtune.data.schema import iter_jsonl
 
-    path = Path(path)
-    if not path.is_file():
-        raise MMTuneError(f"--predictions: {path} not found")
-    out: dict[str, Any] = {}
-    for line, obj in iter_jsonl(path):
+    if not Path(path).is_file():
+        raise MMTuneError(f"{flag}: {path} not found")
+    seen: set[str] = set()
+    for line, obj in iter_jsonl(Path(path)):
         if isinstance(obj, Exception):
             raise obj
         if not isinstance(obj, dict):
             raise MMTuneError(f"{path}:{line}: expected a JSON object")
-        rid = next((obj[k] for k in PREDICTION_ID_KEYS if obj.get(k) is not None), None)
+        rid = next((obj[k] for k in id_keys if obj.get(k) is not None), None)
         if rid is None:
-            raise MMTuneError(f"{path}:{line}: no id (one of {', '.join(PREDICTION_ID_KEYS)})")
+            raise MMTuneError(f"{path}:{line}: no id (one of {', '.join(id_keys)})")
         rid = str(rid)
-        if rid in out:
-            raise MMTuneError(f"{path}:{line}: id {rid!r} appears twice")
-        out[rid] = next((obj[k] for k in PREDICTION_TEXT_KEYS if k in obj), None)
-    return out
+        if rid in seen:
+            raise MMTuneError(f"{path}:{line}: id {rid!r} appears twice{twice_hint}")
+        seen.add(rid)
+        yield rid, obj
