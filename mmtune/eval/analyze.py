@@ -41,6 +41,7 @@ from typing import Any
 from mmtune.data.schema import Record, read_records
 from mmtune.data.templates import prompt_messages
 from mmtune.errors import MMTuneError
+from mmtune.eval.scoring import read_keyed_jsonl
 from mmtune.fileio import write_json_atomic
 
 SUBCOMMANDS = ("token-shift", "consistency", "judge")
@@ -298,18 +299,15 @@ def _plot_consistency(report: dict[str, Any], path: Path) -> Path:
 # judge
 # --------------------------------------------------------------------------- #
 
-_ID_KEYS = ("id", "question_id")
 _ANSWER_KEYS = ("prediction", "output", "text", "answer", "response")
 _QUESTION_KEYS = ("question", "prompt", "instruction")
 
 
 def read_answers(path: str, where: str) -> dict[str, dict[str, Any]]:
     """id -> {answer, question} from an answers JSONL (errors name the line and field)."""
-    from mmtune.eval.scoring import iter_keyed_jsonl
-
     out: dict[str, dict[str, Any]] = {}
     hint = " (filter an eval's predictions.jsonl to one model and mode first)"
-    for rid, obj in iter_keyed_jsonl(path, where, _ID_KEYS, twice_hint=hint):
+    for rid, obj in read_keyed_jsonl(path, where, duplicate_hint=hint).items():
         ans = next((obj[k] for k in _ANSWER_KEYS if k in obj), None)
         q = next((obj[k] for k in _QUESTION_KEYS if isinstance(obj.get(k), str)), None)
         out[rid] = {"answer": ans if isinstance(ans, str) else None, "question": q}

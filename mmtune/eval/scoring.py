@@ -14,7 +14,7 @@ of records (checked: a wrong denominator is a bug, never a silent result).
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -87,31 +87,21 @@ PREDICTION_ID_KEYS = ("id", "question_id")
 PREDICTION_TEXT_KEYS = ("prediction", "text", "answer")
 
 
-def read_predictions(path: str | Path) -> dict[str, Any]:
-    """id -> prediction from JSONL: mmtune's (`id`, `prediction`) or LLaVA's answers file (`question_id`, `text`).
+def read_keyed_jsonl(path: str | Path, where: str, id_keys: Sequence[str] = PREDICTION_ID_KEYS,
+                     duplicate_hint: str = "") -> dict[str, dict[str, Any]]:
+    """id -> JSON object for an answers-style JSONL file (one object per line, each with an id).
 
-    A line without an id, a duplicated id or bad JSON is an error naming the
-    line; a line without a prediction field maps to None (a counted skip).
-    """
-    return {rid: next((obj[k] for k in PREDICTION_TEXT_KEYS if k in obj), None)
-            for rid, obj in iter_keyed_jsonl(Path(path), "--predictions")}
-
-
-def iter_keyed_jsonl(
-    path: str | Path, flag: str, id_keys: Sequence[str] = PREDICTION_ID_KEYS, *, twice_hint: str = ""
-) -> Iterator[tuple[str, dict[str, Any]]]:
-    """(id, object) per line of a JSONL file of answers keyed by id (the first of `id_keys` present).
-
-    A missing file (named after `flag`, the option that gave it), bad JSON, a
-    line that is not an object or has no id, and an id seen twice are errors
-    naming the line (`twice_hint` is added to the last).
+    The id is the first of `id_keys` present (as a string). A missing file
+    (named by `where`), bad JSON, a line that is not an object, a line without
+    an id or an id seen before is a one-line error naming the line.
     """
     from mmtune.data.schema import iter_jsonl
 
-    if not Path(path).is_file():
-        raise MMTuneError(f"{flag}: {path} not found")
-    seen: set[str] = set()
-    for line, obj in iter_jsonl(Path(path)):
+    path = Path(path)
+    if not path.is_file():
+        raise MMTuneError(f"{where}: {path} not found")
+    out: dict[str, dict[str, Any]] = {}
+    for line, obj in iter_jsonl(path):
         if isinstance(obj, Exception):
             raise obj
         if not isinstance(obj, dict):
@@ -120,7 +110,17 @@ def iter_keyed_jsonl(
         if rid is None:
             raise MMTuneError(f"{path}:{line}: no id (one of {', '.join(id_keys)})")
         rid = str(rid)
-        if rid in seen:
-            raise MMTuneError(f"{path}:{line}: id {rid!r} appears twice{twice_hint}")
-        seen.add(rid)
-        yield rid, obj
+        if rid in out:
+            raise MMTuneError(f"{path}:{line}: id {rid!r} appears twice{duplicate_hint}")
+        out[rid] = obj
+    return out
+
+
+def read_predictions(path: str | Path) -> dict[str, Any]:
+    """id -> prediction from JSONL: mmtune's (`id`, `prediction`) or LLaVA's answers file (`question_id`, `text`).
+
+    A line without an id, a duplicated id or bad JSON is an error naming the
+    line; a line without a prediction field maps to None (a counted skip).
+    """
+    return {rid: next((obj[k] for k in PREDICTION_TEXT_KEYS if k in obj), None)
+            for rid, obj in read_keyed_jsonl(path, "--predictions").items()}
