@@ -45,7 +45,7 @@ import io
 import json
 import sys
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -69,6 +69,14 @@ class Imported:
 
     def reject(self, where: str, reason: str, *, rid: str | None = None, fld: str | None = None) -> None:
         self.rejects.append({"where": where, "id": rid, "field": fld, "reason": reason})
+
+    def objects(self, items: list[Any], where: str) -> Iterator[tuple[str, dict[str, Any]]]:
+        """(`where[i]`, item) for each JSON object in `items`; any other item is rejected there."""
+        for i, item in enumerate(items):
+            if isinstance(item, dict):
+                yield f"{where}[{i}]", item
+            else:
+                self.reject(f"{where}[{i}]", "expected an object")
 
 
 def _user(text: str) -> list[dict[str, str]]:
@@ -304,11 +312,7 @@ def import_textvqa(source: str | Path, *, ocr: str | Path | None = None, image_r
             if isinstance(e, dict) and isinstance(e.get("ocr_tokens"), list):
                 ocr_by_image[str(e.get("image_id"))] = [str(t) for t in e["ocr_tokens"]]
     out = Imported()
-    for i, e in enumerate(top["data"]):
-        where = f"{path} data[{i}]"
-        if not isinstance(e, dict):
-            out.reject(where, "expected an object")
-            continue
+    for where, e in out.objects(top["data"], f"{path} data"):
         qid, q, img = e.get("question_id"), e.get("question"), e.get("image_id")
         if qid is None or not isinstance(q, str) or not q.strip() or not isinstance(img, str):
             out.reject(where, "needs question_id, question (text) and image_id", rid=None if qid is None else str(qid),
@@ -343,11 +347,7 @@ def import_seed(source: str | Path, *, image_root: str | Path | None = None, **_
         raise MMTuneError(f"{path}: not SEED-Bench's layout (expected {{\"questions\": [...], \"question_type\": ...}})")
     names = {v: k for k, v in (top.get("question_type") or {}).items()}
     out = Imported()
-    for i, q in enumerate(top["questions"]):
-        where = f"{path} questions[{i}]"
-        if not isinstance(q, dict):
-            out.reject(where, "expected an object")
-            continue
+    for where, q in out.objects(top["questions"], f"{path} questions"):
         rid = str(q.get("question_id", ""))
         if q.get("data_type", "image") != "image":
             out.left_out[f"{q.get('data_type')} question (image questions only)"] += 1
