@@ -5,7 +5,7 @@ LLaVA's evaluation scripts (model_vqa_loader.py) answer one question per
 the same tiny random-weight MLLM (configs/tiny_mllm.yaml, saved with
 `save_model` and reloaded with `load_model`) on the same synthetic VQA
 questions (`mmtune.data.synthetic.make_pool`) through the generation code
-`mmtune eval` uses (`mmtune.eval.run.generate_prompts`), once with batches
+`mmtune eval` uses (`mmtune.eval.generate.generate_prompts`), once with batches
 of 16 and once with batch size 1, and prints both timings and the ratio.
 Both runs decode greedily with the KV cache and produce identical answers
 (checked). Needs no download and no shared data.
@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from mmtune.config import load_config
     from mmtune.data.synthetic import IMAGE_TASKS, make_pool
-    from mmtune.eval.run import generate_prompts
+    from mmtune.eval.generate import generate_prompts
     from mmtune.eval.tasks import build_prompt, get_task, parse_mode
     from mmtune.model import build_model, load_model, save_model
 

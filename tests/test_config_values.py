@@ -109,12 +109,13 @@ def test_files_a_run_reads_must_exist(tmp_path):
 
 def test_eval_config_lives_in_config_and_is_checked_at_load():
     from mmtune.eval import run as eval_run
+    from mmtune.eval.eval_config import model_entries
 
     assert eval_run.EvalConfig is EvalConfig  # old import path still works
     with pytest.raises(ConfigError, match=r"generation.dtype: 'bf16' is not a valid choice"):
         from_dict(EvalConfig, {"generation": {"dtype": "bf16"}})
     with pytest.raises(ConfigError, match=r"models.base.backend: 'llava' .*did you mean 'llava-hf'\?"):
-        eval_run._model_entries(from_dict(EvalConfig, {"models": {"base": {"path": "x", "backend": "llava"}}}))
+        model_entries(from_dict(EvalConfig, {"models": {"base": {"path": "x", "backend": "llava"}}}))
     with pytest.raises(ConfigError, match=r"generation.top_p: must be in \(0, 1\] when sampling"):
         from_dict(EvalConfig, {"generation": {"do_sample": True, "top_p": 0}})
     with pytest.raises(ConfigError, match=r"^k: must be >= 0"):

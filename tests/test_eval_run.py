@@ -13,7 +13,7 @@ from mmtune.cli import main
 from mmtune.data.schema import Record, read_records, write_records
 from mmtune.data.synthetic import make_pool
 from mmtune.eval import backends, run
-from mmtune.eval.generate import generate_answers
+from mmtune.eval.generate import PromptSkip, generate_answers, generate_prompts
 from mmtune.eval.tasks import (
     SHORT_ANSWER_SUFFIX,
     build_prompt,
@@ -153,12 +153,12 @@ def test_generate_prompts_matches_generate_answers_and_batching(setup):
     expected = generate_answers(bundle, recs, "vicuna_v1", max_new_tokens=3, batch_size=3,
                                 instruction_suffix=spec.instruction_suffix)
     prompts = [build_prompt(r, spec, parse_mode("zero-shot")) for r in recs]
-    batched = run.generate_prompts(bundle, prompts, "vicuna_v1", max_new_tokens=3, batch_size=4)
-    single = run.generate_prompts(bundle, prompts, "vicuna_v1", max_new_tokens=3, batch_size=1)
+    batched = generate_prompts(bundle, prompts, "vicuna_v1", max_new_tokens=3, batch_size=4)
+    single = generate_prompts(bundle, prompts, "vicuna_v1", max_new_tokens=3, batch_size=1)
     assert batched == expected == single
     assert len(set(batched)) > 3  # the outputs differ, so the comparison means something
-    too_long = run.generate_prompts(bundle, prompts[:1], "vicuna_v1", max_new_tokens=10_000)
-    assert too_long == [run.PromptSkip("prompt too long for the model's context")]
+    too_long = generate_prompts(bundle, prompts[:1], "vicuna_v1", max_new_tokens=10_000)
+    assert too_long == [PromptSkip("prompt too long for the model's context")]
 
 
 # --------------------------------------------------------------------------- #

@@ -247,7 +247,9 @@ def test_load_task_checks_records(tmp_path: Path):
 
 
 def test_example_eval_configs_load():
-    from mmtune.eval.run import EvalConfig, _model_entries, load_eval_config
+    from mmtune.config import EvalConfig
+    from mmtune.eval.eval_config import load_eval_config
+    from mmtune.eval.eval_config import model_entries as _model_entries
 
     paths = sorted((Path(__file__).resolve().parents[1] / "configs" / "eval").glob("*.yaml"))
     assert {p.name for p in paths} >= {"unseen_synthetic.yaml", "llava15_benchmarks.yaml"}

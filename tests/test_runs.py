@@ -6,7 +6,7 @@ import pytest
 
 from mmtune import runs
 from mmtune.config import RunConfig, load_config
-from mmtune.eval.run import fingerprint_model
+from mmtune.eval.backends import fingerprint_model
 
 
 def _model_folder(path, *, trained: bool = False):

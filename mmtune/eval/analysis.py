@@ -385,6 +385,15 @@ def plot_token_shift(result: TokenShiftResult, path: str | Path, *, title: str =
 # --------------------------------------------------------------------------- #
 
 
+def candidate_ids(tokenizer: Any, candidate: str, answer_prefix: str, where: str) -> list[int]:
+    """The token ids of one answer candidate as scored after its prompt: `answer_prefix + candidate`,
+    no special tokens. A candidate that encodes to nothing is an `AnalysisError` starting with `where`."""
+    ids = tokenizer(answer_prefix + candidate, add_special_tokens=False)["input_ids"]
+    if not ids:
+        raise AnalysisError(f"{where} {candidate!r} encodes to no tokens")
+    return list(ids)
+
+
 def answer_logprobs(
     model: torch.nn.Module,
     prompts: Sequence[TokenIds],
@@ -500,14 +509,11 @@ def knowledge_consistency(
         t_ids = tokenizer(tuned_format(text) if tuned_format else text)["input_ids"]
         if not b_ids or not t_ids:
             raise AnalysisError(f"question {qid!r}: the question encodes to no tokens")
-        for c in cands:
-            ids = tokenizer(answer_prefix + c, add_special_tokens=False)["input_ids"]
-            if not ids:
-                raise AnalysisError(f"question {qid!r}: candidate {c!r} encodes to no tokens")
-            base_prompts.append(b_ids)
-            tuned_prompts.append(t_ids)
-            cand_ids.append(ids)
-            pair_q.append(qi)
+        ids = [candidate_ids(tokenizer, c, answer_prefix, f"question {qid!r}: candidate") for c in cands]
+        base_prompts += [b_ids] * len(ids)
+        tuned_prompts += [t_ids] * len(ids)
+        cand_ids += ids
+        pair_q += [qi] * len(ids)
 
     def expand(extra: ExtraInputs) -> ExtraInputs:
         extra = _check_extra(extra, len(parsed))

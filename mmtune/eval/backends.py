@@ -15,8 +15,9 @@ The backend is detected from the folder (first class in `BACKENDS` whose
 `matches` accepts it) unless named. Every backend gives the same four things:
 `render(messages)` (the exact prompt text, which keys the prediction cache),
 `prompt_inputs(messages, images)` (token ids and extra forward inputs, for the
-analyses), `generate(prompt_records, ...)` (batched greedy/sampled answers,
-one per prompt, or a `PromptSkip`) and `model` (a causal LM called as
+analyses), `generate(prompt_records, settings)` (batched greedy/sampled answers
+under one `mmtune.eval.generate.DecodeSettings`, one per prompt, or a
+`PromptSkip`) and `model` (a causal LM called as
 ``model(input_ids, attention_mask, **extra).logits``). The tokenizer loads at
 once; the weights on first use, so a fully cached eval never loads them.
 
@@ -44,10 +45,11 @@ from mmtune.data.schema import IMAGE_PLACEHOLDER, Record
 from mmtune.data.tokenizer import load_tokenizer
 from mmtune.errors import MMTuneError
 from mmtune.eval.generate import (
+    DecodeSettings,
     PromptSkip,
-    TokenizedPrompt,
-    check_batch_size,
-    generate_tokenized,
+    check_prompt_record,
+    generate_prompts,
+    max_positions,
     tokenize_for_generation,
 )
 
@@ -84,18 +86,6 @@ def fingerprint_model(folder: str | Path) -> str:
                     fh.seek(start)
                     h.update(fh.read(_SAMPLE_BYTES))
     return h.hexdigest()[:16]
-
-
-def _max_positions(config: Any) -> int | None:
-    if config is not None and hasattr(config, "get_text_config"):
-        config = config.get_text_config()
-    n = getattr(config, "max_position_embeddings", None)
-    return int(n) if isinstance(n, int) else None
-
-
-def _check_prompt(rec: Record) -> None:
-    if not rec.messages or rec.messages[-1]["role"] != "user":
-        raise MMTuneError(f"record {rec.id!r}: a prompt must end on a user turn")
 
 
 # --------------------------------------------------------------------------- #
@@ -144,9 +134,8 @@ class EvalModel(ABC):
         """Token ids of the rendered prompt (image tokens expanded) and extra forward inputs (pixel_values)."""
 
     @abstractmethod
-    def generate(self, prompts: Sequence[Record], *, batch_size: int = 16, max_new_tokens: int = 64,
-                 do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0, seed: int | None = None,
-                 progress: bool = False, desc: str = "generate") -> list[str | PromptSkip]:
+    def generate(self, prompts: Sequence[Record], settings: DecodeSettings, *, progress: bool = False,
+                 desc: str = "generate") -> list[str | PromptSkip]:
         """One answer per prompt record, in order; prompts that cannot run become `PromptSkip`s."""
 
     @abstractmethod
@@ -266,12 +255,11 @@ class MMTuneBackend(EvalModel):
             raise MMTuneError(f"{self.folder}: the model is text-only but the prompt has images")
         return prompt.ids, {"pixel_values": torch.stack([b.image_transform(load_image(p)) for p in images])}
 
-    def generate(self, prompts: Sequence[Record], *, batch_size: int = 16, max_new_tokens: int = 64,
-                 do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0, seed: int | None = None,
-                 progress: bool = False, desc: str = "generate") -> list[str | PromptSkip]:
-        return generate_prompts(self.bundle, prompts, self.template, batch_size=batch_size,
-                                max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature,
-                                top_p=top_p, seed=seed, progress=progress, desc=desc)
+    def generate(self, prompts: Sequence[Record], settings: DecodeSettings, *, progress: bool = False,
+                 desc: str = "generate") -> list[str | PromptSkip]:
+        # Looked up in this module at call time, so tests can replace it to fake or forbid generation.
+        return generate_prompts(self.bundle, prompts, self.template, settings=settings, progress=progress,
+                                desc=desc)
 
     def stop_ids(self) -> list[int]:
         from mmtune.data.encode import stop_token_ids
@@ -292,54 +280,6 @@ class MMTuneBackend(EvalModel):
     def release(self) -> None:
         self._bundle = None
         super().release()
-
-
-def generate_prompts(
-    bundle: Any,
-    prompts: Sequence[Record],
-    template: Any,
-    *,
-    batch_size: int = 16,
-    max_new_tokens: int = 64,
-    do_sample: bool = False,
-    temperature: float = 1.0,
-    top_p: float = 1.0,
-    seed: int | None = None,
-    progress: bool = False,
-    desc: str = "generate",
-) -> list[str | PromptSkip]:
-    """One output per prompt record of an mmtune model, in order: batched, left-padded, KV-cached.
-
-    Each record's messages are the whole prompt (e.g. few-shot examples and
-    their answers, then the question) and must end on a user turn; images are
-    absolute paths in reading order. Decoding is `generate_answers`' own
-    (`mmtune.eval.generate.generate_tokenized`); only the prompts differ, as
-    `generate_answers` cuts every record at its first assistant turn. A prompt
-    with images for a text-only model, whose images cannot be read, or that
-    leaves no room for `max_new_tokens` within the LM's context, becomes a
-    `PromptSkip` with its reason.
-    """
-    from mmtune.data.templates import Template, get_template
-
-    tmpl = template if isinstance(template, Template) else get_template(template, bundle.tokenizer)
-    check_batch_size(batch_size)
-    limit = _max_positions(getattr(getattr(bundle.model, "lm", None), "config", None))
-    prepared: list[TokenizedPrompt | PromptSkip] = []
-    for rec in prompts:
-        _check_prompt(rec)
-        if rec.images and bundle.image_transform is None:
-            prepared.append(PromptSkip("record has images but the model is text-only"))
-            continue
-        prompt = tokenize_for_generation(bundle, rec.id, rec.messages, tmpl, rec.images, rec.meta)
-        if limit is not None and len(prompt.ids) + max_new_tokens > limit:
-            prepared.append(PromptSkip("prompt too long for the model's context"))
-            continue
-        prepared.append(prompt)
-    return generate_tokenized(
-        bundle, prepared, tmpl, batch_size=batch_size, max_new_tokens=max_new_tokens, do_sample=do_sample,
-        temperature=temperature, top_p=top_p, seed=seed, skip_unreadable_images=True, progress=progress,
-        desc=desc, leave=False,
-    )
 
 
 # --------------------------------------------------------------------------- #
@@ -390,6 +330,29 @@ class _HFBackend(EvalModel):
 
     _model: Any = None
     hf_class: str  # the transformers class that loads the folder, named by each backend
+    _template: Any = None  # the mmtune template named by `template`; None: the folder's own chat template
+
+    def _choose_template(self, template: str | None, owner: Any, what: str, hint: str = "") -> None:
+        """Prompt with the mmtune template `template`, or else with the chat template of `owner`
+        (the folder's `what`: processor or tokenizer), which must then have one."""
+        if template:
+            from mmtune.data.templates import get_template
+
+            self._template = get_template(template, self.tokenizer)
+        elif not getattr(owner, "chat_template", None):
+            raise MMTuneError(f"{self.folder}: the {what} has no chat template; name one with `template`{hint}")
+        self.template_name = template or f"{what} chat template"
+
+    def render(self, messages: Sequence[dict[str, str]], meta: dict[str, Any] | None = None) -> str:
+        if self._template is not None:
+            from mmtune.data.encode import prompt_text
+
+            return prompt_text(messages, self.tokenizer, self._template, meta=meta)
+        return self._own_chat_template(messages)
+
+    @abstractmethod
+    def _own_chat_template(self, messages: Sequence[dict[str, str]]) -> str:
+        """The prompt rendered by the folder's own chat template."""
 
     @property
     def model(self) -> torch.nn.Module:
@@ -444,28 +407,27 @@ class _HFBackend(EvalModel):
         enc.pop("attention_mask", None)
         return ids, (dict(enc) or None)
 
-    def generate(self, prompts: Sequence[Record], *, batch_size: int = 16, max_new_tokens: int = 64,
-                 do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0, seed: int | None = None,
-                 progress: bool = False, desc: str = "generate") -> list[str | PromptSkip]:
+    def generate(self, prompts: Sequence[Record], settings: DecodeSettings, *, progress: bool = False,
+                 desc: str = "generate") -> list[str | PromptSkip]:
         from tqdm.auto import tqdm
 
         from mmtune.data.images import load_image
 
-        check_batch_size(batch_size)
+        batch_size, max_new_tokens = settings.batch_size, settings.max_new_tokens
         results: list[str | PromptSkip | None] = [None] * len(prompts)
         todo: list[tuple[int, str]] = []
         for i, rec in enumerate(prompts):
-            _check_prompt(rec)
+            check_prompt_record(rec)
             if rec.images and not self.takes_images:
                 results[i] = PromptSkip("record has images but the model is text-only")
             else:
                 todo.append((i, self.render(rec.messages, rec.meta)))
         model = self.model if todo else None
-        limit = _max_positions(getattr(model, "config", None))
+        limit = max_positions(getattr(model, "config", None))
         stops = self.stop_ids() if todo else []
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else (stops or [0])[0]
-        if seed is not None:
-            torch.manual_seed(seed)
+        if settings.seed is not None:
+            torch.manual_seed(settings.seed)
         todo.sort(key=lambda t: len(t[1]))
         batches = [todo[j: j + batch_size] for j in range(0, len(todo), batch_size)]
         for batch in tqdm(batches, desc=desc, disable=not progress, unit="batch", leave=False):
@@ -495,9 +457,9 @@ class _HFBackend(EvalModel):
             enc = {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in enc.items()}
             if "pixel_values" in enc and (dt := self._torch_dtype()) is not None:
                 enc["pixel_values"] = enc["pixel_values"].to(dt)
-            sampling = {"temperature": temperature, "top_p": top_p} if do_sample else {}
+            sampling = {"temperature": settings.temperature, "top_p": settings.top_p} if settings.do_sample else {}
             with torch.no_grad():
-                out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=do_sample,
+                out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=settings.do_sample,
                                      eos_token_id=stops or None, pad_token_id=pad, **sampling)
             start = enc["input_ids"].shape[1]
             for r, i in enumerate(rows):
@@ -534,14 +496,7 @@ class LlavaHFBackend(_HFBackend):
         except (OSError, ValueError) as exc:
             raise MMTuneError(f"{folder}: cannot load the processor ({str(exc).splitlines()[0]})") from None
         self.processor.tokenizer.padding_side = "left"
-        self._template = None
-        if template:
-            from mmtune.data.templates import get_template
-
-            self._template = get_template(template, self.processor.tokenizer)
-        elif not getattr(self.processor, "chat_template", None):
-            raise MMTuneError(f"{folder}: the processor has no chat template; name one with `template`")
-        self.template_name = template or "processor chat template"
+        self._choose_template(template, self.processor, "processor")
 
     @classmethod
     def matches(cls, path: Path) -> bool:
@@ -549,19 +504,13 @@ class LlavaHFBackend(_HFBackend):
         return cfg is not None and (cfg.get("model_type") == "llava"
                                     or "LlavaForConditionalGeneration" in (cfg.get("architectures") or []))
 
+    takes_images = True
+
     @property
     def tokenizer(self) -> Any:
         return self.processor.tokenizer
 
-    @property
-    def takes_images(self) -> bool:
-        return True
-
-    def render(self, messages: Sequence[dict[str, str]], meta: dict[str, Any] | None = None) -> str:
-        if self._template is not None:
-            from mmtune.data.encode import prompt_text
-
-            return prompt_text(messages, self.tokenizer, self._template, meta=meta)
+    def _own_chat_template(self, messages: Sequence[dict[str, str]]) -> str:
         conv = [{"role": m["role"], "content": _as_parts(m["content"])} for m in messages]
         return self.processor.apply_chat_template(conv, add_generation_prompt=True, tokenize=False)
 
@@ -585,33 +534,19 @@ class CausalLMBackend(_HFBackend):
                          trust_remote_code=trust_remote_code)
         self._tokenizer = load_tokenizer(folder, trust_remote_code=trust_remote_code)
         self._tokenizer.padding_side = "left"
-        self._template = None
-        if template:
-            from mmtune.data.templates import get_template
-
-            self._template = get_template(template, self._tokenizer)
-        elif not getattr(self._tokenizer, "chat_template", None):
-            raise MMTuneError(f"{folder}: the tokenizer has no chat template; name one with `template` "
-                              "(e.g. vicuna_v1, chatml)")
-        self.template_name = template or "tokenizer chat template"
+        self._choose_template(template, self._tokenizer, "tokenizer", hint=" (e.g. vicuna_v1, chatml)")
 
     @classmethod
     def matches(cls, path: Path) -> bool:
         return _hf_config(path) is not None
 
+    takes_images = False
+
     @property
     def tokenizer(self) -> Any:
         return self._tokenizer
 
-    @property
-    def takes_images(self) -> bool:
-        return False
-
-    def render(self, messages: Sequence[dict[str, str]], meta: dict[str, Any] | None = None) -> str:
-        if self._template is not None:
-            from mmtune.data.encode import prompt_text
-
-            return prompt_text(messages, self._tokenizer, self._template, meta=meta)
+    def _own_chat_template(self, messages: Sequence[dict[str, str]]) -> str:
         return self._tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=False)
 
     def _encode(self, texts: list[str], images: list[list[Any]]) -> dict[str, torch.Tensor]:

@@ -47,6 +47,7 @@ from mmtune.eval.metrics import (
     _gold_index,
     _read_choices,
     _read_item,
+    _read_items,
     _Tally,
 )
 
@@ -252,11 +253,7 @@ def score_seed(items: Iterable[Mapping[str, Any]]) -> ScoreReport:
     gold letter exactly.
     """
     tally = _Tally("seed_accuracy")
-    for i, item in enumerate(items):
-        got = _read_item(tally, item, i)
-        if got is None:
-            continue
-        rid, pred, answers = got
+    for item, rid, pred, answers in _read_items(tally, items):
         meta = item.get("meta") or {}
         choices = item.get("choices") or []
         gold = answers[0]

@@ -38,7 +38,6 @@ or row and field, written to `<out>.rejects.jsonl`; every left-out row is counte
 
 from __future__ import annotations
 
-import argparse
 import base64
 import binascii
 import csv
@@ -46,12 +45,12 @@ import io
 import json
 import sys
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mmtune.data.schema import IMAGE_PLACEHOLDER, Record, write_records
+from mmtune.data.schema import IMAGE_PLACEHOLDER, Record
 from mmtune.errors import MMTuneError
 from mmtune.fileio import atomic_path, atomic_text, write_bytes_atomic
 
@@ -70,6 +69,14 @@ class Imported:
 
     def reject(self, where: str, reason: str, *, rid: str | None = None, fld: str | None = None) -> None:
         self.rejects.append({"where": where, "id": rid, "field": fld, "reason": reason})
+
+    def objects(self, items: list[Any], where: str) -> Iterator[tuple[str, dict[str, Any]]]:
+        """(`where[i]`, item) for each JSON object in `items`; any other item is rejected there."""
+        for i, item in enumerate(items):
+            if isinstance(item, dict):
+                yield f"{where}[{i}]", item
+            else:
+                self.reject(f"{where}[{i}]", "expected an object")
 
 
 def _user(text: str) -> list[dict[str, str]]:
@@ -305,11 +312,7 @@ def import_textvqa(source: str | Path, *, ocr: str | Path | None = None, image_r
             if isinstance(e, dict) and isinstance(e.get("ocr_tokens"), list):
                 ocr_by_image[str(e.get("image_id"))] = [str(t) for t in e["ocr_tokens"]]
     out = Imported()
-    for i, e in enumerate(top["data"]):
-        where = f"{path} data[{i}]"
-        if not isinstance(e, dict):
-            out.reject(where, "expected an object")
-            continue
+    for where, e in out.objects(top["data"], f"{path} data"):
         qid, q, img = e.get("question_id"), e.get("question"), e.get("image_id")
         if qid is None or not isinstance(q, str) or not q.strip() or not isinstance(img, str):
             out.reject(where, "needs question_id, question (text) and image_id", rid=None if qid is None else str(qid),
@@ -344,11 +347,7 @@ def import_seed(source: str | Path, *, image_root: str | Path | None = None, **_
         raise MMTuneError(f"{path}: not SEED-Bench's layout (expected {{\"questions\": [...], \"question_type\": ...}})")
     names = {v: k for k, v in (top.get("question_type") or {}).items()}
     out = Imported()
-    for i, q in enumerate(top["questions"]):
-        where = f"{path} questions[{i}]"
-        if not isinstance(q, dict):
-            out.reject(where, "expected an object")
-            continue
+    for where, q in out.objects(top["questions"], f"{path} questions"):
         rid = str(q.get("question_id", ""))
         if q.get("data_type", "image") != "image":
             out.left_out[f"{q.get('data_type')} question (image questions only)"] += 1
@@ -381,45 +380,3 @@ IMPORTERS: dict[str, Callable[..., Imported]] = {
     "textvqa": import_textvqa,
     "seed": import_seed,
 }
-
-
-# --------------------------------------------------------------------------- #
-# CLI
-# --------------------------------------------------------------------------- #
-
-
-def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("benchmark", choices=list(IMPORTERS), help="which benchmark's released layout SOURCE is in")
-    parser.add_argument("source", help="the released question file (MMBench TSV, TextVQA/SEED JSON) or MME folder")
-    parser.add_argument("--out", required=True, help="unified records JSONL to write")
-    parser.add_argument("--images-out", default=None, help="mmbench: folder for the decoded images "
-                                                           "(default: next to the TSV)")
-    parser.add_argument("--image-root", default=None, help="textvqa/seed: folder holding the benchmark's images")
-    parser.add_argument("--ocr", default=None, help="textvqa: Rosetta OCR JSON giving ocr_tokens per image_id")
-    parser.add_argument("--no-circular", action="store_true", help="mmbench: round 0 only (no CircularEval)")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
-
-
-def cli_main(args: argparse.Namespace) -> int:
-    out = Path(args.out)
-    if out.exists() and not args.overwrite:
-        raise MMTuneError(f"{out} exists; pass --overwrite to replace it")
-    if not Path(args.source).exists():
-        raise MMTuneError(f"{args.source}: not found")
-    res = IMPORTERS[args.benchmark](args.source, images_out=args.images_out, image_root=args.image_root,
-                                    ocr=args.ocr, circular=not args.no_circular)
-    if not res.records:
-        raise MMTuneError(f"{args.source}: no usable {args.benchmark} question "
-                          f"({len(res.rejects)} rejected: {res.rejects[0]['reason'] if res.rejects else 'empty'})")
-    n = write_records(res.records, out)
-    rejects = out.with_name(out.stem + ".rejects.jsonl")
-    if res.rejects:
-        with rejects.open("w", encoding="utf-8") as fh:
-            for r in res.rejects:
-                fh.write(json.dumps(r, ensure_ascii=False) + "\n")
-    print(f"{args.benchmark}: wrote {n} record(s) to {out}"
-          + (f"; {len(res.rejects)} rejected (see {rejects})" if res.rejects else "")
-          + "".join(f"; left out {c}: {reason}" for reason, c in res.left_out.items()))
-    preset = {"mme": "mme", "mmbench": "mmbench", "textvqa": "textvqa", "seed": "seed"}[args.benchmark]
-    print(f"evaluate with: mmtune eval MODEL --records {out} --preset {preset}")
-    return 0

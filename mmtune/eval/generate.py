@@ -1,10 +1,15 @@
 """Generation from a trained (or freshly built) model: batched, left-padded, KV-cached.
 
-`generate_answers` takes records (or plain prompts) and returns answer
-strings in the same order, prompting each record with its turns up to its
-first assistant turn; `mmtune eval` prompts with whole conversations instead
-(`mmtune.eval.run.generate_prompts`). Both tokenize their prompts into
-`TokenizedPrompt`s and decode them with one core, `generate_tokenized`:
+The one generation module of mmtune. One settings object, `DecodeSettings`
+(batch size, max_new_tokens, greedy or sampled with temperature / top_p /
+seed), travels from every entry point to the decoding core; a batch size
+below 1 cannot be constructed. `generate_answers` takes records (or plain
+prompts) and returns answer strings in the same order, prompting each record
+with its turns up to its first assistant turn; `generate_prompts` (what
+`mmtune eval` uses for mmtune models) prompts with whole conversations
+instead, as few-shot prompts need; `generate_file` answers a prompts file.
+All tokenize their prompts into `TokenizedPrompt`s and decode them with one
+core, `generate_tokenized`:
 prompts rendered with the training template, image placeholders expanded to
 the model's image-token runs, rows sorted by length and left-padded so every
 row's new tokens start at the same position, and the LM decoding with its KV
@@ -27,6 +32,7 @@ text-only model) gets `{"id", "error"}` instead, so nothing is dropped silently.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -70,6 +76,36 @@ def check_batch_size(batch_size: int) -> None:
         raise MMTuneError(f"batch_size must be >= 1, got {batch_size}")
 
 
+@dataclasses.dataclass(frozen=True)
+class DecodeSettings:
+    """How prompts are decoded, one object for every generation entry point (and the eval backends).
+
+    Greedy unless `do_sample`; `temperature` and `top_p` are read only when
+    sampling. `seed` (when not None) seeds torch before the first batch.
+    `batch_size` changes speed, never an answer (prompts are left-padded).
+    """
+
+    batch_size: int = 16
+    max_new_tokens: int = 64
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        check_batch_size(self.batch_size)
+
+    @classmethod
+    def of(cls, settings: DecodeSettings | None = None, **fields: Any) -> DecodeSettings:
+        """`settings` (default: the defaults) with some fields replaced, e.g. `of(max_new_tokens=8)`."""
+        names = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(fields) - set(names))
+        if unknown:
+            raise TypeError(f"unknown generation setting(s) {unknown}; the settings are {names}")
+        base = settings if settings is not None else cls()
+        return dataclasses.replace(base, **fields) if fields else base
+
+
 def tokenize_for_generation(
     bundle: ModelBundle,
     rid: str,
@@ -87,6 +123,20 @@ def tokenize_for_generation(
     return TokenizedPrompt(rid, ids, list(images))
 
 
+def check_prompt_record(rec: Record) -> None:
+    """A prompt record must end on a user turn (where the assistant answers)."""
+    if not rec.messages or rec.messages[-1]["role"] != "user":
+        raise MMTuneError(f"record {rec.id!r}: a prompt must end on a user turn")
+
+
+def max_positions(config: Any) -> int | None:
+    """The LM's context length from a transformers config (a multimodal one's text config), if it says."""
+    if config is not None and hasattr(config, "get_text_config"):
+        config = config.get_text_config()
+    n = getattr(config, "max_position_embeddings", None)
+    return int(n) if isinstance(n, int) else None
+
+
 def _cut_at_stops(text: str, stop_strings: Sequence[str]) -> str:
     cut = min([i for s in stop_strings if (i := text.find(s)) != -1], default=len(text))
     return text[:cut].strip()
@@ -97,13 +147,8 @@ def generate_tokenized(
     bundle: ModelBundle,
     prompts: Sequence[TokenizedPrompt | PromptSkip],
     template: Template,
+    settings: DecodeSettings,
     *,
-    batch_size: int = 16,
-    max_new_tokens: int = 64,
-    do_sample: bool = False,
-    temperature: float = 1.0,
-    top_p: float = 1.0,
-    seed: int | None = None,
     skip_unreadable_images: bool = False,
     progress: bool = False,
     desc: str = "generate",
@@ -123,7 +168,7 @@ def generate_tokenized(
     """
     from tqdm.auto import tqdm
 
-    check_batch_size(batch_size)
+    batch_size = settings.batch_size
     model, tok = bundle.model, bundle.tokenizer
     results: list[str | PromptSkip | None] = [p if isinstance(p, PromptSkip) else None for p in prompts]
     todo = [i for i, p in enumerate(prompts) if isinstance(p, TokenizedPrompt)]
@@ -133,8 +178,8 @@ def generate_tokenized(
     batches = [order[j : j + batch_size] for j in range(0, len(order), batch_size)]
     was_training = model.training
     model.eval()
-    if seed is not None:
-        torch.manual_seed(seed)
+    if settings.seed is not None:
+        torch.manual_seed(settings.seed)
     device = model.device
     try:
         for idx in tqdm(batches, desc=desc, disable=not progress, unit="batch", leave=leave):
@@ -157,10 +202,10 @@ def generate_tokenized(
                 ids.to(device),
                 mask.to(device),
                 pixel_values=torch.stack(pixels).to(device) if pixels else None,
-                max_new_tokens=max_new_tokens,
-                do_sample=do_sample,
-                temperature=temperature,
-                top_p=top_p,
+                max_new_tokens=settings.max_new_tokens,
+                do_sample=settings.do_sample,
+                temperature=settings.temperature,
+                top_p=settings.top_p,
                 eos_token_id=stops or None,
                 pad_token_id=pad_id,
             )
@@ -180,18 +225,15 @@ def generate_answers(
     bundle: ModelBundle,
     records_or_prompts: Sequence[Record | str],
     template: str | Template,
+    settings: DecodeSettings | None = None,
     *,
-    batch_size: int = 16,
-    max_new_tokens: int = 64,
     image_root: str | Path | None = None,
-    do_sample: bool = False,
-    temperature: float = 1.0,
-    top_p: float = 1.0,
     instruction_suffix: str = "",
-    seed: int | None = None,
     progress: bool = False,
+    **fields: Any,
 ) -> list[str]:
-    """One answer per input, in input order.
+    """One answer per input, in input order, decoded with `settings` (its fields may also come as keywords,
+    e.g. `max_new_tokens=8`, over the defaults or over `settings`).
 
     A Record is prompted with its messages up to the first assistant turn
     (and the images those turns name, read relative to `image_root`); a str
@@ -200,8 +242,8 @@ def generate_answers(
     input that cannot be prompted (images on a text-only model, a bad
     placeholder count, an unreadable image) raises a one-line error.
     """
+    settings = DecodeSettings.of(settings, **fields)
     tmpl = template if isinstance(template, Template) else get_template(template, bundle.tokenizer)
-    check_batch_size(batch_size)
     # Token ids for every prompt up front (cheap, and needed to sort by length).
     prepared: list[TokenizedPrompt] = []
     for item in records_or_prompts:
@@ -214,11 +256,47 @@ def generate_answers(
         if images and bundle.image_transform is None:
             raise MMTuneError(f"record {item.id!r} has images but the model is text-only (mode llm)")
         prepared.append(tokenize_for_generation(bundle, item.id, msgs, tmpl, images, item.meta))
-    answers = generate_tokenized(
-        bundle, prepared, tmpl, batch_size=batch_size, max_new_tokens=max_new_tokens, do_sample=do_sample,
-        temperature=temperature, top_p=top_p, seed=seed, progress=progress,
-    )
+    answers = generate_tokenized(bundle, prepared, tmpl, settings, progress=progress)
     return answers  # type: ignore[return-value]  # no skips: every failure above raises
+
+
+def generate_prompts(
+    bundle: ModelBundle,
+    prompts: Sequence[Record],
+    template: str | Template,
+    settings: DecodeSettings | None = None,
+    *,
+    progress: bool = False,
+    desc: str = "generate",
+    **fields: Any,
+) -> list[str | PromptSkip]:
+    """One output per prompt record of an mmtune model, in order: batched, left-padded, KV-cached.
+
+    Each record's messages are the whole prompt (e.g. few-shot examples and
+    their answers, then the question) and must end on a user turn; images are
+    absolute paths in reading order. Decoding is `generate_answers`' own
+    (`generate_tokenized`); only the prompts differ, as `generate_answers`
+    cuts every record at its first assistant turn. A prompt with images for a
+    text-only model, whose images cannot be read, or that leaves no room for
+    `max_new_tokens` within the LM's context, becomes a `PromptSkip` with its
+    reason. `settings` and `fields` as in `generate_answers`.
+    """
+    settings = DecodeSettings.of(settings, **fields)
+    tmpl = template if isinstance(template, Template) else get_template(template, bundle.tokenizer)
+    limit = max_positions(getattr(getattr(bundle.model, "lm", None), "config", None))
+    prepared: list[TokenizedPrompt | PromptSkip] = []
+    for rec in prompts:
+        check_prompt_record(rec)
+        if rec.images and bundle.image_transform is None:
+            prepared.append(PromptSkip("record has images but the model is text-only"))
+            continue
+        prompt = tokenize_for_generation(bundle, rec.id, rec.messages, tmpl, rec.images, rec.meta)
+        if limit is not None and len(prompt.ids) + settings.max_new_tokens > limit:
+            prepared.append(PromptSkip("prompt too long for the model's context"))
+            continue
+        prepared.append(prompt)
+    return generate_tokenized(bundle, prepared, tmpl, settings, skip_unreadable_images=True, progress=progress,
+                              desc=desc, leave=False)
 
 
 # --------------------------------------------------------------------------- #
@@ -323,21 +401,21 @@ def generate_file(
     input_path: str | Path,
     out_path: str | Path,
     template: str | Template,
+    settings: DecodeSettings | None = None,
     *,
-    batch_size: int = 8,
     image_root: str | Path | None = None,
     progress: bool = True,
-    **generation: Any,
+    **fields: Any,
 ) -> tuple[int, int]:
     """Answer every line of `input_path` into `out_path` (JSONL, written atomically), in input order.
 
     Returns (answered, errors). Prompts are decoded in batches by `generate_tokenized` (KV cache,
-    left padding); `generation` takes its sampling settings (max_new_tokens, do_sample, ...).
+    left padding) with `settings` (default: batches of 8), whose fields may also come as keywords.
     """
     import json
 
+    settings = DecodeSettings.of(settings if settings is not None else DecodeSettings(batch_size=8), **fields)
     tmpl = template if isinstance(template, Template) else get_template(template, bundle.tokenizer)
-    check_batch_size(batch_size)
     lines = read_prompt_file(input_path, image_root)
     prompts: list[TokenizedPrompt | PromptSkip] = []
     for pl in lines:
@@ -354,8 +432,8 @@ def generate_file(
             prompts.append(tokenize_for_generation(bundle, pl.id, msgs, tmpl, images, pl.record.meta))
         except MMTuneError as exc:
             prompts.append(PromptSkip(f"{input_path}:{pl.line}: {exc}"))
-    answers = generate_tokenized(bundle, prompts, tmpl, batch_size=batch_size, skip_unreadable_images=True,
-                                 progress=progress, desc="generate", **generation)
+    answers = generate_tokenized(bundle, prompts, tmpl, settings, skip_unreadable_images=True,
+                                 progress=progress, desc="generate")
     from mmtune.fileio import atomic_text
 
     errors = 0

@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import re
 from collections import Counter, defaultdict
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -368,6 +368,14 @@ def _read_choices(item: Mapping[str, Any], rid: str) -> list[str]:
     return list(choices)
 
 
+def _read_items(tally: _Tally, items: Iterable[Any]) -> Iterator[tuple[Any, str, str, list[str]]]:
+    """(item, id, prediction, answers) of each usable item; the others are counted skips (`_read_item`)."""
+    for i, item in enumerate(items):
+        got = _read_item(tally, item, i)
+        if got is not None:
+            yield (item, *got)
+
+
 def _read_item(
     tally: _Tally, item: Any, index: int, *, need_answers: bool = True
 ) -> tuple[str, str, list[str]] | None:
@@ -423,11 +431,7 @@ def score_vqa(items: Iterable[Mapping[str, Any]], rule: VQARule = "evalai") -> S
     _check_rule(rule)
     tally = _Tally(f"vqa_accuracy[{rule}]")
     n_not_10 = 0
-    for i, item in enumerate(items):
-        got = _read_item(tally, item, i)
-        if got is None:
-            continue
-        rid, pred, answers = got
+    for item, rid, pred, answers in _read_items(tally, items):
         n_not_10 += len(answers) != 10
         tally.items.append({
             "id": rid,
@@ -482,11 +486,7 @@ def vqa_items_from_official(questions: Mapping[str, Any], annotations: Mapping[s
 def score_exact_match(items: Iterable[Mapping[str, Any]]) -> ScoreReport:
     """GQA-style exact-match accuracy (`exact_match`) over items with ``prediction`` and ``answers``."""
     tally = _Tally("exact_match")
-    for i, item in enumerate(items):
-        got = _read_item(tally, item, i)
-        if got is None:
-            continue
-        rid, pred, answers = got
+    for item, rid, pred, answers in _read_items(tally, items):
         tally.items.append({"id": rid, "score": float(exact_match(pred, answers)), "normalized": gqa_normalize(pred)})
     return tally.report()
 
@@ -566,11 +566,7 @@ def score_pope(items: Iterable[Mapping[str, Any]]) -> ScoreReport:
     """
     tally = _Tally("pope_accuracy")
     tp = fp = tn = fn = 0
-    for i, item in enumerate(items):
-        got = _read_item(tally, item, i)
-        if got is None:
-            continue
-        rid, pred, answers = got
+    for item, rid, pred, answers in _read_items(tally, items):
         label = _yes_no_label(answers[0], rid)
         read = pope_normalize(pred)
         tp += read == "yes" and label == "yes"

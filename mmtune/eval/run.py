@@ -10,76 +10,72 @@ and "tuned model, zero-shot" land in one table:
         --k 4 --shots-from train.jsonl --out runs/eval
     mmtune eval --predictions answers.jsonl --records eval.jsonl --metric vqa   # score a file
 
-Protocol. Held-out (unseen) tasks are named by task or cluster
-(`holdout_tasks`, `holdout_clusters`; by default the `data.holdout_tasks` of
-the models' training configs). Held-out records never serve as few-shot
-examples, so an unseen task's k examples come from the training tasks. The
-split is written to `split.json` and every result says whether its task was
-unseen.
+The protocol, top to bottom (`run_eval`): read the config (models, tasks,
+each task's answer length: `mmtune.eval.eval_config`); open every model
+(`mmtune.eval.backends`; tokenizers now, weights on first generation); read
+the pool, the tasks' records and the few-shot source; decide which tasks are
+held out (unseen) and write `split.json`; then for every (model, task, mode):
+build the prompts (`mmtune.eval.tasks`), take what `OUT/cache.jsonl` already
+holds (`mmtune.eval.cache`), generate the rest with one `DecodeSettings`
+(`mmtune.eval.generate`), extract and score the answers
+(`mmtune.eval.scoring`), write the benchmark's submission files; last, write
+the report (`mmtune.eval.report`). `score_predictions_file` is the same
+protocol for a predictions file, without models.
 
-Generation is batched, left-padded and KV-cached (`generate_prompts`, on
-the decoding core `mmtune.eval.generate.generate_tokenized` that
-`generate_answers` uses too; `generate_answers` prompts with a record's turns
-up to its *first* assistant turn and so cannot carry solved examples).
-Greedy by default. Every output is cached in
-`OUT/cache.jsonl` under a key of (model fingerprint, task, record id, prompt
-text + images, generation settings), so a rerun only generates what is new.
+Held-out (unseen) tasks are named by task or cluster (`holdout_tasks`,
+`holdout_clusters`; by default the `data.holdout_tasks` of the models'
+training configs). Held-out records never serve as few-shot examples, so an
+unseen task's k examples come from the training tasks. Every result says
+whether its task was unseen.
 
 Outputs in OUT: `results.json` (per model, task and mode: score, counted,
 skipped and why, metric details), `predictions.jsonl` (one line per model,
 mode, task and record: prompt, raw output, prediction, score or skip
-reason), `split.json`, `results.png` (tasks x modes per model),
-`eval_config.yaml`; a results table is printed at the end.
+reason), `split.json`, `results.md`, `results.png` (tasks x modes per model),
+`eval_config.yaml`, `cache.jsonl`; a results table is printed at the end.
 """
 
 from __future__ import annotations
 
 import argparse
-import hashlib
-import json
 import os
 import sys
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
-from functools import partial
 from pathlib import Path
 from typing import Any
 
 from mmtune import runs
-# The eval config lives with the others in mmtune.config; importable from here as before.
-from mmtune.config import (  # noqa: F401
-    ConfigError,
-    EvalConfig,
-    GenerationSettings,
-    ModelEntry,
-    from_dict,
-    load_config,
-    validate_config,
-)
+from mmtune.config import ConfigError, EvalConfig, validate_config
 from mmtune.data.schema import Record, read_records
 from mmtune.device import resolve_device
 from mmtune.errors import MMTuneError
-
-# The model backends (mmtune checkpoints, llava-hf folders, causal LMs) live in mmtune.eval.backends;
-# generate_prompts and fingerprint_model stay importable from here.
-from mmtune.eval.backends import (  # noqa: F401
-    EvalModel,
-    detect_backend,
-    fingerprint_model,
-    generate_prompts,
-    open_model,
-)
+from mmtune.eval.backends import EvalModel, detect_backend, open_model
 from mmtune.eval.benchmarks import SUBMISSION_WRITERS
-from mmtune.eval.generate import PromptSkip
-from mmtune.eval.metrics import SCORERS, MetricError, ScoreReport, get_scorer
+from mmtune.eval.cache import CACHE_FILE, PredictionCache, cache_key, cache_settings
+from mmtune.eval.eval_config import (
+    decode_settings,
+    load_eval_config,
+    max_new_tokens_by_task,
+    model_entries,
+    task_specs,
+)
+from mmtune.eval.generate import DecodeSettings, PromptSkip
+from mmtune.eval.metrics import SCORERS
+from mmtune.eval.report import (
+    PREDICTIONS_FILE,
+    RESULTS_FILE,
+    format_table,
+    write_outputs,
+    write_split,
+)
+from mmtune.eval.scoring import read_predictions, score_rows
 from mmtune.eval.tasks import (
     Mode,
     ShotSampler,
     TaskData,
-    TaskError,
-    TaskSpec,
     build_prompt,
     describe_split,
     extract_answer,
@@ -90,167 +86,15 @@ from mmtune.eval.tasks import (
     resolve_task,
     split_unseen,
 )
-from mmtune.fileio import atomic_text, write_json_atomic
 from mmtune.outputs import Out, check_outputs
 
-DEFAULT_MAX_NEW_TOKENS = 64
-RESULTS_FILE = "results.json"
-PREDICTIONS_FILE = "predictions.jsonl"
-SPLIT_FILE = "split.json"
-PLOT_FILE = "results.png"
-CACHE_FILE = "cache.jsonl"
-CONFIG_FILE = "eval_config.yaml"
-TABLE_FILE = "results.md"
-
-
 # --------------------------------------------------------------------------- #
-# Config
+# Inputs: records, and which tasks are unseen
 # --------------------------------------------------------------------------- #
 
 
-def load_eval_config(path: str | Path, overrides: Sequence[str] = ()) -> EvalConfig:
-    return load_config(path, EvalConfig, list(overrides))
-
-
-def _model_entries(cfg: EvalConfig) -> dict[str, ModelEntry]:
-    if not cfg.models:
-        raise ConfigError("models: list at least one model (name: path to a saved model or run folder)")
-    out: dict[str, ModelEntry] = {}
-    for name, value in cfg.models.items():
-        entry = ModelEntry(path=str(value)) if isinstance(value, str | Path) else from_dict(
-            ModelEntry, value, f"models.{name}")
-        if not entry.path:
-            raise ConfigError(f"models.{name}: needs a path")
-        out[str(name)] = entry
-    return out
-
-
-# --------------------------------------------------------------------------- #
-# The prediction cache
-# --------------------------------------------------------------------------- #
-
-
-def cache_key(fingerprint: str, task: str, record_id: str, prompt: str, images: Sequence[str],
-              settings: dict[str, Any]) -> str:
-    prompt_hash = hashlib.sha256("\0".join([prompt, *images]).encode()).hexdigest()
-    blob = json.dumps([fingerprint, task, record_id, prompt_hash, settings], sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()
-
-
-class PredictionCache:
-    """Raw outputs by cache key, in an append-only JSONL journal.
-
-    Appended after every generated group, so a crashed run keeps what it had
-    generated; a torn last line (from a crash mid-write) is ignored and counted.
-    """
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.entries: dict[str, str] = {}
-        self.bad_lines = 0
-        if path.is_file():
-            from mmtune.data.textio import iter_json_lines
-
-            for _, obj, reason, _ in iter_json_lines(path):
-                try:
-                    if reason is not None:
-                        raise TypeError(reason)
-                    self.entries[obj["key"]] = obj["output"]
-                except (KeyError, TypeError):
-                    self.bad_lines += 1
-
-    def get(self, key: str) -> str | None:
-        return self.entries.get(key)
-
-    def add(self, new: dict[str, str]) -> None:
-        if not new:
-            return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with self.path.open("a", encoding="utf-8", errors="backslashreplace") as fh:
-            for key, output in new.items():
-                fh.write(json.dumps({"key": key, "output": output}, ensure_ascii=False) + "\n")
-            fh.flush()
-            os.fsync(fh.fileno())
-        self.entries.update(new)
-
-
-def _trained_holdout(folder: Path) -> list[str] | None:
-    """`data.holdout_tasks` from the run_config.yaml next to a checkpoint (None when there is none)."""
-    if runs.read_run_config(folder) is None:
-        return None
-    value = runs.run_config_value(folder, "data.holdout_tasks") or []
-    return [str(v) for v in value] if isinstance(value, list) else [str(value)]
-
-
-# --------------------------------------------------------------------------- #
-# Scoring one task
-# --------------------------------------------------------------------------- #
-
-
-def _scorer(spec: TaskSpec) -> Callable[[list[dict[str, Any]]], ScoreReport]:
-    fn = get_scorer(spec.metric)
-    return partial(fn, rule=spec.vqa_rule) if spec.metric == "vqa" else fn
-
-
-def score_rows(spec: TaskSpec, records: Sequence[Record], rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """Score one (model, task, mode): rows hold `id` and `prediction` or a `skip` reason.
-
-    Returns the results entry; adds `score` to each scored row. The counts
-    always add up: counted + skipped == number of task records.
-    """
-    by_id = {r.id: r for r in records}
-    items = []
-    pre_skips: Counter[str] = Counter()
-    for row in rows:
-        if row.get("skip"):
-            pre_skips[row["skip"]] += 1
-            continue
-        rec = by_id[row["id"]]
-        items.append({
-            "id": rec.id, "prediction": row.get("prediction"), "answers": rec.answers, "choices": rec.choices,
-            "question_type": rec.meta.get("question_type"), "answer_type": rec.meta.get("answer_type"),
-            "category": rec.meta.get("category"), "meta": rec.meta,
-        })
-    try:
-        report = _scorer(spec)(items)
-    except MetricError as exc:
-        raise MetricError(f"task {spec.name!r}: {exc}") from None
-    per_item = {it["id"]: it for it in report.per_item}
-    skipped_by_scorer = {it["id"] for it in items} - set(per_item)
-    for row in rows:
-        if row["id"] in per_item:
-            row["score"] = per_item[row["id"]]["score"]
-        elif row["id"] in skipped_by_scorer and not row.get("skip"):
-            row["skip"] = _scorer_skip_reason(row)
-    skips = Counter(report.skips) + pre_skips
-    counted, skipped = report.counted, report.skipped + sum(pre_skips.values())
-    if counted + skipped != len(records):  # a bug, never a silently wrong denominator
-        raise MMTuneError(f"task {spec.name!r}: {counted} counted + {skipped} skipped != {len(records)} records")
-    total = counted + skipped
-    return {
-        "metric": report.metric,
-        "score": report.score,
-        "score_with_skips_as_zero": (report.score or 0.0) * counted / total if total else None,
-        "counted": counted,
-        "skipped": skipped,
-        "total": total,
-        "skips": dict(skips),
-        "details": report.details,
-    }
-
-
-def _scorer_skip_reason(row: dict[str, Any]) -> str:
-    pred = row.get("prediction")
-    return "missing prediction" if pred is None else "non-string prediction" if not isinstance(pred, str) \
-        else "no reference answers"
-
-
-# --------------------------------------------------------------------------- #
-# The eval run
-# --------------------------------------------------------------------------- #
-
-
-def _reader() -> Callable[[Path], list[Record]]:
+def record_reader() -> Callable[[Path], list[Record]]:
+    """A records-file reader that reads each file once (tasks and the pool often share one)."""
     cache: dict[str, list[Record]] = {}
 
     def read(path: Path) -> list[Record]:
@@ -271,13 +115,6 @@ def _read_all(paths: Sequence[str], read: Callable[[Path], list[Record]], what: 
     return out
 
 
-def _generation_settings(g: GenerationSettings, max_new_tokens: int, dtype: str) -> dict[str, Any]:
-    s: dict[str, Any] = {"max_new_tokens": max_new_tokens, "do_sample": g.do_sample, "dtype": dtype}
-    if g.do_sample:
-        s.update(temperature=g.temperature, top_p=g.top_p, seed=g.seed)
-    return s
-
-
 def _log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
@@ -292,6 +129,14 @@ class Holdout:
 
     def covers(self, record: Record) -> bool:
         return is_heldout(record, self.tasks, self.clusters)
+
+
+def _trained_holdout(folder: Path) -> list[str] | None:
+    """`data.holdout_tasks` from the run_config.yaml next to a checkpoint (None when there is none)."""
+    if runs.read_run_config(folder) is None:
+        return None
+    value = runs.run_config_value(folder, "data.holdout_tasks") or []
+    return [str(v) for v in value] if isinstance(value, list) else [str(value)]
 
 
 def _resolve_holdout(cfg: EvalConfig, trained: dict[str, list[str] | None], universe: Sequence[Record]) -> Holdout:
@@ -350,6 +195,11 @@ def _describe_protocol(
     return split
 
 
+# --------------------------------------------------------------------------- #
+# The eval run
+# --------------------------------------------------------------------------- #
+
+
 @dataclass
 class _ModelRun:
     """One model being evaluated: its name, lazy weights, template, fingerprint, and the run's shared state."""
@@ -359,17 +209,16 @@ class _ModelRun:
     fingerprint: str
     dtype: str
     cache: PredictionCache
-    g: GenerationSettings
     progress: bool
 
 
-def _evaluate(run: _ModelRun, task: TaskData, mode: Mode, max_new_tokens: int, sampler: ShotSampler | None,
+def _evaluate(run: _ModelRun, task: TaskData, mode: Mode, decode: DecodeSettings, sampler: ShotSampler | None,
               shots_root: str | None) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """One (model, task, mode): build prompts, take cached outputs, generate the rest, score.
 
     Returns the results entry and one prediction row per task record.
     """
-    settings = _generation_settings(run.g, max_new_tokens, run.dtype)
+    settings = cache_settings(decode, run.dtype)
     rows: list[dict[str, Any]] = []
     todo: list[tuple[int, Record, str]] = []
     for rec in task.records:
@@ -398,12 +247,8 @@ def _evaluate(run: _ModelRun, task: TaskData, mode: Mode, max_new_tokens: int, s
             todo.append((len(rows) - 1, prompt, key))
     t0 = time.perf_counter()
     if todo:
-        g = run.g
-        outputs = run.handle.generate(
-            [p for _, p, _ in todo], batch_size=g.batch_size,
-            max_new_tokens=max_new_tokens, do_sample=g.do_sample, temperature=g.temperature, top_p=g.top_p,
-            seed=g.seed if g.do_sample else None, progress=run.progress, desc=f"{run.name}/{task.name}/{mode.name}",
-        )
+        outputs = run.handle.generate([p for _, p, _ in todo], decode, progress=run.progress,
+                                      desc=f"{run.name}/{task.name}/{mode.name}")
         if len(outputs) != len(todo):
             raise MMTuneError(f"generation returned {len(outputs)} outputs for {len(todo)} prompts")
         new: dict[str, str] = {}
@@ -421,7 +266,7 @@ def _evaluate(run: _ModelRun, task: TaskData, mode: Mode, max_new_tokens: int, s
         row["answers"] = rec.answers
     entry = score_rows(task.spec, task.records, rows)
     entry.update({
-        "mode": mode.name, "k": mode.k, "max_new_tokens": max_new_tokens,
+        "mode": mode.name, "k": mode.k, "max_new_tokens": decode.max_new_tokens,
         "generated": sum(r.get("cached") is False for r in rows), "cached": sum(r.get("cached") is True for r in rows),
         "generation_seconds": round(seconds, 3),
     })
@@ -434,18 +279,10 @@ def run_eval(cfg: EvalConfig, *, output_dir: str | Path | None = None) -> dict[s
     g = cfg.generation
     validate_config(cfg)  # what loading checks, again for configs built in code
     device = resolve_device(g.device, "--device (generation.device)")
-    models = _model_entries(cfg)
+    models = model_entries(cfg)
     model_modes = {n: [parse_mode(m, cfg.k) for m in (e.modes or cfg.modes)] for n, e in models.items()}
-    if not cfg.tasks:
-        raise ConfigError("tasks: list at least one task (a preset name or a mapping, see docs/eval.md)")
-    specs = [resolve_task(t, f"tasks[{i}]") for i, t in enumerate(cfg.tasks)]
-    twice = [n for n, c in Counter(s.name for s in specs).items() if c > 1]
-    if twice:
-        raise TaskError(f"task name {twice[0]!r} is used twice; give each task its own name")
-    # Precedence: the task's own config entry > generation.max_new_tokens > the task preset > 64.
-    max_new = {s.name: (t["max_new_tokens"] if isinstance(t, dict) and t.get("max_new_tokens") is not None
-                        else g.max_new_tokens or s.max_new_tokens or DEFAULT_MAX_NEW_TOKENS)
-               for s, t in zip(specs, cfg.tasks, strict=True)}
+    specs = task_specs(cfg)
+    max_new = max_new_tokens_by_task(cfg, specs)
 
     check_outputs(
         [Out(out, "--out" if output_dir else "output_dir", "folder")],
@@ -461,7 +298,7 @@ def run_eval(cfg: EvalConfig, *, output_dir: str | Path | None = None) -> dict[s
         template = e.template or (cfg.template if kind == "mmtune" else None)
         handles[n] = open_model(e.path, backend=kind, template=template, device=device, dtype=g.dtype,
                                 image_backend=e.image_backend, trust_remote_code=cfg.trust_remote_code)
-    read = _reader()
+    read = record_reader()
     pool = _read_all(cfg.pool, read, "pool")
     tasks = [load_task(s, pool if cfg.pool else None, pool_name=", ".join(cfg.pool) or "the pool",
                        image_root=cfg.image_root, read=read) for s in specs]
@@ -473,8 +310,7 @@ def run_eval(cfg: EvalConfig, *, output_dir: str | Path | None = None) -> dict[s
     universe = [*pool, *(shot_pool if cfg.shots_from else []), *(r for t in tasks for r in t.records)]
     holdout = _resolve_holdout(cfg, trained, universe)
     split = _describe_protocol(cfg, tasks, pool, shot_pool, holdout, trained)
-    out.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(split, out / SPLIT_FILE)
+    write_split(split, out)
     unseen = {n: i["unseen"] for n, i in split["evaluated_tasks"].items()}
     samplers: dict[str, ShotSampler] = {}  # built on first few-shot use (a training mix can be large)
 
@@ -495,14 +331,14 @@ def run_eval(cfg: EvalConfig, *, output_dir: str | Path | None = None) -> dict[s
     totals: Counter[str] = Counter()
     for mname, entry in models.items():
         handle = handles[mname]
-        mrun = _ModelRun(mname, handle, handle.fingerprint(), handle.default_dtype, cache, g, cfg.progress)
+        mrun = _ModelRun(mname, handle, handle.fingerprint(), handle.default_dtype, cache, cfg.progress)
         model_info[mname] = {**handle.info(), "fingerprint": mrun.fingerprint,
                              "trained_holdout_tasks": trained[mname]}
         results[mname] = {t.name: {} for t in tasks}
         for task in tasks:
             for mode in model_modes[mname]:
-                n_new = g.cot_max_new_tokens if mode.cot else max_new[task.name]
-                res, rows = _evaluate(mrun, task, mode, n_new, sampler(task) if mode.few_shot else None, shots_root)
+                decode = decode_settings(g, g.cot_max_new_tokens if mode.cot else max_new[task.name])
+                res, rows = _evaluate(mrun, task, mode, decode, sampler(task) if mode.few_shot else None, shots_root)
                 res["unseen"] = unseen[task.name]
                 writer = SUBMISSION_WRITERS.get(task.spec.metric)
                 if writer is not None:  # the benchmark's own submission layout (e.g. MMBench's)
@@ -523,67 +359,13 @@ def run_eval(cfg: EvalConfig, *, output_dir: str | Path | None = None) -> dict[s
         "totals": {"generated": totals["generated"], "cached": totals["cached"]},
         "output_dir": str(out),
     }
-    _write_outputs(report, pred_rows, out, cfg)
+    write_outputs(report, pred_rows, out, cfg)
     return report
-
-
-def _write_outputs(report: dict[str, Any], rows: list[dict[str, Any]], out: Path, cfg: EvalConfig | None) -> None:
-    import yaml
-
-    order = ["model", "mode", "task", "id", "prompt", "images", "shots", "output", "prediction", "answers",
-             "score", "skip", "cached"]
-    with atomic_text(out / PREDICTIONS_FILE) as fh:
-        for row in rows:
-            line = {k: row[k] for k in order if k in row}
-            line.update({k: v for k, v in row.items() if k not in line})
-            fh.write(json.dumps(line, ensure_ascii=False) + "\n")
-    write_json_atomic(report, out / RESULTS_FILE)
-    md = out / (TABLE_FILE + ".tmp")
-    md.write_text(markdown_table(report), encoding="utf-8")
-    os.replace(md, out / TABLE_FILE)
-    if cfg is not None:
-        with atomic_text(out / CONFIG_FILE) as fh:
-            fh.write(yaml.safe_dump(asdict(cfg), sort_keys=False))
-    if cfg is None or cfg.plot:
-        from mmtune.eval.plots import plot_results
-
-        report["plot"] = str(plot_results(report, out / PLOT_FILE))
 
 
 # --------------------------------------------------------------------------- #
 # Scoring a predictions file (no model)
 # --------------------------------------------------------------------------- #
-
-PREDICTION_ID_KEYS = ("id", "question_id")
-PREDICTION_TEXT_KEYS = ("prediction", "text", "answer")
-
-
-def read_predictions(path: str | Path) -> dict[str, Any]:
-    """id -> prediction from JSONL: mmtune's (`id`, `prediction`) or LLaVA's answers file (`question_id`, `text`).
-
-    A line without an id, a duplicated id or bad JSON is an error naming the
-    line; a line without a prediction field maps to None (a counted skip).
-    """
-    from mmtune.data.schema import iter_jsonl
-
-    path = Path(path)
-    if not path.is_file():
-        raise MMTuneError(f"--predictions: {path} not found")
-    out: dict[str, Any] = {}
-    for line, obj in iter_jsonl(path):
-        if isinstance(obj, Exception):
-            raise obj
-        if not isinstance(obj, dict):
-            raise MMTuneError(f"{path}:{line}: expected a JSON object")
-        rid = next((obj[k] for k in PREDICTION_ID_KEYS if obj.get(k) is not None), None)
-        if rid is None:
-            raise MMTuneError(f"{path}:{line}: no id (one of {', '.join(PREDICTION_ID_KEYS)})")
-        rid = str(rid)
-        if rid in out:
-            raise MMTuneError(f"{path}:{line}: id {rid!r} appears twice")
-        out[rid] = next((obj[k] for k in PREDICTION_TEXT_KEYS if k in obj), None)
-    return out
-
 
 def score_predictions_file(
     tasks: Sequence[TaskData], predictions: dict[str, Any], *, name: str, out: Path, source: str
@@ -631,87 +413,8 @@ def score_predictions_file(
         "unseen_tasks": [],
         "output_dir": str(out),
     }
-    _write_outputs(report, rows_all, out, None)
+    write_outputs(report, rows_all, out, None)
     return report
-
-
-# --------------------------------------------------------------------------- #
-# The results table
-# --------------------------------------------------------------------------- #
-
-
-def format_table(report: dict[str, Any]) -> str:
-    """Tasks as rows, model/mode pairs as columns; cells are score % (counted/total)."""
-    results = report["results"]
-    columns = [(m, mode) for m, per_task in results.items()
-               for mode in dict.fromkeys(md for per_mode in per_task.values() for md in per_mode)]
-    task_names = list(dict.fromkeys(t for per_task in results.values() for t in per_task))
-    unseen = set(report.get("unseen_tasks") or [])
-    header = ["task"] + [f"{m}/{mode}" for m, mode in columns]
-    body = []
-    for t in task_names:
-        row = [t + (" *" if t in unseen else "")]
-        for m, mode in columns:
-            e = results[m].get(t, {}).get(mode)
-            if e is None:
-                row.append("-")
-            else:
-                row.append(f"{official_cell(e)} ({e['counted']}/{e['total']})")
-        body.append(row)
-    widths = [max(len(r[i]) for r in [header, *body]) for i in range(len(header))]
-    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
-             for r in [header, *body]]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    notes = ["score in % or the benchmark's official figure (counted/total records; the rest were skipped, "
-             "see results.json)"]
-    skips = [f"  {m}/{mode} {t}: " + ", ".join(f"{reason} ({n})" for reason, n in e["skips"].items())
-             for m, per_task in results.items() for t, per_mode in per_task.items()
-             for mode, e in per_mode.items() if e["skipped"]]
-    if skips:
-        notes.append("skipped:")
-        notes.extend(skips[:12] + ([f"  ... and {len(skips) - 12} more"] if len(skips) > 12 else []))
-    if unseen:
-        notes.append("* unseen task (held out from training; few-shot examples from training tasks only)")
-    metrics = {t: next((e["metric"] for per_task in results.values() for e in per_task.get(t, {}).values()), "")
-               for t in task_names}
-    notes.append("metrics: " + ", ".join(f"{t}={m}" for t, m in metrics.items()))
-    return "\n".join(lines + notes)
-
-
-def official_cell(entry: dict[str, Any]) -> str:
-    """A result's headline as its benchmark reports it: the official figure when the scorer gives one
-    (MME perception/cognition totals, MMBench circular accuracy), else the score in %."""
-    off = (entry.get("details") or {}).get("official")
-    if isinstance(off, dict) and off.get("text"):
-        return str(off["text"])
-    return "n/a" if entry.get("score") is None else f"{100 * entry['score']:.2f}"
-
-
-def markdown_table(report: dict[str, Any]) -> str:
-    """results.md: one row per model (and mode), one column per benchmark; each cell the official metric
-    with `counted/total` and the skipped count, so every denominator is visible."""
-    results = report["results"]
-    tasks = list(dict.fromkeys(t for per_task in results.values() for t in per_task))
-    header = ["model"] + tasks
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * len(tasks)) + "|"]
-    for m, per_task in results.items():
-        for mode in dict.fromkeys(md for per_mode in per_task.values() for md in per_mode):
-            cells = [f"{m}" + ("" if mode in ("zero-shot", "predictions") else f" ({mode})")]
-            for t in tasks:
-                e = per_task.get(t, {}).get(mode)
-                cells.append("-" if e is None else
-                             f"{official_cell(e)} ({e['counted']}/{e['total']}, {e['skipped']} skipped)")
-            lines.append("| " + " | ".join(cells) + " |")
-    metrics = {t: next((e["metric"] for per_task in results.values() for e in per_task.get(t, {}).values()), "")
-               for t in tasks}
-    notes = ["", "Cells: official metric (counted/total records, skipped); see results.json for skip reasons.",
-             "Metrics: " + ", ".join(f"{t} = {m}" for t, m in metrics.items()) + "."]
-    models = report.get("models") or {}
-    if models:
-        notes.append("Models: " + "; ".join(
-            f"{n} = {i.get('path', i.get('predictions', ''))} ({i.get('backend', 'predictions file')})"
-            for n, i in models.items()) + ".")
-    return "\n".join(lines + notes) + "\n"
 
 
 # --------------------------------------------------------------------------- #
@@ -837,7 +540,7 @@ def cli_main(args: argparse.Namespace) -> int:
         check_outputs([Out(out, "--out", "folder")],
                       inputs=[("--predictions", args.predictions), *(("--records", r) for r in args.records)])
         specs = [resolve_task(e, f"task {e['name']!r}") for e in _tasks_from_records(args)]
-        read = _reader()
+        read = record_reader()
         tasks = [load_task(s, read=read) for s in specs]
         report = score_predictions_file(tasks, read_predictions(args.predictions), name=args.name or "predictions",
                                         out=out, source=args.predictions)
