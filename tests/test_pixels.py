@@ -106,11 +106,29 @@ def test_training_stream_ships_uint8_with_and_without_workers(tmp_path):
                for a, b in zip(x, y, strict=True))
 
 
+@pytest.mark.parametrize("model_type", ["clip_vision_model", "siglip_vision_model"])
+def test_hf_towers_normalise_uint8_as_their_fast_processor_does(model_type):
+    torch.manual_seed(0)
+    tower = build_vision_tower(VisionConfig(backend="hf", config={**HF_CLIP, "model_type": model_type})).eval()
+    assert tower.pixel_norm is not None and tower.pixel_norm.rescale_factor is not None
+    for pad in (True, False):
+        raw, full = tower.image_transform(pad, normalize=False), tower.image_transform(pad)
+        pixels = [raw(i) for i in _images()]
+        old = torch.stack([full(i) for i in _images()])  # the processor's own rescale + normalise on the CPU
+        assert all(p.dtype == torch.uint8 for p in pixels)
+        assert torch.equal(tower.pixel_norm(torch.stack(pixels)), old)
+    with torch.no_grad():
+        assert torch.equal(tower(torch.stack(pixels)), tower(old))
+
+
 def test_a_tower_that_normalises_on_the_cpu_refuses_uint8():
-    tower = build_vision_tower(VisionConfig(backend="hf", config=HF_CLIP))
+    from mmtune.model.towers.hf_tower import HFVisionTower
+
+    base = build_vision_tower(VisionConfig(backend="hf", config=HF_CLIP))
+    tower = HFVisionTower(base.model, {**base.processor_cfg, "_backend": "pil"}, -2, "patch")  # numpy arithmetic
     assert tower.pixel_norm is None
-    img = load_image(sorted((TRAIN_FIX / "images").glob("*.png"))[0])
-    # its loader transform is the normalised one: nothing changes for HF towers
+    img = _images()[2]
+    # its loader transform is the normalised one
     assert tower.image_transform(True, normalize=False)(img).dtype == torch.float32
     with pytest.raises(MMTuneError, match="uint8 pixel_values"):
         tower(torch.zeros(1, 3, 32, 32, dtype=torch.uint8))

@@ -15,7 +15,8 @@ builds the PIL -> tensor transform (with LLaVA's optional pad-to-square), and
 tells export what it is in Hugging Face terms (`to_hf`, `hf_processor_kwargs`,
 `patch_size`, `image_backend`), so export never checks a tower's type.
 
-Pixels. A tower with a `pixel_norm` (open_clip towers) splits its transform:
+Pixels. A tower with a `pixel_norm` (open_clip towers; HF towers with a fast
+image processor) splits its transform:
 the PIL steps (pad, resize, crop) give uint8 pixels [3, H, W]
 (`image_transform(..., normalize=False)`: what the training loader ships,
 4x smaller than float32 and with no float work on the CPU), and the tower
@@ -26,6 +27,7 @@ normalised pixels are bit-identical to the CPU transform they replace
 (tests/test_model.py checks this against open_clip's own transform).
 Floating-point pixel_values are taken as already normalised (the default
 `image_transform(pad_to_square)`, HF processors, towers without a pixel_norm).
+`tests/test_pixels.py` checks the HF towers against their processor too.
 
 Adding a backend: one module in mmtune/model/towers/ with a `VisionTower`
 subclass decorated `@register_tower("id")` that implements `build` and the
@@ -175,47 +177,62 @@ class VisionTower(nn.Module):
 
 
 class PixelNorm:
-    """uint8 RGB pixels [..., 3, H, W] -> float32 `(x / scale - mean) / std`, on the tensor's own device.
+    """uint8 RGB pixels [..., 3, H, W] -> the tower's normalised float32 input, on the tensor's own device.
 
-    The steps are torchvision's `to_tensor` (`x.float().div(255)`) and
-    `Normalize` (`sub_(mean).div_(std)`) in float32, in that order, so the
-    result equals the CPU transform bit for bit. Each division is by a tensor
-    on `x`'s device: CUDA turns division by a CPU scalar into a multiplication
-    by its reciprocal, which can differ in the last bit. The constants are
-    plain attributes, not module buffers, so casting the tower to bf16 never
-    rounds them.
+    Two arithmetics, each the one of the CPU transform it replaces, so the
+    result equals it bit for bit:
+    * `rescale_factor=None` (open_clip towers): torchvision's `to_tensor` then
+      `Normalize`, `(x / 255 - mean) / std`, step by step in float32;
+    * `rescale_factor=r` (transformers' fast image processors, HF towers): their
+      fused rescale + normalise, `(x - mean * (1 / r)) / (std * (1 / r))`, the
+      scaled constants computed as transformers computes them.
+    Each division is by a tensor on `x`'s device: CUDA turns division by a CPU
+    scalar into a multiplication by its reciprocal, which can differ in the
+    last bit. The constants are plain attributes, not module buffers, so
+    casting the tower to bf16 never rounds them.
     """
 
-    def __init__(self, mean: tuple[float, ...], std: tuple[float, ...], scale: float = 255.0) -> None:
+    def __init__(self, mean: tuple[float, ...], std: tuple[float, ...], rescale_factor: float | None = None) -> None:
         if len(mean) != 3 or len(std) != 3:
             raise MMTuneError(f"pixel normalisation needs 3 channel means and stds, got {mean} / {std}")
-        self.mean, self.std, self.scale = tuple(float(m) for m in mean), tuple(float(s) for s in std), float(scale)
-        self._on: dict[torch.device, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        self.mean, self.std = tuple(float(m) for m in mean), tuple(float(s) for s in std)
+        self.rescale_factor = None if rescale_factor is None else float(rescale_factor)
+        self._on: dict[torch.device, tuple[torch.Tensor, ...]] = {}
 
     def __getstate__(self) -> dict[str, Any]:  # pickled into DataLoader workers: no device tensors
         return {**self.__dict__, "_on": {}}
 
+    def _key(self) -> tuple[Any, ...]:
+        return self.mean, self.std, self.rescale_factor
+
     def __eq__(self, other: object) -> bool:
-        return isinstance(other, PixelNorm) and (self.mean, self.std, self.scale) == (other.mean, other.std, other.scale)
+        return isinstance(other, PixelNorm) and self._key() == other._key()
 
     def __hash__(self) -> int:
-        return hash((self.mean, self.std, self.scale))
+        return hash(self._key())
 
     def __repr__(self) -> str:
-        return f"PixelNorm(mean={self.mean}, std={self.std}, scale={self.scale})"
+        return f"PixelNorm(mean={self.mean}, std={self.std}, rescale_factor={self.rescale_factor})"
 
-    def _constants(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _constants(self, device: torch.device) -> tuple[torch.Tensor, ...]:
         if device not in self._on:
-            f32 = {"dtype": torch.float32, "device": device}
-            self._on[device] = (torch.tensor(self.scale, **f32), torch.tensor(self.mean, **f32).view(-1, 1, 1),
-                                torch.tensor(self.std, **f32).view(-1, 1, 1))
+            mean, std = torch.tensor(self.mean), torch.tensor(self.std)  # float32, as both transforms make them
+            if self.rescale_factor is None:
+                consts: tuple[torch.Tensor, ...] = (torch.tensor(255.0), mean, std)
+            else:
+                consts = (mean * (1.0 / self.rescale_factor), std * (1.0 / self.rescale_factor))
+            self._on[device] = tuple(c.to(device).view(-1, 1, 1) if c.ndim else c.to(device) for c in consts)
         return self._on[device]
 
     def __call__(self, pixels: torch.Tensor) -> torch.Tensor:
         if pixels.dtype != torch.uint8 or pixels.ndim < 3 or pixels.shape[-3] != 3:
             raise MMTuneError(f"expected uint8 pixels [..., 3, H, W], got {pixels.dtype} {tuple(pixels.shape)}")
-        scale, mean, std = self._constants(pixels.device)
-        return pixels.to(torch.float32).div(scale).sub(mean).div(std)
+        x = pixels.to(torch.float32)
+        if self.rescale_factor is None:
+            scale, mean, std = self._constants(pixels.device)
+            return x.div(scale).sub(mean).div(std)
+        mean, std = self._constants(pixels.device)
+        return x.sub(mean).div(std)
 
 
 # Transforms are classes, not closures, so DataLoader workers can pickle them.

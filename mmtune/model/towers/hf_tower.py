@@ -15,6 +15,7 @@ from mmtune.model.towers.base import (
     OPENAI_CLIP_MEAN,
     OPENAI_CLIP_STD,
     ImageTransform,
+    PixelNorm,
     VisionTower,
     _with_padding,
     register_tower,
@@ -38,6 +39,7 @@ class HFVisionTower(VisionTower):
         self.has_cls = self.kind == "clip"
         self.processor_cfg = dict(processor_cfg)
         self.image_mean = tuple(self.processor_cfg["image_mean"])
+        self.pixel_norm = _pixel_norm(_hf_image_processor(self.kind, self.processor_cfg))
         self._check_selection()
 
     def hidden_states(self, pixel_values: torch.Tensor, upto: int | None = None) -> list[torch.Tensor]:
@@ -61,9 +63,12 @@ class HFVisionTower(VisionTower):
                 yield name, p
 
     def image_transform(self, pad_to_square: bool, *, normalize: bool = True) -> ImageTransform:
-        # The processor normalises on the CPU (no pixel_norm): normalize=False changes nothing here.
+        # normalize=False: the processor resizes and crops only, and pixel_norm finishes its work on the device
+        # (fast processors; a PIL-backend processor has no pixel_norm and always normalises here).
+        raw = not normalize and self.pixel_norm is not None
         return _with_padding(
-            HFImageTransform(_hf_image_processor(self.kind, self.processor_cfg)), pad_to_square, self.image_mean
+            HFImageTransform(_hf_image_processor(self.kind, self.processor_cfg), raw=raw), pad_to_square,
+            self.image_mean,
         )
 
 
@@ -220,10 +225,30 @@ def _pretrained_processor_cfg(name: str) -> dict[str, Any] | None:
 
 # Transforms are classes, not closures, so DataLoader workers can pickle them.
 class HFImageTransform:
-    """PIL image -> [3, H, W] through a transformers image processor."""
+    """PIL image -> [3, H, W] through a transformers image processor (`raw`: uint8, before rescale + normalise)."""
 
-    def __init__(self, processor: Any) -> None:
-        self.processor = processor
+    def __init__(self, processor: Any, raw: bool = False) -> None:
+        self.processor, self.raw = processor, raw
 
     def __call__(self, img: Any) -> torch.Tensor:
-        return self.processor(images=img, return_tensors="pt")["pixel_values"][0]
+        extra = {"do_rescale": False, "do_normalize": False} if self.raw else {}
+        out = self.processor(images=img, return_tensors="pt", **extra)["pixel_values"][0]
+        if self.raw and out.dtype != torch.uint8:
+            raise MMTuneError(f"{type(self.processor).__name__} gave {out.dtype} pixels without rescaling, not uint8")
+        return out
+
+
+def _pixel_norm(processor: Any) -> PixelNorm | None:
+    """The device-side rescale + normalise of a fast (torch) image processor that does both, else None.
+
+    Fast processors fuse the two steps (`_fuse_mean_std_and_rescale_factor`); PixelNorm does the same
+    arithmetic. PIL-backend processors compute in numpy, so their towers keep normalising on the CPU.
+    """
+    if not hasattr(processor, "_fuse_mean_std_and_rescale_factor"):
+        return None
+    if not (processor.do_rescale and processor.do_normalize):
+        return None
+    mean, std = processor.image_mean, processor.image_std
+    mean = tuple(mean) if isinstance(mean, list | tuple) else (float(mean),) * 3
+    std = tuple(std) if isinstance(std, list | tuple) else (float(std),) * 3
+    return PixelNorm(mean, std, rescale_factor=float(processor.rescale_factor))
