@@ -23,7 +23,8 @@ shards, one image per record with a short question and answer, repeated to
    off, since its buffer would serve batches from memory), the batch pinned
    (CUDA only; pinning needs a GPU) -- with 0 workers (the main process does
    it all) and `--workers` DataLoader workers, full and draft decode; and,
-   for comparison, the old CPU-side transform (to float, normalise).
+   for comparison, with the float transform (`ModelBundle.image_transform`:
+   normalised on the CPU, as the loader did before it shipped uint8).
 
 Figures are medians over `--rounds` interleaved rounds, each reported two
 ways: wall-clock samples/s, and samples per CPU-second of the process doing
@@ -225,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
             ("tower", True): lambda b: tower_pixels(b, args.size, True, bundle.pixel_transform),
         }
         runs = [(w, "uint8", d) for w in (0, args.workers) for d in (False, True)]
-        runs += [(w, "float (old)", False) for w in (0, args.workers)]
+        runs += [(w, "float on CPU", False) for w in (0, args.workers)]
         lim: dict[Any, list[tuple[float, float]]] = {k: [] for k in limits}
         res: dict[Any, list[tuple[float, float, float]]] = {k: [] for k in runs}
         # Rounds interleave every measurement and each figure is the median over rounds, so load
