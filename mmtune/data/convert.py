@@ -9,15 +9,14 @@ ids. Only a file that is not JSON/JSONL at all (or cannot be detected / paired)
 stops the run, with a one-line `MMTuneError`.
 
 Python API: `convert_files(paths, fmt="auto", image_root=None)` returns a
-`ConvertResult`; the CLI writes its records with `write_records`.
+`ConvertResult`; the command line (`mmtune.cli.convert`) writes its records with
+`write_records`.
 """
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import os
-import sys
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,7 +44,6 @@ from mmtune.data.schema import (
     RecordError,
     RejectsWriter,
     validate_record,
-    write_records,
 )
 from mmtune.data.tables import (
     TABLE_SUFFIXES,
@@ -58,7 +56,6 @@ from mmtune.data.tables import (
     read_table,
 )
 from mmtune.errors import MMTuneError
-from mmtune.outputs import Out, check_outputs
 
 INPUT_SUFFIXES = (".json", ".jsonl", *TABLE_SUFFIXES)
 
@@ -412,58 +409,3 @@ def iter_table_records(
         blobs = iter(sink.blobs)
         data = [next(blobs) if i in conv.last_embedded else Path(p).read_bytes() for i, p in enumerate(record.images)]
         yield TableItem(row, record, data)
-
-
-# --------------------------------------------------------------------------- #
-# CLI
-# --------------------------------------------------------------------------- #
-
-
-def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("inputs", nargs="+", metavar="IN",
-                        help="input files (.json / .jsonl / .parquet / .arrow), datasets.save_to_disk folders, "
-                             "or folders of files")
-    parser.add_argument("--out", required=True, metavar="OUT.jsonl", help="unified JSONL to write (atomically)")
-    parser.add_argument("--format", default="auto", choices=["auto", *FORMATS], help="input layout (default: detected per file)")
-    parser.add_argument("--image-root", metavar="DIR", help="folder relative image paths start from (default: each input's folder)")
-    parser.add_argument("--rejects", metavar="PATH", help="where rejected rows go (default: OUT with .rejects.jsonl)")
-    parser.add_argument("--images-dir", metavar="DIR",
-                        help="where images embedded as bytes (parquet / arrow / datasets) are written, unchanged "
-                             "(default: OUT's name with _images, next to it)")
-    parser.add_argument("--strict", action="store_true", help="exit 1 when any row is rejected")
-    parser.add_argument("--source", metavar="NAME", help="set every record's source (default: the format's or the file's name)")
-    parser.add_argument("--task", metavar="NAME", help="set every record's task (default: the row's own, e.g. Dolly category)")
-    parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
-                        help="progress bars (default: on a terminal only)")
-
-
-def cli_main(args: argparse.Namespace) -> int:
-    out = Path(args.out)
-    rejects = Path(args.rejects) if args.rejects else default_rejects_path(out)
-    inputs = expand_inputs(args.inputs)
-    images_dir = Path(args.images_dir) if args.images_dir else default_images_dir(out)
-    check_outputs(
-        [Out(out, "--out"), Out(rejects, "--rejects" if args.rejects else "--rejects (default)"),
-         Out(images_dir, "--images-dir" if args.images_dir else "--images-dir (default)", "folder")],
-        inputs=[("input", p) for p in inputs],
-    )
-    result = convert_files(
-        inputs, args.format, args.image_root, source=args.source, task=args.task,
-        rejects_path=rejects, progress=args.progress, images_dir=images_dir,
-    )
-    for path, fmt in result.formats.items():
-        if path in result.rows_per_input:
-            print(f"{path}: {fmt}, {result.rows_per_input[path]} rows")
-        else:
-            print(f"{path}: {fmt} annotations (joined to the questions)")
-    write_records(result.records, out)
-    print(f"converted {len(result.records)}, rejected {result.rejects_count}")
-    if result.url_images:
-        print(f"{result.url_images} image URL(s) kept as they are, not checked (offline)")
-    if result.embedded_images:
-        print(f"{result.embedded_images} embedded image(s) written unchanged to {images_dir}")
-    print(f"wrote {out}" + (f"; rejects in {rejects}" if result.rejects else ""))
-    if args.strict and result.rejects:
-        print(f"mmtune convert: --strict: first reject: {result.first_reject}", file=sys.stderr)
-        return 1
-    return 0

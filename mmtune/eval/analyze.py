@@ -27,14 +27,17 @@ the model's own template. Data are unified records (`mmtune convert`).
   the share of non-tie verdicts that chose the first position (0.5 = none).
 
 Each writes `<analysis>.json` and `<analysis>.png` under `--out` (default
-runs/analysis), prints a table and shows progress bars.
+runs/analysis), prints a table and shows progress bars. From Python:
+`run_token_shift(TokenShiftOptions(base=..., tuned=..., data=...))`, likewise
+`run_consistency` / `run_judge` (registry `ANALYSES`); the command line is
+`mmtune/cli/analyze.py`.
 """
 
 from __future__ import annotations
 
-import argparse
 from collections import Counter, defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -44,13 +47,60 @@ from mmtune.errors import MMTuneError
 from mmtune.eval.scoring import read_keyed_jsonl
 from mmtune.fileio import write_json_atomic
 
-SUBCOMMANDS = ("token-shift", "consistency", "judge")
 MEASURES = {
     "loglik": "Pearson r between base and tuned mean log-likelihoods of each question's choices, "
               "averaged over questions (Ren et al. 2024)",
     "correctness": "Pearson r over items between base and tuned per-item correctness "
                    "(most likely choice == gold answer)",
 }
+
+
+@dataclass(kw_only=True)
+class RunOptions:
+    """What every analysis takes besides its inputs (the `mmtune analyze` flags of the same names)."""
+
+    out: str | Path = "runs/analysis"
+    batch_size: int = 8
+    device: str | None = None
+    dtype: str | None = None
+    progress: bool = True
+
+
+@dataclass(kw_only=True)
+class TwoModelOptions(RunOptions):
+    """BASE and TUNED (mmtune runs/checkpoints, llava-hf or causal-LM folders) read on the records of `data`."""
+
+    base: str
+    tuned: str
+    data: str
+    image_root: str | None = None
+    limit: int | None = None
+    base_template: str | None = None
+    tuned_template: str | None = None
+
+
+@dataclass(kw_only=True)
+class TokenShiftOptions(TwoModelOptions):
+    max_new_tokens: int = 64
+
+
+@dataclass(kw_only=True)
+class ConsistencyOptions(TwoModelOptions):
+    measure: str = "loglik"  # a key of MEASURES
+    answer_prefix: str = " "
+
+
+@dataclass(kw_only=True)
+class JudgeOptions(RunOptions):
+    """Answers files `a` and `b`, judged by the model at `judge`; `data` (optional) gives each id's question."""
+
+    a: str
+    b: str
+    judge: str
+    judge_template: str | None = None
+    data: str | None = None
+    labels: str = "A,B"
+    tie_margin: float = 0.0
 
 
 def _table(header: list[str], rows: list[list[str]]) -> str:
@@ -65,10 +115,10 @@ def _pct(x: float | None) -> str:
     return "n/a" if x is None else f"{100 * x:.2f}"
 
 
-def _open(path: str, args: argparse.Namespace, template: str | None = None) -> Any:
+def _open(path: str, opts: RunOptions, template: str | None = None) -> Any:
     from mmtune.eval.backends import open_model
 
-    return open_model(path, template=template, device=args.device, dtype=args.dtype)
+    return open_model(path, template=template, device=opts.device, dtype=opts.dtype)
 
 
 def _records(path: str, image_root: str | None, limit: int | None) -> list[Record]:
@@ -101,7 +151,7 @@ def _same_vocab(a: Any, b: Any, what: str) -> None:
 # --------------------------------------------------------------------------- #
 
 
-def run_token_shift(args: argparse.Namespace) -> dict[str, Any]:
+def run_token_shift(opts: TokenShiftOptions) -> dict[str, Any]:
     from mmtune.eval.analysis import (
         MARGINAL,
         SHIFTED,
@@ -112,10 +162,10 @@ def run_token_shift(args: argparse.Namespace) -> dict[str, Any]:
     )
     from tqdm.auto import tqdm
 
-    out = Path(args.out)
-    base, tuned = _open(args.base, args, args.base_template), _open(args.tuned, args, args.tuned_template)
+    out = Path(opts.out)
+    base, tuned = _open(opts.base, opts, opts.base_template), _open(opts.tuned, opts, opts.tuned_template)
     _same_vocab(base, tuned, "token-shift")
-    recs = [_prompt_record(r) for r in _records(args.data, args.image_root, args.limit)]
+    recs = [_prompt_record(r) for r in _records(opts.data, opts.image_root, opts.limit)]
     skips: Counter[str] = Counter()
     usable = []
     for r in recs:
@@ -125,7 +175,7 @@ def run_token_shift(args: argparse.Namespace) -> dict[str, Any]:
             usable.append(r)
     tok = tuned.tokenizer
     prompts, conts, extra, kept, items = [], [], [], [], []
-    for r in tqdm(usable, desc="tuned answers", disable=args.no_progress):
+    for r in tqdm(usable, desc="tuned answers", disable=not opts.progress):
         try:
             ids, ex = tuned.prompt_inputs(r.messages, r.images, r.meta)
             if r.images:  # the base model reads the images through its own image processing
@@ -136,14 +186,14 @@ def run_token_shift(args: argparse.Namespace) -> dict[str, Any]:
             skips[f"image cannot be loaded: {exc}"] += 1
             continue
         # The tuned model's greedy token ids themselves (decoded text would not re-tokenize to them).
-        cont = tuned.greedy_ids(ids, ex, args.max_new_tokens)
+        cont = tuned.greedy_ids(ids, ex, opts.max_new_tokens)
         prompts.append(ids)
         conts.append(cont)
         extra.append(base_ex if r.images else None)
         kept.append(r)
         items.append({"id": r.id, "task": r.task, "answer": tok.decode(cont, skip_special_tokens=True).strip()})
     result = token_distribution_shift(base.model, prompts, conts, tokenizer=tok, extra_inputs=extra,
-                                      batch_size=args.batch_size, progress=not args.no_progress)
+                                      batch_size=opts.batch_size, progress=opts.progress)
     per_task: dict[str, Counter[str]] = defaultdict(Counter)
     for r, ranks, item in zip(kept, result.ranks, items, strict=True):
         item["ranks"] = ranks
@@ -155,16 +205,16 @@ def run_token_shift(args: argparse.Namespace) -> dict[str, Any]:
     report = {
         "analysis": "token distribution shift (Lin et al. 2023, URIAL): rank of each tuned-model answer token "
                     "under the base model; 1 unshifted, 2-3 marginal, >3 shifted",
-        "base": base.info(), "tuned": tuned.info(), "data": args.data,
+        "base": base.info(), "tuned": tuned.info(), "data": opts.data,
         "records": len(recs), "counted": len(kept) - result.skipped, "skipped": sum(skips.values()),
         "skips": dict(skips), "tokens": result.n_tokens, "shares": result.shares, "counts": result.counts,
         "per_task": by_task, "top_shifted": result.top_shifted, "by_position": result.by_position,
-        "max_new_tokens": args.max_new_tokens, "items": items,
+        "max_new_tokens": opts.max_new_tokens, "items": items,
     }
     out.mkdir(parents=True, exist_ok=True)
     write_json_atomic(report, out / "token_shift.json")
     report["plot"] = str(plot_token_shift(result, out / "token_shift.png",
-                                          title=f"{Path(args.tuned).name} answers ranked by {Path(args.base).name}"))
+                                          title=f"{Path(opts.tuned).name} answers ranked by {Path(opts.base).name}"))
     rows = [[t, str(v["tokens"]), *(_pct(v[k]) for k in cats)] for t, v in by_task.items()]
     rows.append(["all", str(result.n_tokens), *(_pct(result.shares[k]) for k in cats)])
     print(_table(["task", "tokens", "unshifted %", "marginal %", "shifted %"], rows))
@@ -178,22 +228,22 @@ def run_token_shift(args: argparse.Namespace) -> dict[str, Any]:
 # --------------------------------------------------------------------------- #
 
 
-def _choice_scores(model: Any, recs: Sequence[Record], args: argparse.Namespace, desc: str) -> list[list[float]]:
+def _choice_scores(model: Any, recs: Sequence[Record], opts: ConsistencyOptions, desc: str) -> list[list[float]]:
     """Each record's choices scored by `model`: mean token log-likelihood after its own rendered prompt."""
     from mmtune.eval.analysis import answer_logprobs, candidate_ids
 
     prompts, answers, extra, owner = [], [], [], []
     for i, r in enumerate(recs):
         ids, ex = model.prompt_inputs(r.messages, r.images, r.meta)
-        where = f"{args.data}: record {r.id!r} field 'choices':"
-        cands = [candidate_ids(model.tokenizer, c, args.answer_prefix, where) for c in r.choices or []]
+        where = f"{opts.data}: record {r.id!r} field 'choices':"
+        cands = [candidate_ids(model.tokenizer, c, opts.answer_prefix, where) for c in r.choices or []]
         prompts += [ids] * len(cands)
         answers += cands
         extra += [ex] * len(cands)
         owner += [i] * len(cands)
     pad = getattr(model.tokenizer, "pad_token_id", None) or 0
-    flat = answer_logprobs(model.model, prompts, answers, extra_inputs=extra, batch_size=args.batch_size,
-                           pad_token_id=pad, progress=not args.no_progress, desc=desc)
+    flat = answer_logprobs(model.model, prompts, answers, extra_inputs=extra, batch_size=opts.batch_size,
+                           pad_token_id=pad, progress=opts.progress, desc=desc)
     out: list[list[float]] = [[] for _ in recs]
     for i, s in zip(owner, flat, strict=True):
         out[i].append(s)
@@ -207,12 +257,12 @@ def _gold_index(r: Record) -> int | None:
     return None if letter is None else "ABCDEFGHIJKLMNOPQRSTUVWXYZ".index(letter)
 
 
-def run_consistency(args: argparse.Namespace) -> dict[str, Any]:
+def run_consistency(opts: ConsistencyOptions) -> dict[str, Any]:
     from mmtune.eval.analysis import pearson
 
-    out = Path(args.out)
-    base, tuned = _open(args.base, args, args.base_template), _open(args.tuned, args, args.tuned_template)
-    recs = _records(args.data, args.image_root, args.limit)
+    out = Path(opts.out)
+    base, tuned = _open(opts.base, opts, opts.base_template), _open(opts.tuned, opts, opts.tuned_template)
+    recs = _records(opts.data, opts.image_root, opts.limit)
     skips: Counter[str] = Counter()
     usable = []
     for r in recs:
@@ -223,9 +273,9 @@ def run_consistency(args: argparse.Namespace) -> dict[str, Any]:
         else:
             usable.append(_prompt_record(r))
     if not usable:
-        raise MMTuneError(f"--data: no record of {args.data} has 2 or more `choices` a model can read")
-    b_scores = _choice_scores(base, usable, args, "base log-likelihoods")
-    t_scores = _choice_scores(tuned, usable, args, "tuned log-likelihoods")
+        raise MMTuneError(f"--data: no record of {opts.data} has 2 or more `choices` a model can read")
+    b_scores = _choice_scores(base, usable, opts, "base log-likelihoods")
+    t_scores = _choice_scores(tuned, usable, opts, "tuned log-likelihoods")
     per_item, rs, b_ok, t_ok = [], [], [], []
     for r, b, t in zip(usable, b_scores, t_scores, strict=True):
         gold = _gold_index(r)
@@ -249,12 +299,12 @@ def run_consistency(args: argparse.Namespace) -> dict[str, Any]:
                    "tuned_accuracy": sum(t_ok) / len(t_ok) if t_ok else None,
                    "undefined_because": "one model's correctness is constant" if b_ok and corr is None else None}
     measures = {"loglik": loglik, "correctness": correctness}
-    head = measures[args.measure]
+    head = measures[opts.measure]
     report = {
         "analysis": "knowledge consistency (Ren et al. 2024, 'Learning or Self-aligning?')",
-        "measure": args.measure, "measure_definition": MEASURES[args.measure],
+        "measure": opts.measure, "measure_definition": MEASURES[opts.measure],
         "knowledge_consistency": head["value"], "measures": measures,
-        "definitions": MEASURES, "base": base.info(), "tuned": tuned.info(), "data": args.data,
+        "definitions": MEASURES, "base": base.info(), "tuned": tuned.info(), "data": opts.data,
         "records": len(recs), "skipped_records": sum(skips.values()), "skips": dict(skips), "items": per_item,
     }
     out.mkdir(parents=True, exist_ok=True)
@@ -263,7 +313,7 @@ def run_consistency(args: argparse.Namespace) -> dict[str, Any]:
     rows = [[m, "n/a" if v["value"] is None else f"{v['value']:.4f}", str(v["counted"]), str(v["skipped"])]
             for m, v in measures.items()]
     print(_table(["measure", "pearson r", "counted", "skipped"], rows))
-    print(f"headline (--measure {args.measure}): {MEASURES[args.measure]}")
+    print(f"headline (--measure {opts.measure}): {MEASURES[opts.measure]}")
     if b_ok:
         print(f"choice accuracy: base {_pct(correctness['base_accuracy'])}%, tuned {_pct(correctness['tuned_accuracy'])}%")
     return report
@@ -314,28 +364,28 @@ def read_answers(path: str, where: str) -> dict[str, dict[str, Any]]:
     return out
 
 
-def run_judge(args: argparse.Namespace) -> dict[str, Any]:
+def run_judge(opts: JudgeOptions) -> dict[str, Any]:
     from mmtune.eval.analysis import LMJudge, pairwise_judge
 
-    out = Path(args.out)
-    a, b = read_answers(args.a, "A"), read_answers(args.b, "B")
+    out = Path(opts.out)
+    a, b = read_answers(opts.a, "A"), read_answers(opts.b, "B")
     questions: dict[str, str] = {}
-    if args.data:
-        for r in read_records(args.data):
+    if opts.data:
+        for r in read_records(opts.data):
             users = r.turns("user")
             if users:
                 questions[r.id] = users[0].replace("<image>", "").strip()
     ids = [i for i in a if i in b]
     only = len(set(a) ^ set(b))
     if not ids:
-        raise MMTuneError(f"{args.a} and {args.b} share no id")
-    judge_model = _open(args.judge, args, args.judge_template)
-    judge = LMJudge(judge_model.model, judge_model.tokenizer, labels=tuple(args.labels.split(",")),
-                    tie_margin=args.tie_margin,
+        raise MMTuneError(f"{opts.a} and {opts.b} share no id")
+    judge_model = _open(opts.judge, opts, opts.judge_template)
+    judge = LMJudge(judge_model.model, judge_model.tokenizer, labels=tuple(opts.labels.split(",")),
+                    tie_margin=opts.tie_margin,
                     format_prompt=lambda text: judge_model.render([{"role": "user", "content": text}]))
     qs = [questions.get(i) or a[i]["question"] or b[i]["question"] for i in ids]
     res = pairwise_judge(qs, [a[i]["answer"] for i in ids], [b[i]["answer"] for i in ids], judge=judge, ids=ids,
-                         progress=not args.no_progress)
+                         progress=opts.progress)
     verdicts = Counter(v for it in res.per_item for v in (it["a_first"], it["b_first"]))
     decided = verdicts["1"] + verdicts["2"]
     bias = {"first_position_share": verdicts["1"] / decided if decided else None,
@@ -344,7 +394,7 @@ def run_judge(args: argparse.Namespace) -> dict[str, Any]:
             "consistent_share": (res.counted - res.inconsistent) / res.counted if res.counted else None}
     report = {
         "analysis": "pairwise judging by a local model, both orders; a win counts only when it survives the swap",
-        "a": args.a, "b": args.b, "judge": judge_model.info(), "labels": args.labels,
+        "a": opts.a, "b": opts.b, "judge": judge_model.info(), "labels": opts.labels,
         "win": res.wins_a, "tie": res.ties, "loss": res.wins_b, "win_rate_a": res.win_rate_a,
         "counted": res.counted, "skipped": res.skipped + only,
         "skips": {**res.skips, **({"id in only one file": only} if only else {})},
@@ -355,7 +405,7 @@ def run_judge(args: argparse.Namespace) -> dict[str, Any]:
     report["plot"] = str(_plot_judge(report, out / "judge.png"))
     print(_table(["", "count", "%"], [[k, str(report[k]), _pct(report[k] / res.counted if res.counted else None)]
                                        for k in ("win", "tie", "loss")]))
-    print(f"A = {args.a}, B = {args.b}; win rate of A (ties half) {_pct(res.win_rate_a)}%")
+    print(f"A = {opts.a}, B = {opts.b}; win rate of A (ties half) {_pct(res.win_rate_a)}%")
     print(f"position bias: {_pct(bias['first_position_share'])}% of decided verdicts chose the first answer "
           f"(50% = none); {res.inconsistent} of {res.counted} items changed verdict with the order")
     return report
@@ -381,63 +431,9 @@ def _plot_judge(report: dict[str, Any], path: Path) -> Path:
     return _save_figure(fig, path)
 
 
-# --------------------------------------------------------------------------- #
-# CLI
-# --------------------------------------------------------------------------- #
-
-
-def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--out", default="runs/analysis", help="output folder (default runs/analysis)")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--device", default=None)
-    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--no-progress", action="store_true")
-
-
-def _two_models(p: argparse.ArgumentParser) -> None:
-    p.add_argument("base", help="base model: mmtune run/checkpoint, llava-hf folder or causal-LM folder")
-    p.add_argument("tuned", help="tuned model (same kinds)")
-    p.add_argument("--data", required=True, help="unified records JSONL")
-    p.add_argument("--image-root", default=None, help="folder for relative image paths in --data")
-    p.add_argument("--limit", type=int, default=None, help="use the first N records")
-    p.add_argument("--base-template", default=None, help="prompt template of BASE (default: its own)")
-    p.add_argument("--tuned-template", default=None, help="prompt template of TUNED (default: its own)")
-
-
-def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
-    sub = parser.add_subparsers(dest="analysis", metavar="ANALYSIS", required=True)
-    p = sub.add_parser("token-shift", help="URIAL token distribution shift of TUNED's answers under BASE")
-    _two_models(p)
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    _common(p)
-    p = sub.add_parser("consistency", help="knowledge consistency of BASE and TUNED on multiple-choice records")
-    _two_models(p)
-    p.add_argument("--measure", choices=list(MEASURES), default="loglik",
-                   help="headline measure: loglik (per-question Pearson over the choices' log-likelihoods) or "
-                        "correctness (Pearson over items of per-item correctness)")
-    p.add_argument("--answer-prefix", default=" ", help="text before each choice (default one space)")
-    _common(p)
-    p = sub.add_parser("judge", help="pairwise judging of two answers files by a local model, both orders")
-    p.add_argument("a", help="answers A (JSONL: id/question_id + prediction/output/text/answer [+ question])")
-    p.add_argument("b", help="answers B (same layout)")
-    p.add_argument("--judge", required=True, help="judge model: mmtune run/checkpoint or causal-LM / llava-hf folder")
-    p.add_argument("--judge-template", default=None)
-    p.add_argument("--data", default=None, help="records giving each id's question (else the answers' question)")
-    p.add_argument("--labels", default="A,B", help="the two single-token labels the judge answers with")
-    p.add_argument("--tie-margin", type=float, default=0.0)
-    _common(p)
-
-
-RUNNERS = {"token-shift": run_token_shift, "consistency": run_consistency, "judge": run_judge}
-
-
-def cli_main(args: argparse.Namespace) -> int:
-    if args.batch_size < 1:
-        raise MMTuneError(f"--batch-size must be >= 1, got {args.batch_size}")
-    if getattr(args, "labels", None) is not None and len(args.labels.split(",")) != 2:
-        raise MMTuneError(f"--labels takes two comma-separated labels, got {args.labels!r}")
-    report = RUNNERS[args.analysis](args)
-    name = {"token-shift": "token_shift"}.get(args.analysis, args.analysis)
-    print(f"wrote {Path(args.out) / (name + '.json')}, {report['plot']}")
-    return 0
-
+# analysis name -> (its options, its runner); each runner writes <out>/<name with _>.json and .png
+ANALYSES: dict[str, tuple[type[RunOptions], Callable[..., dict[str, Any]]]] = {
+    "token-shift": (TokenShiftOptions, run_token_shift),
+    "consistency": (ConsistencyOptions, run_consistency),
+    "judge": (JudgeOptions, run_judge),
+}

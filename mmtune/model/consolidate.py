@@ -15,7 +15,6 @@ The run's `run_config.yaml` is copied along, so the template is still found.
 
 from __future__ import annotations
 
-import argparse
 import shutil
 from pathlib import Path
 
@@ -40,15 +39,3 @@ def consolidate(checkpoint: str | Path, out: str | Path | None = None) -> Path:
             if (folder / name).is_file():
                 shutil.copy2(folder / name, tmp / name)
     return target
-
-
-def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("checkpoint", metavar="RUN_OR_CHECKPOINT",
-                        help="a sharded checkpoint folder, or a run folder (its latest checkpoint)")
-    parser.add_argument("--out", metavar="DIR", help="where to write the model (default: CHECKPOINT-consolidated)")
-
-
-def cli_main(args: argparse.Namespace) -> int:
-    target = consolidate(args.checkpoint, args.out)
-    print(f"mmtune consolidate: wrote {target} (safetensors); use it with export / generate / eval")
-    return 0

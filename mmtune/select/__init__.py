@@ -3,7 +3,7 @@
 Methods (registry `METHODS`): random, longest, quality, kmeans, facility, qdit,
 deita, dedup. Python API: `select_records(records, k, method, ...)` returns a
 `SelectionResult`; `select_pool(path, k, method, out=...)` reads and writes
-files; the CLI is `mmtune select` (`api.add_cli_arguments` / `api.cli_main`).
+files; the CLI is `mmtune select` (`mmtune/cli/select.py`).
 """
 
 from mmtune.select.algorithms import METHODS, SelectionError, SelectParams

@@ -1,4 +1,4 @@
-"""`mmtune train`: the training recipe (align / instruct stages) on accelerate.
+"""`mmtune train`: the training recipe (align / instruct stages) on accelerate; `train(cfg)` runs it.
 
     mmtune train CONFIG.yaml [--output-dir DIR] [--max-steps N] [--resume-from latest|PATH] [key.sub=value ...]
 
@@ -23,12 +23,12 @@ naming the step, nothing saved for it (the last good checkpoint stays
 `latest`); CUDA out of memory -> `TrainingOOMError` naming the batch and the
 settings to lower, after saving the last completed step. Resuming restores
 weights, optimizer, scheduler, RNG and the data position, so the losses of an
-interrupted-and-resumed run equal those of an uninterrupted one.
+interrupted-and-resumed run equal those of an uninterrupted one. The command
+line (flags, overrides, exit codes) is `mmtune/cli/train.py`.
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import dataclasses
 import gc
@@ -50,7 +50,6 @@ from mmtune import runs
 from mmtune.config import (
     RunConfig,
     check_input_files,
-    load_config,
     to_dict,
     validate_config,
 )
@@ -1012,52 +1011,3 @@ def _dict_diff(a: dict[str, Any], b: dict[str, Any], where: str) -> str:
         elif va != vb:
             diffs.append(f"{where}.{key}: {vb!r} in the checkpoint, {va!r} now")
     return "; ".join(diffs)
-
-
-# --------------------------------------------------------------------------- #
-# CLI
-# --------------------------------------------------------------------------- #
-
-
-def _option_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
-    p = parser or argparse.ArgumentParser(prog="mmtune train", add_help=False)
-    p.add_argument("--output-dir", metavar="DIR", help="run folder (train.output_dir)")
-    p.add_argument("--max-steps", type=int, metavar="N", help="optimizer steps (train.max_steps)")
-    p.add_argument("--resume-from", metavar="latest|PATH",
-                   help="continue from DIR's latest checkpoint or a checkpoint folder (train.resume_from)")
-    p.add_argument("--overwrite", action="store_true", default=None,
-                   help="replace the run already in DIR (kept aside until the new run saves)")
-    return p
-
-
-def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("config", metavar="CONFIG.yaml", help="run config (see configs/tiny_mllm.yaml)")
-    _option_parser(parser)
-    # REMAINDER so overrides and options may be mixed in any order; cli_main sorts them out.
-    parser.add_argument("overrides", nargs=argparse.REMAINDER, metavar="key.sub=value",
-                        help="config overrides, e.g. train.lr=1e-4 data.max_length=1024")
-
-
-def cli_main(args: argparse.Namespace) -> int:
-    inner = _option_parser()
-    inner.add_argument("overrides", nargs="*")
-    rest = inner.parse_intermixed_args(list(args.overrides or []))
-    for key in ("output_dir", "max_steps", "resume_from", "overwrite"):
-        if getattr(rest, key) is not None:
-            setattr(args, key, getattr(rest, key))
-    cfg = load_config(args.config, RunConfig, rest.overrides)
-    if args.output_dir is not None:
-        cfg.train.output_dir = args.output_dir
-    if args.max_steps is not None:
-        cfg.train.max_steps = args.max_steps
-    if args.resume_from is not None:
-        cfg.train.resume_from = args.resume_from
-    result = train(cfg, overwrite=bool(args.overwrite))
-    if result.stopped_by:
-        print(f"mmtune train: stopped by {result.stopped_by} at step {result.step}/{result.total_steps}; "
-              f"checkpoint {result.last_checkpoint}; continue with --resume-from latest", file=sys.stderr)
-        return EXIT_STOPPED
-    if int(os.environ.get("RANK", "0")) == 0:
-        loss = f", last loss {result.last_loss:.4f}" if result.last_loss is not None else ""
-        print(f"mmtune train: done, step {result.step}/{result.total_steps}{loss}; checkpoint {result.last_checkpoint}")
-    return 0

@@ -1,9 +1,13 @@
-"""The `mmtune` command line.
+"""The `mmtune` command line: the only place that parses arguments.
 
-Each subcommand lives next to the code it drives, in a module that exposes
-`add_cli_arguments(parser)` and `cli_main(args) -> int`; this file only maps
-names to those modules and imports the one that is asked for, so
-`mmtune --help` stays fast and no layer imports the CLI.
+Contract: one module per subcommand, `mmtune/cli/<command>.py`, holding that
+command's argparse (`add_cli_arguments(parser)`) and its `cli_main(args) -> int`,
+which turns the parsed flags into the plain arguments or config objects a
+library function takes and prints what the user reads. Library modules never
+import argparse (`tests/test_architecture.py` fails if one does). This file
+only maps names to those modules and imports the one that is asked for, so
+`mmtune --help` stays fast (torch and friends are slow to load). The
+any-order flag / `key=value` override parsing is `mmtune.cli.anyorder`.
 """
 
 from __future__ import annotations
@@ -15,17 +19,17 @@ import sys
 
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
-    "convert": ("mmtune.data.convert", "import Alpaca/Dolly/ShareGPT/LLaVA/messages/VQA files into unified JSONL"),
-    "shard": ("mmtune.data.shards", "write unified records (and their images) as webdataset tar shards"),
-    "select": ("mmtune.select.api", "condense a pool to k records (random, longest, quality, kmeans, facility, qdit, deita, dedup)"),
-    "train": ("mmtune.train.run", "train an LLM or LLaVA-style MLLM from a YAML config (align / instruct stages)"),
+    "convert": ("mmtune.cli.convert", "import Alpaca/Dolly/ShareGPT/LLaVA/messages/VQA files into unified JSONL"),
+    "shard": ("mmtune.cli.shard", "write unified records (and their images) as webdataset tar shards"),
+    "select": ("mmtune.cli.select", "condense a pool to k records (random, longest, quality, kmeans, facility, qdit, deita, dedup)"),
+    "train": ("mmtune.cli.train", "train an LLM or LLaVA-style MLLM from a YAML config (align / instruct stages)"),
     "eval": ("mmtune.eval.run", "evaluate zero-shot / few-shot on (unseen) VQA-style tasks"),
-    "analyze": ("mmtune.eval.analyze", "base vs tuned: token-shift, knowledge consistency, order-swapped judge"),
-    "benchmark": ("mmtune.eval.benchmarks", "import MME / MMBench / TextVQA / SEED-Bench question files as eval records"),
+    "analyze": ("mmtune.cli.analyze", "base vs tuned: token-shift, knowledge consistency, order-swapped judge"),
+    "benchmark": ("mmtune.cli.benchmark", "import MME / MMBench / TextVQA / SEED-Bench question files as eval records"),
     "generate": ("mmtune.eval.generate", "generate answers from a checkpoint, text-only or with images"),
-    "consolidate": ("mmtune.model.consolidate", "write a sharded (FSDP) checkpoint as ordinary safetensors"),
-    "export": ("mmtune.model.export", "export a checkpoint to Hugging Face (hf-llava or hf) format"),
-    "demo": ("mmtune.demo", "the whole pipeline on an embedded pool, on one CPU, in minutes"),
+    "consolidate": ("mmtune.cli.consolidate", "write a sharded (FSDP) checkpoint as ordinary safetensors"),
+    "export": ("mmtune.cli.export", "export a checkpoint to Hugging Face (hf-llava or hf) format"),
+    "demo": ("mmtune.cli.demo", "the whole pipeline on an embedded pool, on one CPU, in minutes"),
 }
 
 
@@ -66,7 +70,3 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"mmtune {args.command}: interrupted", file=sys.stderr)
         return 130
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
