@@ -6,24 +6,38 @@ shards, one image per record with a short question and answer, repeated to
 `--records` samples. In one process and one run, the script measures:
 
 1. the limit: PIL decode + RGB + resize to `--size` px (bicubic) of the same
-   JPEG bytes, images/s, decoding in full;
-2. the same with JPEG draft mode (`Image.draft`, libjpeg DCT scaling to a
-   size >= `--size`) and the pixel difference draft vs full decode after the
-   resize (mean and max absolute difference in 0-255 units, PSNR);
+   JPEG bytes, images/s, decoding in full and with JPEG draft mode
+   (`Image.draft`, libjpeg DCT scaling to a size >= `--size`), and the pixel
+   difference draft vs full decode after the resize (mean and max absolute
+   difference in 0-255 units, PSNR);
+2. the tower's own work: decode + its loader transform (pad to square with
+   the mean colour, LLaVA-1.5's "pad", + resize + uint8 tensor), the least
+   any loader giving the model its exact pixels must do. The padded canvas
+   is larger than the photo, so this costs more than (1), even with
+   `pad_resize` (mmtune/data/images.py) resizing only the photo's rows;
 3. the whole path the trainer runs per process: webdataset shards read and
    shuffled by `ExampleStream`, records tokenized (byte-level BPE), images
-   decoded and transformed by the tower's own transform (pad to square,
-   resize to `--size`, normalise, to tensor), `Batcher` (collation; length
-   grouping off, since its buffer would serve batches from memory), and the
-   batch's tensors pinned (CUDA only; pinning needs a
-   GPU) -- samples/s with 0 workers (the main process does it all) and with
-   `--workers` DataLoader workers, full decode and draft decode.
+   decoded and transformed by the tower's loader transform
+   (`ModelBundle.pixel_transform`: pad to square, resize, uint8 tensor; the
+   tower normalises on the device), `Batcher` (collation; length grouping
+   off, since its buffer would serve batches from memory), the batch pinned
+   (CUDA only; pinning needs a GPU) -- with 0 workers (the main process does
+   it all) and `--workers` DataLoader workers, full and draft decode; and,
+   for comparison, the old CPU-side transform (to float, normalise).
 
-Figures: pipeline samples/s per worker / the limit (target >= 90%). With one
-image per sample, the limit in samples/s equals the images/s of (1) or (2).
+Figures are medians over `--rounds` interleaved rounds, each reported two
+ways: wall-clock samples/s, and samples per CPU-second of the process doing
+the work (the main process with 0 workers, the worker processes with
+workers; psutil reads their CPU time). On a machine shared with other jobs
+the CPU-time figure is the stable one: a worker's efficiency does not depend
+on whether the scheduler gave it a core. "Per worker" with workers is
+therefore samples per worker-CPU-second (what one worker delivers with a core
+to itself) next to the wall-clock rate / workers. Target: pipeline per worker
+>= 90% of the limit (1); (2) is printed next to it. The load average is
+printed before and after.
 
     python scripts/bench_loader.py                       # needs ../shared/data
-    python scripts/bench_loader.py --records 400 --workers 2
+    python scripts/bench_loader.py --records 400 --workers 2 --rounds 5
 """
 
 from __future__ import annotations
@@ -73,15 +87,22 @@ def decode_resize(data: bytes, size: int, draft: bool) -> Any:
         return img.resize((size, size), Image.BICUBIC)
 
 
-def limit(blobs: list[bytes], size: int, draft: bool, reps: int) -> float:
-    """Images/s of decode + RGB + resize, best of `reps` passes over all images."""
-    best = math.inf
+def tower_pixels(data: bytes, size: int, draft: bool, transform: Any) -> Any:
+    """Decode + the tower's loader transform (pad to square, resize, uint8 tensor): the pixels the model needs."""
+    from mmtune.data.images import load_image
+
+    return transform(load_image(data, draft_size=size if draft else None))
+
+
+def limit(blobs: list[bytes], work: Any, reps: int) -> tuple[float, float]:
+    """(images/s wall, images per CPU-second) of `work(blob)`, best of `reps` passes over all images."""
+    wall = cpu = math.inf
     for _ in range(reps):
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         for b in blobs:
-            decode_resize(b, size, draft)
-        best = min(best, time.perf_counter() - t)
-    return len(blobs) / best
+            work(b)
+        wall, cpu = min(wall, time.perf_counter() - t), min(cpu, time.process_time() - c)
+    return len(blobs) / wall, len(blobs) / cpu
 
 
 def draft_difference(blobs: list[bytes], size: int) -> tuple[float, float, float]:
@@ -100,30 +121,53 @@ def draft_difference(blobs: list[bytes], size: int) -> tuple[float, float, float
     return statistics.mean(diffs), worst, (10 * math.log10(255**2 / m) if m > 0 else math.inf)
 
 
-def pipeline(shards: str, bundle: Any, args: argparse.Namespace, workers: int, draft: bool) -> float:
-    """Samples/s through ExampleStream -> Batcher -> pinned tensors (after a warm-up batch)."""
+def cpu_seconds() -> tuple[float, float]:
+    """CPU seconds (user + system) of this process and of its live child processes (DataLoader workers)."""
+    import psutil
+
+    me = psutil.Process()
+    own = sum(me.cpu_times()[:2])
+    kids = 0.0
+    for child in me.children(recursive=True):
+        try:
+            kids += sum(child.cpu_times()[:2])
+        except psutil.NoSuchProcess:
+            pass
+    return own, kids
+
+
+def pipeline(shards: str, bundle: Any, transform: Any, args: argparse.Namespace, workers: int,
+             draft: bool) -> tuple[float, float, float]:
+    """(samples/s wall, main-process CPU s / sample, worker CPU s / sample) through
+    ExampleStream -> Batcher -> pinned tensors, after a warm-up batch."""
     from mmtune.data.batching import Batcher
     from mmtune.data.stream import ExampleStream
 
     stream = ExampleStream(shards, bundle.tokenizer, "vicuna_v1", max_length=1024,
-                           num_image_tokens=bundle.num_image_tokens, image_transform=bundle.image_transform,
+                           num_image_tokens=bundle.num_image_tokens, image_transform=transform,
                            shuffle=True, shuffle_buffer=64, seed=0, epochs=None, num_workers=workers,
                            prefetch_factor=args.prefetch if workers else None,
                            draft_size=args.size if draft else None)
     # No length grouping: its buffer (batch x group_factor examples) is filled before the first batch
     # and then served from memory, which would time the buffer, not the decoding.
     batcher = Batcher(stream, batch_size=args.batch_size, pad_token_id=bundle.tokenizer.pad_token_id,
-                      group_by_length=False, seed=0)
-    pin = torch.cuda.is_available()
+                      group_by_length=False, seed=0, pin_memory=torch.cuda.is_available())
     it = iter(batcher)
     next(it)  # workers started, first batch out
-    n, t = 0, time.perf_counter()
+    n, t, (own, kids) = 0, time.perf_counter(), cpu_seconds()
     while n < args.records:
-        batch = next(it)
-        if pin:
-            batch = {k: (v.pin_memory() if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
-        n += len(batch["ids"])
-    return n / (time.perf_counter() - t)
+        n += len(next(it)["ids"])
+    wall = time.perf_counter() - t
+    own2, kids2 = cpu_seconds()
+    del it  # workers shut down
+    return n / wall, (own2 - own) / n, (kids2 - kids) / n
+
+
+def real_tokenizer(path: Path | None) -> Any:
+    """LLaVA-1.5's own tokenizer (Llama-2 + `<image>`, from ../shared/data/tokenizers), made ready as training does."""
+    from mmtune.data.tokenizer import load_tokenizer, prepare_tokenizer
+
+    return prepare_tokenizer(load_tokenizer(path)) if path is not None and path.is_dir() else None
 
 
 def tiny_bundle(size: int) -> Any:
@@ -146,9 +190,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--workers", type=int, default=2, help="DataLoader workers for the second pipeline run")
     parser.add_argument("--prefetch", type=int, default=4, help="DataLoader prefetch_factor with workers")
-    parser.add_argument("--reps", type=int, default=3, help="passes for the PIL limit (best is kept)")
-    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds of all measurements (best kept)")
+    parser.add_argument("--reps", type=int, default=3, help="passes for the PIL limit in a round (best is kept)")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds of all measurements (median kept)")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--tokenizer", type=Path, default=SHARED / "tokenizers" / "llava-1.5-7b-hf",
+                        help="tokenizer folder the records are tokenized with (default: LLaVA-1.5's, from "
+                             "../shared/data/tokenizers; the tiny model's byte-level BPE when absent)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
 
@@ -160,26 +207,40 @@ def main(argv: list[str] | None = None) -> int:
     from mmtune.data.shards import write_shards
 
     blobs = [p.read_bytes() for p in jpegs]
+    load_before = os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="mmtune-bench-loader-") as tmp:
         records = Path(tmp) / "records.jsonl"
         write_records(jpegs, max(args.records, 4 * len(jpegs)), records)
-        summary = write_shards(records, Path(tmp) / "shards", max_count=100, progress=False)
+        write_shards(records, Path(tmp) / "shards", max_count=100, progress=False)
         shards = str(Path(tmp) / "shards" / "*.tar")
-        del summary
         bundle = tiny_bundle(args.size)
-
+        tokenizer = real_tokenizer(args.tokenizer)
+        if tokenizer is not None:  # only the loader runs: the tiny model's vocabulary does not matter
+            bundle.tokenizer = tokenizer
         mean_d, max_d, psnr = draft_difference(blobs, args.size)
-        # Rounds interleave every measurement, and each keeps its best round, so load from
-        # other processes on a shared machine hits the limit and the pipeline alike.
-        full = fast = 0.0
-        runs: dict[tuple[int, bool], float] = {}
+        limits = {
+            ("squash", False): lambda b: decode_resize(b, args.size, False),
+            ("squash", True): lambda b: decode_resize(b, args.size, True),
+            ("tower", False): lambda b: tower_pixels(b, args.size, False, bundle.pixel_transform),
+            ("tower", True): lambda b: tower_pixels(b, args.size, True, bundle.pixel_transform),
+        }
+        runs = [(w, "uint8", d) for w in (0, args.workers) for d in (False, True)]
+        runs += [(w, "float (old)", False) for w in (0, args.workers)]
+        lim: dict[Any, list[tuple[float, float]]] = {k: [] for k in limits}
+        res: dict[Any, list[tuple[float, float, float]]] = {k: [] for k in runs}
+        # Rounds interleave every measurement and each figure is the median over rounds, so load
+        # from other processes on a shared machine hits the limits and the pipeline alike.
         for _ in range(args.rounds):
-            full = max(full, limit(blobs, args.size, draft=False, reps=args.reps))
-            fast = max(fast, limit(blobs, args.size, draft=True, reps=args.reps))
-            for workers in (0, args.workers):
-                for draft in (False, True):
-                    rate = pipeline(shards, bundle, args, workers, draft)
-                    runs[(workers, draft)] = max(runs.get((workers, draft), 0.0), rate)
+            for key, work in limits.items():
+                lim[key].append(limit(blobs, work, args.reps))
+            for key in runs:
+                workers, kind, draft = key
+                transform = bundle.pixel_transform if kind == "uint8" else bundle.image_transform
+                res[key].append(pipeline(shards, bundle, transform, args, workers, draft))
+    load_after = os.getloadavg()
+
+    def med(values: list[tuple[float, ...]], i: int) -> float:
+        return statistics.median(v[i] for v in values)
 
     from PIL import Image
 
@@ -187,16 +248,30 @@ def main(argv: list[str] | None = None) -> int:
     print(f"loader benchmark: {len(jpegs)} real JPEGs from {args.images} ({min(w * h for w, h in px) / 1e6:.2f}-"
           f"{max(w * h for w, h in px) / 1e6:.2f} MP), resized to {args.size} px; "
           f"{args.records} samples per run, batch {args.batch_size}, {torch.get_num_threads()} torch thread(s), "
+          f"{os.cpu_count()} CPU(s), tokenizer {args.tokenizer if tokenizer is not None else 'tiny byte-level BPE'}, "
           f"pinned: {'yes' if torch.cuda.is_available() else 'no (no CUDA; pinning needs a GPU)'}")
-    print(f"  PIL decode+resize limit, full decode : {full:8.1f} images/s")
-    print(f"  PIL decode+resize limit, JPEG draft  : {fast:8.1f} images/s ({fast / full:.2f}x); draft vs full after "
-          f"resize: mean |diff| {mean_d:.2f}/255, max {max_d:.0f}/255, PSNR {psnr:.1f} dB")
-    print(f"  {'pipeline (shards -> stream -> batcher)':<44} {'samples/s':>10} {'per worker':>11} {'of limit':>9}")
-    for (workers, draft), rate in runs.items():
-        lim = fast if draft else full
-        per = rate / max(workers, 1)
-        name = f"{workers} worker(s), {'draft' if draft else 'full'} decode"
-        print(f"  {name:<44} {rate:>10.1f} {per:>11.1f} {100 * per / lim:>8.0f}%")
+    print(f"  load average (1/5/15 min) before {load_before[0]:.2f}/{load_before[1]:.2f}/{load_before[2]:.2f}, "
+          f"after {load_after[0]:.2f}/{load_after[1]:.2f}/{load_after[2]:.2f}; medians of {args.rounds} rounds")
+    print(f"  {'limit (images/s)':<52} {'wall':>8} {'per CPU-s':>10}")
+    names = {"squash": "PIL decode+resize", "tower": "decode + tower transform (pad, resize, uint8)"}
+    for (kind, draft), v in lim.items():
+        print(f"  {names[kind] + (', JPEG draft' if draft else ', full decode'):<52} {med(v, 0):>8.1f} {med(v, 1):>10.1f}")
+    full, fast = med(lim[("squash", False)], 1), med(lim[("squash", True)], 1)
+    print(f"  JPEG draft: {fast / full:.2f}x on the limit; draft vs full after resize: mean |diff| {mean_d:.2f}/255, "
+          f"max {max_d:.0f}/255, PSNR {psnr:.1f} dB")
+    print(f"  {'pipeline (shards -> stream -> batcher)':<40} {'samples/s':>9} {'/worker':>8} {'wall %':>7} "
+          f"{'worker CPU-s':>12} {'per CPU-s':>9} {'% limit':>8} {'% tower':>8} {'main CPU-s':>10}")
+    for key, v in res.items():
+        workers, kind, draft = key
+        rate, main_cpu, worker_cpu = med(v, 0), med(v, 1), med(v, 2)
+        cpu_per = main_cpu if workers == 0 else worker_cpu  # CPU seconds per sample where the work is done
+        per_wall = rate / max(workers, 1)
+        lim_wall, lim_cpu = med(lim[("squash", draft)], 0), med(lim[("squash", draft)], 1)
+        tower_cpu = med(lim[("tower", draft)], 1)
+        name = f"{workers} worker(s), {kind}, {'draft' if draft else 'full'}"
+        print(f"  {name:<40} {rate:>9.1f} {per_wall:>8.1f} {100 * per_wall / lim_wall:>6.0f}% "
+              f"{1000 * cpu_per:>10.2f}ms {1 / cpu_per:>9.1f} {100 / cpu_per / lim_cpu:>7.0f}% "
+              f"{100 / cpu_per / tower_cpu:>7.0f}% {1000 * main_cpu if workers else 0:>8.2f}ms")
     return 0
 
 

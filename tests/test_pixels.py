@@ -138,3 +138,31 @@ def test_batcher_pins_batches_for_a_cuda_device():
                            image_root=str(TRAIN_FIX), epochs=1)
     batch = next(iter(Batcher(stream, batch_size=4, group_by_length=False, pin_memory=True)))
     assert all(v.is_pinned() for v in batch.values() if isinstance(v, torch.Tensor))
+
+
+def test_pad_resize_gives_pad_then_resize_bit_for_bit():
+    import numpy as np
+
+    from mmtune.data.images import pad_resize
+
+    rng = np.random.default_rng(0)
+    fill = (122, 116, 104)
+    shapes = [(int(rng.integers(1, 400)), int(rng.integers(1, 400)), int(rng.choice([7, 32, 64, 100])))
+              for _ in range(60)]
+    shapes += [(500, 375, 336), (800, 600, 336), (640, 428, 336), (336, 200, 336), (300, 168, 336)]
+    for w, h, n in shapes:
+        img = Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+        for resample in (Image.Resampling.BICUBIC, Image.Resampling.BILINEAR):
+            ref = expand_to_square(img, fill).resize((n, n), resample)
+            assert np.array_equal(np.asarray(pad_resize(img, fill, n, resample)), np.asarray(ref)), (w, h, n)
+
+
+def test_open_clip_pad_transform_is_fused_and_equals_pad_then_transform():
+    from mmtune.model.towers.base import PadResize, PadToSquare, RawPixels
+
+    tower = build_vision_tower(VisionConfig(config=VIT_336))
+    fused = tower.image_transform(True, normalize=False)
+    assert isinstance(fused, RawPixels) and isinstance(fused.steps.transforms[0], PadResize)
+    plain = PadToSquare(RawPixels(tower._split_transform()[0]), tower.image_mean)
+    for img in _images():
+        assert torch.equal(fused(img), plain(img))

@@ -42,7 +42,7 @@ import torch
 from torch import nn
 
 from mmtune.config import VisionConfig
-from mmtune.data.images import background_from_mean, expand_to_square
+from mmtune.data.images import background_from_mean, expand_to_square, pad_resize
 from mmtune.errors import MMTuneError
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -253,6 +253,32 @@ class PadToSquare:
 
     def __call__(self, img: Any) -> torch.Tensor:
         return self.base(expand_to_square(img if img.mode == "RGB" else img.convert("RGB"), self.fill))
+
+
+class PadResize:
+    """PIL step: LLaVA's pad to square with `fill`, then a resize to size x size (`pad_resize`: same pixels, less work)."""
+
+    def __init__(self, fill: tuple[int, int, int], size: int, resample: int) -> None:
+        self.fill, self.size, self.resample = fill, size, resample
+
+    def __call__(self, img: Any) -> Any:
+        return pad_resize(img if img.mode == "RGB" else img.convert("RGB"), self.fill, self.size, self.resample)
+
+
+def fuse_pad_resize(steps: Any, mean: tuple[float, ...]) -> Any | None:
+    """torchvision PIL steps starting with a `Resize` that makes a square image size x size, preceded by
+    pad-to-square, as one `PadResize` + the remaining steps; None when the first step is not such a Resize."""
+    from torchvision.transforms import Compose, Resize
+    from torchvision.transforms.functional import pil_modes_mapping
+
+    first = steps.transforms[0] if isinstance(steps, Compose) and steps.transforms else None
+    if not isinstance(first, Resize) or first.max_size is not None or first.interpolation not in pil_modes_mapping:
+        return None
+    size = [first.size] if isinstance(first.size, int) else list(first.size)
+    if len(size) not in (1, 2) or len(set(size)) != 1:
+        return None
+    step = PadResize(background_from_mean(mean), int(size[0]), pil_modes_mapping[first.interpolation])
+    return Compose([step, *steps.transforms[1:]])
 
 
 def _with_padding(base: ImageTransform, pad_to_square: bool, mean: tuple[float, ...]) -> ImageTransform:

@@ -112,9 +112,10 @@ class OpenClipTower(VisionTower):
 
     def image_transform(self, pad_to_square: bool, *, normalize: bool = True) -> tower_base.ImageTransform:
         steps, norm = self._split_transform()
-        raw = tower_base.RawPixels(steps)
+        fused = tower_base.fuse_pad_resize(steps, self.image_mean) if pad_to_square else None
+        raw = tower_base.RawPixels(fused or steps)
         base = tower_base.Normalized(raw, norm) if normalize else raw
-        return tower_base._with_padding(base, pad_to_square, self.image_mean)
+        return base if fused is not None else tower_base._with_padding(base, pad_to_square, self.image_mean)
 
     # open_clip resizes with PIL, so the PIL backend of transformers' processors matches it.
     image_backend = "pil"
