@@ -23,6 +23,7 @@ from typing import Any, Literal, TypeVar
 import yaml
 
 from mmtune.errors import MMTuneError
+from mmtune.fileio import atomic_text
 
 
 class ConfigError(MMTuneError, ValueError):
@@ -614,5 +615,7 @@ def load_config(
 
 
 def save_config(obj: Any, path: str | Path) -> None:
-    """Write a config dataclass as YAML (what a run actually used)."""
-    Path(path).write_text(yaml.safe_dump(to_dict(obj), sort_keys=False), encoding="utf-8")
+    """Write a config dataclass as YAML (what a run actually used), atomically: a failed write keeps the old file."""
+    data = to_dict(obj)
+    with atomic_text(path) as fh:
+        yaml.safe_dump(data, fh, sort_keys=False)

@@ -42,7 +42,7 @@ from typing import Any
 import numpy as np
 
 from mmtune.errors import MMTuneError
-from mmtune.fileio import write_json_atomic
+from mmtune.fileio import atomic_text, write_json_atomic
 
 DEMO_CONFIG = Path(__file__).parent / "assets" / "demo_mllm.yaml"
 DEMO_BASES = Path(__file__).parent / "assets" / "demo_bases"
@@ -483,7 +483,8 @@ def run_demo(
     if random_info is not None:
         report["train"]["random_subset"] = random_info
     write_json_atomic(report, out / "report.json")
-    (out / "report.md").write_text(_markdown(report, out), encoding="utf-8")
+    with atomic_text(out / "report.md") as fh:
+        fh.write(_markdown(report, out))
     print(format_table(report_eval))
     _say(f"done in {report['seconds']['total']:.0f} s: {out / 'report.md'}")
     return report

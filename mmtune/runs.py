@@ -37,7 +37,6 @@ from pathlib import Path
 from typing import Any
 
 from mmtune.errors import MMTuneError
-from mmtune.fileio import atomic_path
 
 # --- the run folder -------------------------------------------------------- #
 RUN_CONFIG_FILE = "run_config.yaml"
@@ -234,6 +233,5 @@ def write_run_config(cfg: Any, folder: str | os.PathLike[str]) -> Path:
     from mmtune.config import save_config
 
     path = Path(folder) / RUN_CONFIG_FILE
-    with atomic_path(path) as tmp:
-        save_config(cfg, tmp)
+    save_config(cfg, path)
     return path

@@ -3,7 +3,9 @@
 #
 #   bash scripts/gpu_checks.sh OUTDIR [PART ...]     # default: every part below, in order
 #
-# 1. the tests that skip without CUDA (tests/test_qlora.py: a real 4-bit NF4 QLoRA run + export);
+# 1. the tests that skip without CUDA (tests/test_qlora.py: a real 4-bit NF4 QLoRA run + export;
+#    tests/test_pixels.py: device-side pixel normalisation and pinned batches), then (cuda_tests) the training
+#    tests, which train on the GPU when one is visible;
 # 2. scripts/bench_train_throughput.py --gpu: the LLaVA-1.5-7B-shaped FSDP recipe (fp32 masters, bf16
 #    autocast, SDPA, gradient checkpointing) at 4, 8 and 16 x 2048 tokens per GPU (fsdp7b_b4/b8/b16), and
 #    without checkpointing at 2 x 2048 (fsdp7b_b2_nockpt; the most that fits one card without it): samples/s,
@@ -16,7 +18,7 @@
 set -u
 OUT=${1:-${OUT:-/tmp/gpu_checks}}
 shift || true
-PARTS=${*:-qlora_test fsdp7b_b4 fsdp7b_b8 fsdp7b_b16 fsdp7b_b2_nockpt compare_tiny}
+PARTS=${*:-qlora_test cuda_tests fsdp7b_b4 fsdp7b_b8 fsdp7b_b16 fsdp7b_b2_nockpt compare_tiny}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false MPLBACKEND=Agg
 if ls .whl/*.whl >/dev/null 2>&1; then
@@ -40,7 +42,9 @@ transformers.__version__, 'peft', peft.__version__, 'accelerate', accelerate.__v
   python3 -c "import bitsandbytes; print('bitsandbytes', bitsandbytes.__version__)"
 } 2>&1 | tee "$OUT/env.log"
 
-part qlora_test 150 python3 -m pytest -q -p no:cacheprovider tests/test_qlora.py -rs
+part qlora_test 150 python3 -m pytest -q -p no:cacheprovider tests/test_qlora.py tests/test_pixels.py -rs
+part cuda_tests 240 python3 -m pytest -q -p no:cacheprovider -n 8 tests/test_precision.py tests/test_train.py \
+  tests/test_train_data.py tests/test_cli_e2e.py -rs
 # H200 SXM: dense bf16 peak as H100 SXM (989 TFLOP/s, the datasheet's figure).
 part fsdp7b_b4 170 python3 scripts/bench_train_throughput.py --gpu --mfu-batch-size 4 --mfu-seq-len 2048 \
   --warmup 2 --reps 3 --steps 2 --peak-flops 989e12

@@ -32,6 +32,7 @@ import math
 import random
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -97,6 +98,32 @@ def _log_progress(what: str, step: int, steps: int, losses: list[float]) -> None
               flush=True)
 
 
+def _train(what: str, model: torch.nn.Module, opt: torch.optim.Optimizer, steps: int, lr: float,
+           step_loss: Callable[[], torch.Tensor], *, clip_grad: float | None = None,
+           after_step: Callable[[], None] | None = None) -> list[float]:
+    """The loop both bases train with: cosine LR after a 5% warmup, one optimizer step per batch
+    (`step_loss` draws the batch and returns its loss), progress logged; returns the losses."""
+    from tqdm import tqdm
+
+    losses: list[float] = []
+    model.train()
+    for step in tqdm(range(steps), desc=f"pretrain {what}", unit="step", disable=not sys.stderr.isatty()):
+        for g in opt.param_groups:
+            g["lr"] = _cosine(step, steps, lr, max(1, steps // 20))
+        loss = step_loss()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if clip_grad is not None:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
+        opt.step()
+        if after_step is not None:
+            after_step()
+        losses.append(loss.item())
+        _log_progress(what, step, steps, losses)
+    model.eval()
+    return losses
+
+
 def _cosine(step: int, total: int, lr: float, warmup: int) -> float:
     if step < warmup:
         return lr * (step + 1) / warmup
@@ -110,7 +137,6 @@ def _cosine(step: int, total: int, lr: float, warmup: int) -> float:
 
 def pretrain_lm(out: Path, tokenizer: Any, docs: list[str], *, steps: int, batch: int, seq: int,
                 lr: float, seed: int) -> dict[str, Any]:
-    from tqdm import tqdm
     from transformers import LlamaConfig, LlamaForCausalLM
 
     ids: list[int] = []
@@ -124,22 +150,13 @@ def pretrain_lm(out: Path, tokenizer: Any, docs: list[str], *, steps: int, batch
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.95))
     gen = torch.Generator().manual_seed(seed)
     n_windows = len(stream) - seq - 1
-    losses = []
-    what = "LM"
-    model.train()
-    for step in tqdm(range(steps), desc="pretrain LM", unit="step", disable=not sys.stderr.isatty()):
-        for g in opt.param_groups:
-            g["lr"] = _cosine(step, steps, lr, max(1, steps // 20))
+
+    def step_loss() -> torch.Tensor:
         starts = torch.randint(0, n_windows, (batch,), generator=gen)
         x = torch.stack([stream[s: s + seq] for s in starts.tolist()])
-        loss = model(input_ids=x, labels=x).loss
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        losses.append(loss.item())
-        _log_progress(what, step, steps, losses)
-    model.eval()
+        return model(input_ids=x, labels=x).loss
+
+    losses = _train("LM", model, opt, steps, lr, step_loss, clip_grad=1.0)
     out.mkdir(parents=True)
     model.save_pretrained(str(out))
     tokenizer.save_pretrained(str(out))
@@ -206,23 +223,17 @@ def pretrain_clip(out: Path, tokenizer: Any, *, pairs: int, steps: int, batch: i
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
                             lr=lr, betas=(0.9, 0.98), eps=1e-6)
     gen = torch.Generator().manual_seed(seed)
-    losses = []
-    what = "CLIP"
-    model.train()
-    for step in tqdm(range(steps), desc="pretrain CLIP", unit="step", disable=not sys.stderr.isatty()):
-        for g in opt.param_groups:
-            g["lr"] = _cosine(step, steps, lr, max(1, steps // 20))
+
+    def step_loss() -> torch.Tensor:
         idx = torch.randperm(pairs, generator=gen)[:batch]
         res = model(pix[idx], toks[idx])
-        loss = loss_fn(res["image_features"], res["text_features"], res["logit_scale"])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        return loss_fn(res["image_features"], res["text_features"], res["logit_scale"])
+
+    def clamp_scale() -> None:
         with torch.no_grad():
             model.logit_scale.clamp_(0, math.log(100))
-        losses.append(loss.item())
-        _log_progress(what, step, steps, losses)
-    model.eval()
+
+    losses = _train("CLIP", model, opt, steps, lr, step_loss, after_step=clamp_scale)
     # Held-out retrieval accuracy: scenes drawn with another seed, image -> its own description among `batch`.
     test_img, test_txt = scene_pairs(batch, CLIP_DATA_SEED + 1)
     with torch.no_grad():

@@ -96,3 +96,11 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def one_line_error(capsys: Any, command: str) -> str:
+    """The one-line error `mmtune COMMAND` printed last on stderr (no traceback before it)."""
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err and not any("Traceback" in line for line in err), err
+    assert err[-1].startswith(f"mmtune {command}: error: "), err
+    return err[-1]

@@ -141,21 +141,14 @@ def argparse_users(root: Path = PACKAGE) -> list[str]:
     return users
 
 
-# Commands whose argparse still lives in the library (eval's waits on the split of eval/run.py).
-NOT_YET_MOVED = {"eval": "mmtune.eval.run", "generate": "mmtune.eval.generate"}
-
-
 def test_only_the_cli_package_parses_arguments():
-    users = [m for m in argparse_users() if m not in NOT_YET_MOVED.values()]
-    assert users == [], "move the argparse code into mmtune/cli/<command>.py"
+    assert argparse_users() == [], "move the argparse code into mmtune/cli/<command>.py"
 
 
 def test_every_command_lives_in_the_cli_package():
     from mmtune.cli import COMMANDS
 
     for name, (module, _) in COMMANDS.items():
-        if name in NOT_YET_MOVED:
-            continue
         assert module == f"mmtune.cli.{name}", name
         assert (PACKAGE / "cli" / f"{name}.py").is_file(), name
 

@@ -13,18 +13,12 @@ import json
 
 import pytest
 import torch
+from helpers import one_line_error as last_error
 
 from mmtune.cli import main
 from mmtune.data.schema import Record
 from mmtune.device import resolve_device
 from mmtune.errors import MMTuneError
-
-
-def last_error(capsys, command: str) -> str:
-    err = capsys.readouterr().err.strip().splitlines()
-    assert err and not any("Traceback" in line for line in err), err
-    assert err[-1].startswith(f"mmtune {command}: error: "), err
-    return err[-1]
 
 
 def test_device_strings_are_checked(monkeypatch):

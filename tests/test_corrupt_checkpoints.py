@@ -13,6 +13,7 @@ import json
 from pathlib import Path
 
 import pytest
+from helpers import one_line_error
 
 from mmtune.cli import main
 from mmtune.integrity import find_corruption
@@ -33,13 +34,6 @@ def run(tmp_path_factory) -> tuple[Path, Path]:
     assert main(["train", str(config), "--output-dir", str(out), "--max-steps", "4", "train.save_every=2",
                  "train.save_total_limit=3", "train.progress=false"]) == 0
     return config, out
-
-
-def one_line_error(capsys, command: str) -> str:
-    err = capsys.readouterr().err.strip().splitlines()
-    assert err and not any("Traceback" in line for line in err), err
-    assert err[-1].startswith(f"mmtune {command}: error: "), err
-    return err[-1]
 
 
 def test_find_corruption_tells_whole_files_from_broken_ones(run, tmp_path):

@@ -13,6 +13,7 @@ from mmtune.cli import main
 from mmtune.data.schema import Record, read_records, write_records
 from mmtune.data.synthetic import make_pool
 from mmtune.eval import backends, run
+from mmtune.eval.eval_config import load_eval_config
 from mmtune.eval.generate import PromptSkip, generate_answers, generate_prompts
 from mmtune.eval.tasks import (
     SHORT_ANSWER_SUFFIX,
@@ -114,8 +115,8 @@ def test_eval_config_end_to_end_then_cached_rerun(setup, tmp_path, capsys, monke
 
 def test_cache_keys_on_generation_settings(setup, tmp_path):
     out = tmp_path / "out"
-    cfg = run.load_eval_config(write_config(setup, out, modes=["zero-shot"], tasks=["pope"]),
-                               ["tasks=[{name: exists, preset: pope, max_new_tokens: 2}]", "models.tuned=null"])
+    cfg = load_eval_config(write_config(setup, out, modes=["zero-shot"], tasks=["pope"]),
+                           ["tasks=[{name: exists, preset: pope, max_new_tokens: 2}]", "models.tuned=null"])
     cfg.models.pop("tuned")
     res = run.run_eval(cfg)  # the task entry's own limit (2) wins over generation.max_new_tokens (3)
     assert res["totals"] == {"generated": 4, "cached": 0}

@@ -78,7 +78,7 @@ def test_write_png_failure_keeps_previous_png(tmp_path: Path) -> None:
     plt.close(fig)
 
     class HalfFigure:  # writes part of a PNG, then fails (a full disk, a bad artist)
-        def savefig(self, path, **kw):  # noqa: ANN001, ANN003
+        def savefig(self, path, **kw):
             Path(path).write_bytes(before[:20])
             raise Boom
 
@@ -119,18 +119,20 @@ def test_replace_dir_named_aside_is_used_and_removed(tmp_path: Path) -> None:
 
 
 def test_run_config_write_failure_keeps_previous(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import mmtune.config as config
+    import yaml
+
     from mmtune import runs
-    from mmtune.config import RunConfig
+    from mmtune.config import RunConfig, load_config
 
     path = runs.write_run_config(RunConfig(), tmp_path)
     before = path.read_text(encoding="utf-8")
+    assert isinstance(load_config(path), RunConfig)
 
-    def half_then_fail(obj, p):  # noqa: ANN001
-        Path(p).write_text("model:\n  half", encoding="utf-8")
+    def half_then_fail(data, stream, **kw):
+        stream.write("model:\n  half")
         raise Boom
 
-    monkeypatch.setattr(config, "save_config", half_then_fail)
+    monkeypatch.setattr(yaml, "safe_dump", half_then_fail)
     with pytest.raises(Boom):
         runs.write_run_config(RunConfig(), tmp_path)
     assert path.read_text(encoding="utf-8") == before
@@ -168,7 +170,7 @@ def test_mmbench_submission_failure_keeps_previous_tsv(tmp_path: Path, monkeypat
     assert "\tA\t" in before
 
     class BrokenWriter(csv.DictWriter):
-        def writerows(self, rows):  # noqa: ANN001
+        def writerows(self, rows):
             super().writerows(rows)
             raise Boom
 

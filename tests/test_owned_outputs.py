@@ -13,6 +13,7 @@ import json
 from pathlib import Path
 
 import pytest
+from helpers import one_line_error
 
 from mmtune.cli import main
 from mmtune.outputs import Out, OutputPathError, check_outputs
@@ -27,13 +28,6 @@ def write_jsonl(path: Path, rows: list) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows), encoding="utf-8")
     return path
-
-
-def one_line_error(capsys, command: str) -> str:
-    err = capsys.readouterr().err.strip().splitlines()
-    assert err and not any("Traceback" in line for line in err), err
-    assert err[-1].startswith(f"mmtune {command}: error: "), err
-    return err[-1]
 
 
 # --------------------------------------------------------------------------- #

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from mmtune.data.schema import write_records
 from mmtune.errors import MMTuneError
+from mmtune.fileio import atomic_text
 from mmtune.eval.benchmarks import IMPORTERS
 
 
@@ -41,7 +42,7 @@ def cli_main(args: argparse.Namespace) -> int:
     n = write_records(res.records, out)
     rejects = out.with_name(out.stem + ".rejects.jsonl")
     if res.rejects:
-        with rejects.open("w", encoding="utf-8") as fh:
+        with atomic_text(rejects) as fh:
             for r in res.rejects:
                 fh.write(json.dumps(r, ensure_ascii=False) + "\n")
     print(f"{args.benchmark}: wrote {n} record(s) to {out}"

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import itertools
 import json
+from abc import ABC, abstractmethod
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -400,6 +401,7 @@ def _turns(row: dict[str, Any], key: str, role_key: str, content_key: str) -> li
 # The registry
 # --------------------------------------------------------------------------- #
 
+
 @dataclass
 class Paired:
     """What a format makes of every input file given in it (`Format.pair`)."""
@@ -408,7 +410,7 @@ class Paired:
     leftovers: list[Row] = field(default_factory=list)  # rows of joined files that matched nothing (`error` says why)
 
 
-class Format:
+class Format(ABC):
     """An input layout: how its files become rows, and how one row becomes a unified record dict.
 
     Subclasses are registered with `@register(name, description)` and
@@ -421,9 +423,9 @@ class Format:
     container: ClassVar[bool] = False  # rows come from one top-level JSON object (VQA, GQA)
     assigns_ids: ClassVar[bool] = True  # a row without an id gets "{file}-{row}"; False: its own id is required
 
+    @abstractmethod
     def map_row(self, row: dict[str, Any]) -> dict[str, Any]:
         """One row as an unvalidated unified dict; raises `RowError` (reason + field) for a row it cannot map."""
-        raise NotImplementedError
 
     def claims(self, top: dict[str, Any]) -> bool:
         """Whether a top-level JSON object has this (container) layout; used to detect it."""

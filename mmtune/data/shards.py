@@ -58,7 +58,7 @@ from mmtune.data.images import check_image, is_url, resolve_image_path
 from mmtune.data.schema import IMAGE_PLACEHOLDER, Record, RecordError, RejectsWriter, iter_jsonl, validate_record
 from mmtune.data.tables import bytes_extension, is_table_source, printable
 from mmtune.errors import MMTuneError
-from mmtune.fileio import write_json_atomic
+from mmtune.fileio import write_bytes_atomic, write_json_atomic
 from mmtune.outputs import Out, check_outputs
 
 log = logging.getLogger(__name__)
@@ -700,7 +700,7 @@ def iter_records(
                 paths = []
                 for i, (ext, data) in enumerate(item.images):
                     target = out / f"{item.key}.{i}.{ext}"
-                    target.write_bytes(data)
+                    write_bytes_atomic(data, target)
                     paths.append(str(target))
                 rec.images = paths
             yield rec
