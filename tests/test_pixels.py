@@ -12,9 +12,9 @@ import pickle
 
 import pytest
 import torch
-from PIL import Image
 from conftest import SHARED_DATA
 from helpers import HF_CLIP, TINY_VIT, TRAIN_FIX, build_tiny, make_batch, mixed_records
+from PIL import Image
 
 from mmtune.config import VisionConfig
 from mmtune.data.images import expand_to_square, load_image
