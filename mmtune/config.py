@@ -258,6 +258,7 @@ class TrainConfig:
     mixed_precision: MixedPrecision = "auto"  # auto | no | bf16 | fp16 (autocast; trainable weights stay float32)
     distributed: Distributed = "auto"  # auto (DDP with several processes) | ddp | fsdp (FSDP2 sharding)
     gradient_checkpointing: bool = False
+    compile: bool = False  # torch.compile each LM decoder layer and vision block (mmtune/train/compiling.py)
     lora: LoraConfig = field(default_factory=LoraConfig)
     unfreeze_vision: bool = False
     seed: int = 0

@@ -33,7 +33,8 @@
    mmtune's FSDP2 plan (`mmtune.train.sharding.shard_model`: bf16 all-gathers,
    float32 gradient reduction), enables gradient checkpointing, and trains on
    unpadded (packed-equivalent) synthetic rows under bf16 autocast with AdamW
-   (fused). Printed: samples/s and tokens/s (all GPUs), peak memory per GPU
+   (fused); `--compile` compiles each block first, as `train.compile: true` does. Printed: samples/s
+   and tokens/s (all GPUs), peak memory per GPU
    (max over GPUs), and MFU = model FLOPs per step of the global batch (the
    formula of part 2) / step time / (GPUs x `--peak-flops`). With `--shrink`
    the same path runs as one CPU process (gloo), which the test suite does.
@@ -356,6 +357,10 @@ def fsdp_recipe(args: argparse.Namespace) -> dict[str, float]:
         keep_trainable_fp32(model)
         if not args.no_grad_ckpt:
             model.gradient_checkpointing_enable()
+        if args.compile:  # train.compile: each block compiled, before sharding (mmtune.train.compiling)
+            from mmtune.train.compiling import compile_blocks
+
+            compile_blocks(model)
         model.train()
         bs = args.mfu_batch_size or (2 if args.shrink else 8)
         seq = args.mfu_seq_len or (128 if args.shrink else 2048)
@@ -410,7 +415,8 @@ def fsdp_recipe(args: argparse.Namespace) -> dict[str, float]:
                 f"FSDP recipe on {world} x {device.type}: LLaVA-1.5-7B-shaped{' (SHRUNK)' if args.shrink else ''}, "
                 + ", ".join(f"{k} {v / 1e9:.3f}B" for k, v in counts.items())
                 + f"; float32 masters, bf16 autocast + all-gathers, SDPA, gradient checkpointing "
-                f"{'off' if args.no_grad_ckpt else 'on'}; {len(wrap_plan(model))} FSDP units + root; "
+                f"{'off' if args.no_grad_ckpt else 'on'}; torch.compile per block {'on' if args.compile else 'off'}; "
+                f"{len(wrap_plan(model))} FSDP units + root; "
                 f"{bs} x {seq} tokens per GPU, no padding; built in {time.perf_counter() - t0:.0f}s"
             )
             print(
@@ -458,6 +464,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--mfu-batch-size", type=int, default=None, help="default 8 (shrunk: 2)")
     parser.add_argument("--mfu-seq-len", type=int, default=None, help="default 1024 (shrunk: 128)")
     parser.add_argument("--no-grad-ckpt", action="store_true", help="MFU run without gradient checkpointing")
+    parser.add_argument("--compile", action="store_true",
+                        help="--gpu: torch.compile each decoder layer and tower block (train.compile: true)")
     parser.add_argument("--gpu", action="store_true",
                         help="part 3 only: the FSDP recipe at 7B shape over all visible GPUs (with --shrink and no "
                              "GPU: one CPU process)")

@@ -18,7 +18,7 @@
 set -u
 OUT=${1:-${OUT:-/tmp/gpu_checks}}
 shift || true
-PARTS=${*:-qlora_test cuda_tests fsdp7b_b4 fsdp7b_b8 fsdp7b_b16 fsdp7b_b2_nockpt compare_tiny}
+PARTS=${*:-qlora_test cuda_tests fsdp7b_b4 fsdp7b_b8 fsdp7b_b16 fsdp7b_b16_compile fsdp7b_b2_nockpt compare_tiny}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false MPLBACKEND=Agg
 if ls .whl/*.whl >/dev/null 2>&1; then
@@ -43,7 +43,7 @@ transformers.__version__, 'peft', peft.__version__, 'accelerate', accelerate.__v
 } 2>&1 | tee "$OUT/env.log"
 
 part qlora_test 150 python3 -m pytest -q -p no:cacheprovider tests/test_qlora.py tests/test_pixels.py -rs
-part cuda_tests 240 python3 -m pytest -q -p no:cacheprovider -n 8 tests/test_precision.py tests/test_train.py \
+part cuda_tests 150 python3 -m pytest -q -p no:cacheprovider -n 8 tests/test_precision.py tests/test_train.py \
   tests/test_train_data.py tests/test_cli_e2e.py -rs
 # H200 SXM: dense bf16 peak as H100 SXM (989 TFLOP/s, the datasheet's figure).
 part fsdp7b_b4 170 python3 scripts/bench_train_throughput.py --gpu --mfu-batch-size 4 --mfu-seq-len 2048 \
@@ -52,6 +52,8 @@ part fsdp7b_b8 150 python3 scripts/bench_train_throughput.py --gpu --mfu-batch-s
   --warmup 1 --reps 2 --steps 2 --peak-flops 989e12
 part fsdp7b_b16 150 python3 scripts/bench_train_throughput.py --gpu --mfu-batch-size 16 --mfu-seq-len 2048 \
   --warmup 1 --reps 2 --steps 2 --peak-flops 989e12
+part fsdp7b_b16_compile 240 python3 scripts/bench_train_throughput.py --gpu --compile --mfu-batch-size 16 \
+  --mfu-seq-len 2048 --warmup 2 --reps 2 --steps 2 --peak-flops 989e12
 part fsdp7b_b2_nockpt 120 python3 scripts/bench_train_throughput.py --gpu --mfu-batch-size 2 --mfu-seq-len 2048 \
   --no-grad-ckpt --warmup 2 --reps 3 --steps 2 --peak-flops 989e12
 part compare_tiny 60 python3 scripts/bench_train_throughput.py --device cuda --no-mfu --reps 5 --steps 5

@@ -435,6 +435,10 @@ class _Recipe:
                      len(upcast), self.cfg.model.lm.dtype)
         if self.tc.gradient_checkpointing:
             model.gradient_checkpointing_enable()
+        if self.tc.compile:
+            from mmtune.train.compiling import compile_blocks
+
+            log.info("torch.compile: %d blocks", compile_blocks(model))
         model.train()
         self.bundle, self.model = bundle, model
 
