@@ -337,7 +337,12 @@ def fsdp_recipe(args: argparse.Namespace) -> dict[str, float]:
 
     cuda = torch.cuda.is_available() and not args.shrink_cpu
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", "29511")
+    if "MASTER_PORT" not in os.environ:  # one in-process rank: any free port (two runs at once must not clash)
+        import socket
+
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            os.environ["MASTER_PORT"] = str(sock.getsockname()[1])
     os.environ.setdefault("RANK", "0")
     os.environ.setdefault("WORLD_SIZE", "1")
     local = int(os.environ.get("LOCAL_RANK", "0"))
