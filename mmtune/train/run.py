@@ -185,8 +185,7 @@ def _restore_previous_run(cfg: RunConfig, previous: Path) -> None:
 def _train(cfg: RunConfig) -> TrainResult:
     from accelerate import Accelerator
 
-    dtype_key = "model.lm.quantization.compute_dtype" if cfg.model.lm.quantization.bits else "model.lm.dtype"
-    precision = resolve_mixed_precision(cfg.train.mixed_precision, _stored_dtype(cfg), dtype_key)
+    precision = resolve_mixed_precision(cfg.train.mixed_precision, *_stored_dtype(cfg))
     # Several processes without CUDA (torchrun / accelerate on CPU): accelerate
     # only sets up its gloo process group when told the run is on CPU.
     multi_cpu = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
@@ -211,13 +210,14 @@ def _train(cfg: RunConfig) -> TrainResult:
         _release_accelerator(accelerator)
 
 
-def _stored_dtype(cfg: RunConfig) -> torch.dtype | None:
-    """The dtype frozen weights are stored in: `model.lm.dtype` (QLoRA: its compute dtype)."""
+def _stored_dtype(cfg: RunConfig) -> tuple[torch.dtype | None, str]:
+    """The dtype frozen weights are stored in, and the config key that sets it (QLoRA: the compute dtype)."""
     from mmtune.model.build import resolve_dtype
 
     q = cfg.model.lm.quantization
+    key = "model.lm.quantization.compute_dtype" if q.bits else "model.lm.dtype"
     dtype = resolve_dtype(q.compute_dtype if q.bits else cfg.model.lm.dtype)
-    return dtype if isinstance(dtype, torch.dtype) else None
+    return (dtype if isinstance(dtype, torch.dtype) else None), key
 
 
 def _check_config(cfg: RunConfig) -> None:
