@@ -334,3 +334,32 @@ def test_generation_stops_on_end_of_turn(family: str) -> None:
     out = bundle.model.generate(ids, torch.ones_like(ids), max_new_tokens=6, eos_token_id=[other],
                                 pad_token_id=tok.pad_token_id)
     assert out.shape[1] == 6
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_direct_backend_encoding_equals_the_tokenizer_call(family: str) -> None:
+    """The loader's fast path (the Rust backend's `encode`) gives exactly the ids and offsets of `tokenizer(...)`,
+    with and without special tokens, on rendered conversations with images, BOS/EOS and non-ASCII text;
+    and a backend left truncating falls back to the tokenizer call, so its ids stay untruncated."""
+    from mmtune.data.encode import _backend, encode_with_offsets
+
+    tok = load(family)
+    assert _backend(tok) is not None, "released fast tokenizers take the direct path"
+    texts = [apply(tok, m, False) for m in RECORDS.values()]
+    texts += [f"{tok.bos_token or ''}USER: <image>\nWhat is this? ASSISTANT: A café, 東京 — ok.{tok.eos_token}",
+              "  leading spaces\n\n<image>\n<image> two images\ttab", ""]
+    for text in texts:
+        for special in (True, False):
+            ref = tok(text, add_special_tokens=special, return_offsets_mapping=True)
+            ids, offsets = encode_with_offsets(text, tok, special)
+            assert list(ids) == list(ref["input_ids"]), (family, text, special)
+            assert [tuple(o) for o in offsets] == [tuple(o) for o in ref["offset_mapping"]], (family, text, special)
+    backend = tok._tokenizer
+    backend.enable_truncation(max_length=3)
+    try:
+        assert _backend(tok) is None
+        long = texts[0]
+        ids, _ = encode_with_offsets(long, tok, True)
+        assert list(ids) == list(tok(long)["input_ids"]) and len(ids) > 3
+    finally:
+        backend.no_truncation()

@@ -74,6 +74,31 @@ def adds_bos(text: str, tokenizer: Any) -> bool:
     return not (bos and text.startswith(bos))
 
 
+def _backend(tokenizer: Any) -> Any | None:
+    """The `tokenizers.Tokenizer` behind a fast tokenizer when calling it directly gives what `tokenizer(text)` does.
+
+    transformers' `__call__` on a fast tokenizer resets the backend's truncation and
+    padding and then calls its `encode_batch`; with neither set, the backend's own
+    `encode` gives the same ids and offsets for a fraction of the Python overhead
+    (tests/test_real_tokenizers.py compares both on released tokenizers).
+    None (use `tokenizer(...)`) for slow tokenizers or a backend left truncating/padding.
+    """
+    backend = getattr(tokenizer, "_tokenizer", None) if getattr(tokenizer, "is_fast", False) else None
+    if backend is None or getattr(backend, "truncation", None) is not None or getattr(backend, "padding", None) is not None:
+        return None
+    return backend if hasattr(backend, "encode") else None
+
+
+def encode_with_offsets(text: str, tokenizer: Any, add_special_tokens: bool) -> tuple[list[int], list[tuple[int, int]]]:
+    """(ids, character offsets) of `text`, as `tokenizer(text, return_offsets_mapping=True)` gives them."""
+    backend = _backend(tokenizer)
+    if backend is not None:
+        enc = backend.encode(text, add_special_tokens=add_special_tokens)
+        return enc.ids, enc.offsets
+    out = tokenizer(text, add_special_tokens=add_special_tokens, return_offsets_mapping=True)
+    return list(out["input_ids"]), list(out["offset_mapping"])
+
+
 def _encode_segments(segments: Sequence[Segment], tokenizer: Any) -> tuple[list[int], list[bool]]:
     text = "".join(s.text for s in segments)
     starts: list[int] = []
@@ -84,16 +109,15 @@ def _encode_segments(segments: Sequence[Segment], tokenizer: Any) -> tuple[list[
         trained.append(s.train)
         pos += len(s.text)
     # Character -> is-trained lookup through segment boundaries.
-    enc = tokenizer(text, add_special_tokens=adds_bos(text, tokenizer), return_offsets_mapping=True)
-    ids: list[int] = list(enc["input_ids"])
+    ids, offsets = encode_with_offsets(text, tokenizer, adds_bos(text, tokenizer))
     flags: list[bool] = []
-    for a, b in enc["offset_mapping"]:
+    for a, b in offsets:
         if b <= a:  # special tokens the tokenizer added (BOS) carry an empty span
             flags.append(False)
             continue
-        first = bisect_right(starts, a) - 1
+        first = max(bisect_right(starts, a) - 1, 0)
         last = bisect_right(starts, b - 1) - 1
-        flags.append(any(trained[i] for i in range(max(first, 0), last + 1)))
+        flags.append(trained[first] if first >= last else any(trained[first:last + 1]))
     return ids, flags
 
 
@@ -156,7 +180,7 @@ def tokenize_record(
     img_id = image_token_id(tokenizer) if record.images else None
     spans: list[tuple[int, int]] = []
     if img_id is not None:
-        found = sum(1 for t in ids if t == img_id)
+        found = ids.count(img_id)
         if found != len(record.images):
             raise SkipRecord(record.id, "image_token_mismatch",
                              f"{found} image token(s) after tokenization but {len(record.images)} image(s)")
@@ -170,7 +194,7 @@ def tokenize_record(
         raise SkipRecord(record.id, "images_exceed_max_length",
                          f"{len(spans)} image(s) x {num_image_tokens} tokens do not fit in max_length={max_length}")
     labels = [t if f else IGNORE_INDEX for t, f in zip(ids, flags, strict=True)]
-    if not any(f for f in flags):
+    if True not in flags:
         why = "truncated to max_length" if cut else "template/tokenizer left no assistant token"
         raise SkipRecord(record.id, "no_trainable_tokens", f"no trainable token ({why})")
     return TokenizedExample(record.id, ids, labels, spans, cut)
