@@ -15,6 +15,7 @@ from PIL import Image
 from mmtune.cli import main
 from mmtune.data.schema import Record, read_records, write_records
 from mmtune.data.shards import (
+    LazyShardSample,
     ShardLoss,
     expand_shards,
     iter_records,
@@ -239,3 +240,44 @@ def test_folder_without_index_and_copied_shards(tmp_path: Path, records_file: tu
     items = list(read_shard(str(bare / "shard-000000.tar")))
     assert isinstance(items[-1], ShardLoss) and items[-1].expected is None
     assert "count unknown" in items[-1].describe()
+
+
+def _outcome(item: object) -> tuple[object, ...]:
+    """What a reader yields, comparable across the eager and the lazy reader (errors by presence)."""
+    if isinstance(item, ShardLoss):
+        return ("loss", item.read, item.expected, bool(item.errors))
+    assert not isinstance(item, LazyShardSample)
+    return ("sample", item.key, item.index, item.json_bytes, tuple(item.images), item.error, item.reject)
+
+
+def test_lazy_reader_gives_the_eager_readers_samples_and_losses(tmp_path: Path, records_file: tuple[Path, list[Record]]) -> None:
+    """Headers-only reading (what the training stream uses) yields exactly what webdataset's stream reader
+    yields, on an intact shard, on the shard cut at every 512-byte block and inside every member, and with
+    each header garbled; and it reads no member's bytes until a sample is loaded."""
+    out = tmp_path / "shards"
+    write_shards(records_file[0], out, max_count=6)
+    url = out / "shard-000000.tar"
+    data = url.read_bytes()
+    with tarfile.open(url) as tf:
+        members = tf.getmembers()
+    cuts = sorted({*range(0, len(data), 512), *(m.offset_data + m.size // 2 for m in members),
+                   *(m.offset_data + m.size for m in members), len(data) - 1})
+    variants = [data] + [data[:c] for c in cuts]
+    for m in members:
+        garbled = bytearray(data)
+        garbled[m.offset: m.offset + 512] = b"\x00garbage" * 64
+        variants.append(bytes(garbled))
+    case = tmp_path / "case" / "shard-000000.tar"
+    case.parent.mkdir()
+    shutil.copy(out / "index.json", case.parent / "index.json")  # same expected counts
+    for k, blob in enumerate(variants):
+        case.write_bytes(blob)
+        eager = [_outcome(x) for x in read_shard(str(case))]
+        lazy_items = list(read_shard(str(case), lazy=True))
+        lazy = [_outcome(x.load() if isinstance(x, LazyShardSample) else x) for x in lazy_items]
+        assert lazy == eager, f"variant {k}"
+        assert all(not isinstance(x, LazyShardSample) or not any(isinstance(v, bytes) for v in x.members.values())
+                   for x in lazy_items)
+    # remote and compressed sources are read eagerly, whatever is asked
+    piped = list(read_shard(f"pipe:cat {url}", lazy=True))
+    assert piped and not any(isinstance(x, LazyShardSample) for x in piped)

@@ -217,3 +217,35 @@ def test_from_config_and_pickling(data: dict[str, Any]) -> None:
     rest = [x[0].id for x in s]
     assert [x[0].id for x in clone] == rest
     assert s.skip_counts["holdout_task"] == 13 and first[0].id not in rest  # 12 "add" records + "held"
+
+
+def test_a_worker_reads_the_bytes_of_its_own_samples_only(tmp_path: Path, data: dict[str, Any]) -> None:
+    """Every DataLoader worker walks the whole item sequence (that is how the order stays the same for any
+    num_workers), but it reads only the tar headers of the samples other workers own, not their bytes:
+    counted as bytes this process read from files (/proc/self/io), against the shards' size."""
+    io_file = Path("/proc/self/io")
+    if not io_file.is_file():
+        pytest.skip("needs /proc/self/io (Linux) to count the bytes a process reads")
+
+    def bytes_read() -> int:
+        return int(next(line for line in io_file.read_text().splitlines() if line.startswith("rchar:")).split()[1])
+
+    rng = np.random.default_rng(0)
+    recs = []
+    for i in range(8):  # noise JPEGs of ~100 KB each: the payload dwarfs headers and JSON
+        path = tmp_path / f"noise{i}.jpg"
+        Image.fromarray(rng.integers(0, 256, (160, 200, 3), dtype=np.uint8)).save(path, quality=95)
+        recs.append(Record(f"n{i}", [{"role": "user", "content": "<image>what?"}, {"role": "assistant", "content": f"noise {i}"}],
+                           [str(path)]))
+    write_records(recs, tmp_path / "noise.jsonl")
+    write_shards(tmp_path / "noise.jsonl", tmp_path / "noise", max_count=4)
+    total = sum(p.stat().st_size for p in (tmp_path / "noise").glob("*.tar"))
+    stream = make_stream(data, str(tmp_path / "noise"), epochs=1, num_workers=2)
+    got, shares = [], []
+    for worker in (0, 1):
+        before = bytes_read()
+        got.append([o[2][0].id for o in stream._outcomes(worker, 2, (0, 0))])
+        shares.append(bytes_read() - before)
+    assert sorted(got[0] + got[1]) == sorted(r.id for r in recs) and len(got[0]) == len(got[1]) == 4
+    for share in shares:  # half the samples each (+ headers and JSON); reading every sample would be >= total
+        assert share < 0.65 * total, (shares, total)

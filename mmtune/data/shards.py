@@ -43,6 +43,7 @@ import os
 import random
 import re
 import shutil
+import tarfile
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -481,7 +482,99 @@ def _one_line(exn: BaseException) -> str:
     return f"{type(exn).__name__}: {text}"[:300]
 
 
-def read_shard(url: str, expected: int | None = None) -> Iterator[ShardSample | ShardLoss]:
+@dataclass(frozen=True)
+class _Span:
+    """Where a tar member's bytes are in its shard file."""
+
+    offset: int
+    size: int
+
+
+def read_span(url: str, offset: int, size: int) -> bytes:
+    """`size` bytes of a local shard file from `offset`; OSError when the file no longer holds them."""
+    with open(url, "rb") as fh:
+        data = os.pread(fh.fileno(), size, offset)
+    if len(data) != size:
+        raise OSError(f"{url}: {len(data)} of {size} bytes at offset {offset} (the shard changed since it was scanned)")
+    return data
+
+
+@dataclass
+class LazyShardSample:
+    """A sample of a local shard whose member bytes are not read yet (`read_shard(..., lazy=True)`).
+
+    `load()` reads them and returns the `ShardSample` the eager reader gives for
+    the same sample: a reader that keeps only some samples (a DataLoader worker,
+    a rank splitting by sample, a resumed stream passing over its prefix) reads
+    the tar headers of the others and never their bytes.
+    """
+
+    url: str
+    key: str
+    index: int  # position in its shard
+    members: dict[str, Any]  # as webdataset groups them: suffix -> _Span, plus __key__ / __url__
+
+    def load(self, read: Callable[[str, int, int], bytes] = read_span) -> ShardSample:
+        raw = {k: read(self.url, v.offset, v.size) if isinstance(v, _Span) else v for k, v in self.members.items()}
+        return _to_sample(raw, self.url, self.index)
+
+
+def _scan_members(url: str, handler: Callable[[BaseException], bool]) -> Iterator[dict[str, Any]]:
+    """The members of a local uncompressed tar as webdataset's tar iterator yields them, with a `_Span` for the data.
+
+    Headers only: the random-access tarfile reader seeks past each member's data.
+    Hand-written because webdataset reads tars as a stream (every byte); the
+    member filters, the errors passed to `handler` and where a shard ends follow
+    `webdataset.tariterators.tar_file_iterator` / `tar_file_expander`, so
+    grouping the result with webdataset's `group_by_keys` gives the samples (and
+    losses) the eager reader gives (tests/test_shards.py compares them on
+    shards cut at every block and with garbled headers).
+    """
+    try:
+        fh = open(url, "rb", buffering=0)  # noqa: SIM115 (closed below); unbuffered: a header read is 512 bytes, not 8 KiB
+    except OSError as exn:
+        handler(exn)
+        return
+    with fh:
+        end = os.fstat(fh.fileno()).st_size
+        try:
+            tf = tarfile.open(fileobj=fh, mode="r:")
+        except (tarfile.TarError, OSError) as exn:  # the stream reader fails the same way on its first header
+            handler(exn)
+            return
+        while True:
+            try:
+                info = tf.next()
+            except Exception as exn:  # noqa: BLE001 (webdataset's reader hands any read error to the handler)
+                handler(exn)
+                return  # the shard ends here, as a failing stream does
+            if info is None:
+                break
+            tf.members = []  # headers already used; keep memory flat over a long shard
+            fname = info.name
+            try:
+                if not info.isreg() or fname is None:
+                    continue
+                if "/" not in fname and fname.startswith("__") and fname.endswith("__"):
+                    continue
+                if re.match(r"__[^/]*__($|/)", fname):
+                    continue
+                if info.offset_data + info.size > end:  # the stream reader fails reading this member's data
+                    raise tarfile.ReadError("unexpected end of data")
+                yield {"fname": fname, "data": _Span(info.offset_data, info.size), "__url__": url}
+            except Exception as exn:  # noqa: BLE001
+                if handler(exn):
+                    continue
+                break
+    yield {}  # end of shard: group_by_keys passes on the last sample
+
+
+def can_read_lazily(url: str) -> bool:
+    """Whether `read_shard(url, lazy=True)` reads headers only: a local, uncompressed .tar file."""
+    return url.endswith(".tar") and not url.startswith(REMOTE_PREFIXES) and os.path.isfile(url)
+
+
+def read_shard(url: str, expected: int | None = None, *, lazy: bool = False) -> Iterator[ShardSample | LazyShardSample | ShardLoss]:
     """Every sample of one shard, then a ShardLoss if the shard was short or broken.
 
     Uses webdataset's tar iterator with an exception handler that notes the
@@ -489,6 +582,11 @@ def read_shard(url: str, expected: int | None = None) -> Iterator[ShardSample | 
     record of it): a truncated tar ends the shard early, sometimes silently,
     which is why the sample count is compared with the index written at
     shard time. A sample whose members were cut off comes out with `error` set.
+
+    `lazy=True`: for a local uncompressed .tar (`can_read_lazily`), only the
+    tar headers are read and samples come out as `LazyShardSample`s whose
+    `load()` reads their bytes; the samples, their order and the losses are
+    those of the eager reader. Other sources are read eagerly.
     """
     if expected is None:
         expected = expected_count(url)
@@ -499,9 +597,14 @@ def read_shard(url: str, expected: int | None = None) -> Iterator[ShardSample | 
         return True
 
     n = 0
-    for raw in wds.tarfile_samples([{"url": url}], handler=handler):
-        yield _to_sample(raw, url, n)
-        n += 1
+    if lazy and can_read_lazily(url):
+        for raw in wds.tariterators.group_by_keys(_scan_members(url, handler), handler=handler):
+            yield LazyShardSample(url, raw.get("__key__", "?"), n, raw)
+            n += 1
+    else:
+        for raw in wds.tarfile_samples([{"url": url}], handler=handler):
+            yield _to_sample(raw, url, n)
+            n += 1
     if (expected is not None and n < expected) or (errors and expected is None):
         yield ShardLoss(url, n, expected, errors)
     elif errors:  # complete count, but something was broken inside: samples say what
@@ -592,17 +695,18 @@ def assign_shards(urls: Sequence[str], part: int, parts: int) -> tuple[list[str]
     return list(urls), parts > 1
 
 
-def read_assigned(urls: Sequence[str], part: int, parts: int, split_samples: bool) -> Iterator[ShardSample | ShardLoss]:
+def read_assigned(urls: Sequence[str], part: int, parts: int, split_samples: bool,
+                  lazy: bool = False) -> Iterator[ShardSample | LazyShardSample | ShardLoss]:
     """Reader `part`'s samples of `urls` (see `assign_shards`), and the shards' losses.
 
     When splitting samples, sample k of the shards' common order goes to reader
     k % parts; a ShardLoss then carries in `mine` how many lost samples were
-    this reader's (otherwise `mine` is all of them).
+    this reader's (otherwise `mine` is all of them). `lazy`: see `read_shard`.
     """
     offset = 0
     for url in urls:
         span = 0
-        for item in read_shard(url):
+        for item in read_shard(url, lazy=lazy):
             if isinstance(item, ShardLoss):
                 item.mine = item.lost_for(part, parts, offset) if split_samples else item.lost
                 span = max(span, item.expected or 0)

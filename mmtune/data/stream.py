@@ -30,9 +30,14 @@ warnings, the rest at INFO). Kinds: `invalid_record`, `holdout_task`,
 Resuming. `state_dict()` is (epoch, position in the epoch's item sequence,
 skip counts). `load_state_dict()` then `iter()` rebuilds that epoch's
 sequence and drops the first `position` items without tokenizing them or
-decoding their images (JSONL items are only file offsets until then; shard
-items are read from the tar but not decoded), so the next example is exactly
-the one an uninterrupted run would have produced.
+decoding their images (JSONL items are only file offsets until then; items of
+local .tar shards only tar headers, `read_shard(lazy=True)`), so the next
+example is exactly the one an uninterrupted run would have produced.
+
+Reading. Items of local uncompressed .tar shards are tar headers (where each
+member's bytes are) until `_process` reads them, so a DataLoader worker reads
+the bytes of the samples it owns only, and the shuffle buffer holds no image
+bytes (remote / compressed shards are read whole, by webdataset).
 """
 
 from __future__ import annotations
@@ -55,6 +60,7 @@ from mmtune.data.encode import SkipRecord, TokenizedExample, tokenize_record
 from mmtune.data.images import ImageError, load_image, resolve_image_path
 from mmtune.data.schema import Record, RecordError, validate_record
 from mmtune.data.shards import (
+    LazyShardSample,
     ShardLoss,
     ShardSample,
     assign_shards,
@@ -72,6 +78,7 @@ log = logging.getLogger(__name__)
 
 STATE_FORMAT = "mmtune.ExampleStream/1"
 WARN_PER_KIND = 10  # skipped ids logged as warnings per kind; the rest at INFO
+OPEN_SHARDS = 8  # shard files a process keeps open for reading sample bytes
 
 Example = tuple[TokenizedExample, list[torch.Tensor]]
 
@@ -213,6 +220,7 @@ class ExampleStream:
         if not mine and not self._shards:
             raise MMTuneError(f"rank {self.rank} of {self.world_size} gets no record from {', '.join(self.sources)}")
         self._handles: dict[tuple[int, str], Any] = {}
+        self._shard_fds: dict[tuple[int, str], int] = {}  # most recently used last
 
         # Progress: everything a resumed run needs (see state_dict).
         self.skip_counts: dict[str, int] = {}
@@ -252,7 +260,7 @@ class ExampleStream:
         )
 
     def __getstate__(self) -> dict[str, Any]:  # open files stay with the process that opened them
-        return {**self.__dict__, "_handles": {}}
+        return {**self.__dict__, "_handles": {}, "_shard_fds": {}}
 
     # ----------------------------------------------------------------- state
     @property
@@ -383,9 +391,28 @@ class ExampleStream:
             raise RecordError(reason, path=item.path, line=item.line)
         return validate_record(obj, line=item.line, path=item.path)
 
+    def _read_span(self, url: str, offset: int, size: int) -> bytes:
+        """A sample member's bytes from a local shard (`LazyShardSample.load`), through a few kept-open files."""
+        key = (os.getpid(), url)  # forked workers open their own
+        fd = self._shard_fds.pop(key, None)
+        if fd is None:
+            fd = os.open(url, os.O_RDONLY)
+            while len(self._shard_fds) >= OPEN_SHARDS:
+                os.close(self._shard_fds.pop(next(iter(self._shard_fds))))
+        self._shard_fds[key] = fd
+        data = os.pread(fd, size, offset)
+        if len(data) != size:
+            raise OSError(f"{len(data)} of {size} bytes at offset {offset} (the shard changed since it was scanned)")
+        return data
+
     def _process(self, item: Any) -> Example | _Skip:
         if isinstance(item, _Event):
             return _Skip(item.kind, item.count, None, item.detail)
+        if isinstance(item, LazyShardSample):  # only now, in the process that owns it, are its bytes read
+            try:
+                item = item.load(self._read_span)
+            except OSError as exc:
+                return _Skip("shard_corrupt", 1, None, f"{item.url}, sample {item.key!r}: {exc}")
         try:
             record = item.record() if isinstance(item, ShardSample) else self._read_jsonl(item)
         except RecordError as exc:
@@ -422,8 +449,10 @@ class _ShardUnit:
     def __init__(self, urls: list[str], split_samples: bool, rank: int, world_size: int) -> None:
         self.urls, self.split, self.rank, self.world_size = urls, split_samples, rank, world_size
 
-    def __iter__(self) -> Iterator[ShardSample | _Event]:
-        for item in read_assigned(self.urls, self.rank, self.world_size, self.split):
+    def __iter__(self) -> Iterator[ShardSample | LazyShardSample | _Event]:
+        # lazy: items are tar headers until processed, so a DataLoader worker reads (and the shuffle
+        # buffer holds) the bytes of its own samples only; the item sequence is the eager reader's.
+        for item in read_assigned(self.urls, self.rank, self.world_size, self.split, lazy=True):
             if not isinstance(item, ShardLoss):
                 yield item
             elif item.mine is None:
