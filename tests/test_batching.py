@@ -225,3 +225,19 @@ def test_from_config_follows_the_data_section(data: dict[str, Any]) -> None:
     assert "position_ids" in next(iter(b))
     plain = Batcher.from_config(stream(data), DataConfig(group_by_length=False), batch_size=2)
     assert not plain.group_by_length and not plain.packing and plain.buffer_size == 2
+
+
+def test_collate_pads_ids_labels_and_mask_on_either_side() -> None:
+    from mmtune.data.collate import collate_examples
+    from mmtune.data.encode import TokenizedExample
+
+    exs = [TokenizedExample("a", [1, 2, 3], [1, 2, 3]), TokenizedExample("b", [4], [4]),
+           TokenizedExample("c", [5, 6], [-100, 6])]
+    right = collate_examples(exs, 0)
+    assert right["input_ids"].tolist() == [[1, 2, 3], [4, 0, 0], [5, 6, 0]]
+    assert right["labels"].tolist() == [[1, 2, 3], [4, -100, -100], [-100, 6, -100]]
+    assert right["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0], [1, 1, 0]]
+    left = collate_examples(exs, 0, side="left")
+    assert left["input_ids"].tolist() == [[1, 2, 3], [0, 0, 4], [0, 5, 6]]
+    assert left["attention_mask"].tolist() == [[1, 1, 1], [0, 0, 1], [0, 1, 1]]
+    assert all(t.dtype == torch.long for t in right.values())

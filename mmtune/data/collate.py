@@ -9,6 +9,7 @@ up at the end of every row.
 
 from __future__ import annotations
 
+from array import array
 from collections.abc import Sequence
 
 import torch
@@ -27,7 +28,11 @@ def pad_sequences(
     for i, s in enumerate(seqs):
         if not len(s):
             continue
-        t = torch.as_tensor(list(s), dtype=torch.long)
+        # array('q') converts a list of ints in C, several times faster than torch's sequence parsing
+        if isinstance(s, list | tuple):
+            t = torch.frombuffer(array("q", s), dtype=torch.long)
+        else:
+            t = torch.as_tensor(list(s), dtype=torch.long)
         if side == "right":
             out[i, : len(s)] = t
         else:
@@ -49,7 +54,9 @@ def collate_examples(
     """
     ids = pad_sequences([e.input_ids for e in examples], pad_token_id, side=side)
     labels = pad_sequences([e.labels for e in examples], IGNORE_INDEX, side=side)
-    mask = pad_sequences([[1] * len(e) for e in examples], 0, side=side)
+    lengths = torch.tensor([len(e) for e in examples], dtype=torch.long)
+    cols = torch.arange(ids.shape[1])
+    mask = (cols < lengths[:, None] if side == "right" else cols >= ids.shape[1] - lengths[:, None]).long()
     batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
     n_images = sum(len(e.image_spans) for e in examples)
     if pixel_values is not None and len(pixel_values) != n_images:

@@ -167,6 +167,10 @@ def pad_resize(img: Image.Image, background_rgb: Sequence[int], size: int,
         return expand_to_square(img, background_rgb).resize((size, size), resample)
     r, g, b = (int(c) for c in background_rgb)
     band = Image.new("RGB", (w, 1), (r, g, b)).resize((size, 1), resample)  # one padding row, horizontal pass
-    rows = band.resize((size, w), Image.Resampling.NEAREST)  # that row, w times
+    lo, hi = zip(*band.getextrema(), strict=True)
+    if lo == hi:  # a constant row resamples to itself (the usual case): fill, instead of repeating it
+        rows = Image.new("RGB", (size, w), lo)
+    else:
+        rows = band.resize((size, w), Image.Resampling.NEAREST)  # that row, w times
     rows.paste(img.resize((size, h), resample), (0, (w - h) // 2))  # the image's rows, horizontal pass
     return rows.resize((size, size), resample)
