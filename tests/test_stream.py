@@ -244,7 +244,7 @@ def test_a_worker_reads_the_bytes_of_its_own_samples_only(tmp_path: Path, data: 
     got, shares = [], []
     for worker in (0, 1):
         before = bytes_read()
-        got.append([o[2][0].id for o in stream._outcomes(worker, 2, (0, 0))])
+        got.append([o[2][0].id for o in stream._outcomes(worker, 2, (0, 0), stream_mod.WORKER_BLOCK)])
         shares.append(bytes_read() - before)
     assert sorted(got[0] + got[1]) == sorted(r.id for r in recs) and len(got[0]) == len(got[1]) == 4
     for share in shares:  # half the samples each (+ headers and JSON); reading every sample would be >= total

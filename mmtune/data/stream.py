@@ -13,10 +13,12 @@ Order. Each epoch has one deterministic item sequence per rank, a function of
      (`i % world_size == rank`) and permuted per (seed, epoch);
   2. the rank's JSONL files and shards are visited in a seeded order;
   3. everything passes one seeded `wds.shuffle` buffer of `shuffle_buffer`.
-DataLoader workers (`num_workers > 0`) do not change that sequence: worker w
-of n processes items w, w+n, w+2n, ... of it, the DataLoader's in-order
-round robin puts them back in sequence order, and skipped records come back
-as markers, so the stream is identical for any number of workers.
+DataLoader workers (`num_workers > 0`) do not change that sequence: it is cut
+into blocks of `WORKER_BLOCK` consecutive items, worker w of n processes
+blocks w, w+n, w+2n, ... and sends each as one message, the DataLoader's
+in-order round robin puts the blocks back in sequence order, and skipped
+records come back as markers, so the stream is identical for any number of
+workers.
 
 Skips are never silent: every record that cannot be used is counted in
 `skip_counts[kind]` and logged with its id (the first few of each kind as
@@ -79,6 +81,10 @@ log = logging.getLogger(__name__)
 STATE_FORMAT = "mmtune.ExampleStream/1"
 WARN_PER_KIND = 10  # skipped ids logged as warnings per kind; the rest at INFO
 OPEN_SHARDS = 8  # shard files a process keeps open for reading sample bytes
+# Consecutive items a DataLoader worker processes and sends as one message: the
+# DataLoader's per-message work (index and result queues, pickling, waking the
+# main process) is paid once per block instead of once per example.
+WORKER_BLOCK = 4
 
 Example = tuple[TokenizedExample, list[torch.Tensor]]
 
@@ -334,16 +340,19 @@ class ExampleStream:
         extra = {"prefetch_factor": self.prefetch_factor} if self.prefetch_factor else {}
         loader = DataLoader(_WorkerItems(self, start), batch_size=None, num_workers=self.num_workers,
                             collate_fn=_identity, in_order=True, **extra)
-        for epoch, position, outcome in loader:
-            if not isinstance(outcome, _Skip):
-                example, images = outcome
-                outcome = example, [_Pixels.unwrap(t) for t in images]
-            yield epoch, position, outcome
+        for block in loader:  # the blocks in sequence order (in_order round robin over the workers)
+            for epoch, position, outcome in block:
+                if not isinstance(outcome, _Skip):
+                    example, images = outcome
+                    outcome = example, [_Pixels.unwrap(t) for t in images]
+                yield epoch, position, outcome
 
-    def _outcomes(self, worker: int, num_workers: int, start: tuple[int, int]) -> Iterator[tuple[int, int, Example | _Skip]]:
-        """(epoch, position after the item, example or skip) for this worker's share of the sequence."""
+    def _outcomes(self, worker: int, num_workers: int, start: tuple[int, int],
+                  block: int = 1) -> Iterator[tuple[int, int, Example | _Skip]]:
+        """(epoch, position after the item, example or skip) for this worker's share of the sequence:
+        blocks of `block` consecutive items, worker w taking blocks w, w + num_workers, ..."""
         for g, (epoch, position, item) in enumerate(self._sequence(*start)):
-            if g % num_workers == worker:
+            if (g // block) % num_workers == worker:
                 yield epoch, position, self._process(item)
 
     def _sequence(self, start_epoch: int, start_position: int) -> Iterator[tuple[int, int, Any]]:
@@ -471,14 +480,20 @@ class _WorkerItems(IterableDataset):
     def __init__(self, stream: ExampleStream, start: tuple[int, int]) -> None:
         self.stream, self.start = stream, start
 
-    def __iter__(self) -> Iterator[tuple[int, int, Any]]:
+    def __iter__(self) -> Iterator[list[tuple[int, int, Any]]]:
         info = get_worker_info()
         worker, n = (info.id, info.num_workers) if info is not None else (0, 1)
-        for epoch, position, outcome in self.stream._outcomes(worker, n, self.start):
+        block: list[tuple[int, int, Any]] = []
+        for epoch, position, outcome in self.stream._outcomes(worker, n, self.start, WORKER_BLOCK):
             if not isinstance(outcome, _Skip):
                 example, images = outcome
                 outcome = example, [_Pixels.wrap(t) for t in images]
-            yield epoch, position, outcome
+            block.append((epoch, position, outcome))
+            if len(block) == WORKER_BLOCK:
+                yield block
+                block = []
+        if block:
+            yield block
 
 
 class _Pixels:
