@@ -278,6 +278,11 @@ def test_lazy_reader_gives_the_eager_readers_samples_and_losses(tmp_path: Path, 
         assert lazy == eager, f"variant {k}"
         assert all(not isinstance(x, LazyShardSample) or not any(isinstance(v, bytes) for v in x.members.values())
                    for x in lazy_items)
-    # remote and compressed sources are read eagerly, whatever is asked
+    # remote and compressed sources are read eagerly, whatever is asked (a gzipped tar named .tar too)
     piped = list(read_shard(f"pipe:cat {url}", lazy=True))
     assert piped and not any(isinstance(x, LazyShardSample) for x in piped)
+    import gzip
+
+    case.write_bytes(gzip.compress(data))
+    gz = list(read_shard(str(case), lazy=True))
+    assert [_outcome(x) for x in gz] == [_outcome(x) for x in read_shard(str(url))] and len(gz) == 6

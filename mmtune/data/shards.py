@@ -570,8 +570,16 @@ def _scan_members(url: str, handler: Callable[[BaseException], bool]) -> Iterato
 
 
 def can_read_lazily(url: str) -> bool:
-    """Whether `read_shard(url, lazy=True)` reads headers only: a local, uncompressed .tar file."""
-    return url.endswith(".tar") and not url.startswith(REMOTE_PREFIXES) and os.path.isfile(url)
+    """Whether `read_shard(url, lazy=True)` reads headers only: a local .tar file that starts with a
+    ustar/pax header (a compressed or otherwise unusual file named .tar is read by webdataset)."""
+    if not url.endswith(".tar") or url.startswith(REMOTE_PREFIXES):
+        return False
+    try:
+        with open(url, "rb", buffering=0) as fh:
+            head = fh.read(tarfile.BLOCKSIZE)
+    except OSError:
+        return False
+    return len(head) == tarfile.BLOCKSIZE and head[257:262] == b"ustar"
 
 
 def read_shard(url: str, expected: int | None = None, *, lazy: bool = False) -> Iterator[ShardSample | LazyShardSample | ShardLoss]:
