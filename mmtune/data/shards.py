@@ -519,49 +519,85 @@ class LazyShardSample:
         return _to_sample(raw, self.url, self.index)
 
 
+_META_NAME = re.compile(r"__[^/]*__($|/)")  # webdataset's skip_meta
+
+
+def _plain_header(buf: bytes) -> tuple[str, int] | None:
+    """(name, size) from a tar header block that is a plain POSIX ustar header of a regular file with
+    a valid checksum, no name prefix and an octal size -- what tarfile (and so webdataset's writer)
+    writes for short ASCII names; None for anything else, which `tarfile` then parses."""
+    if (len(buf) != tarfile.BLOCKSIZE or buf[257:265] != tarfile.POSIX_MAGIC or buf[156] != 0x30
+            or buf[345] != 0 or buf[124] in (0o200, 0o377)):
+        return None
+    try:  # as tarfile's nti(): the digits up to the first NUL, stripped, in octal
+        chksum = int(buf[148:156].split(b"\0", 1)[0].strip() or b"0", 8)
+        size = int(buf[124:136].split(b"\0", 1)[0].strip() or b"0", 8)
+    except ValueError:
+        return None
+    if chksum != 256 + sum(buf[:148]) + sum(buf[156:]):  # tarfile also accepts the signed sum: it parses those
+        return None
+    return buf[:100].split(b"\0", 1)[0].decode(tarfile.ENCODING, "surrogateescape"), size
+
+
 def _scan_members(url: str, handler: Callable[[BaseException], bool]) -> Iterator[dict[str, Any]]:
     """The members of a local uncompressed tar as webdataset's tar iterator yields them, with a `_Span` for the data.
 
-    Headers only: the random-access tarfile reader seeks past each member's data.
+    Headers only: each member's data is skipped, never read. Plain ustar headers
+    (`_plain_header`, what mmtune's shards hold) are read directly, ~5x faster
+    than `tarfile` parses them, which matters because every DataLoader worker
+    reads every sample's headers; from the first header that is anything else
+    (pax/GNU extensions, a prefix, a bad checksum, the end of the archive),
+    the random-access `tarfile` reader takes over for the rest of the shard.
     Hand-written because webdataset reads tars as a stream (every byte); the
     member filters, the errors passed to `handler` and where a shard ends follow
     `webdataset.tariterators.tar_file_iterator` / `tar_file_expander`, so
     grouping the result with webdataset's `group_by_keys` gives the samples (and
     losses) the eager reader gives (tests/test_shards.py compares them on
-    shards cut at every block and with garbled headers).
+    shards cut at every block and inside every member, and with each header garbled).
     """
     try:
-        fh = open(url, "rb", buffering=0)  # noqa: SIM115 (closed below); unbuffered: a header read is 512 bytes, not 8 KiB
+        fh = open(url, "rb", buffering=0)  # noqa: SIM115 (closed below); unbuffered: a header read is 512 bytes
     except OSError as exn:
         handler(exn)
         return
     with fh:
-        end = os.fstat(fh.fileno()).st_size
-        try:
-            tf = tarfile.open(fileobj=fh, mode="r:")
-        except (tarfile.TarError, OSError) as exn:  # the stream reader fails the same way on its first header
-            handler(exn)
-            return
+        fd = fh.fileno()
+        end = os.fstat(fd).st_size
+        tf: tarfile.TarFile | None = None
+        offset = 0  # of the next header while headers are read directly
         while True:
+            if tf is None and offset > end:  # the previous member's padded data is cut short: as tarfile's next()
+                handler(tarfile.ReadError("unexpected end of data"))
+                return
+            plain = _plain_header(os.pread(fd, tarfile.BLOCKSIZE, offset)) if tf is None else None
+            if plain is not None:
+                fname, size = plain
+                data_at, regular = offset + tarfile.BLOCKSIZE, True
+                offset = data_at + -(-size // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
+            else:
+                try:
+                    if tf is None:  # tarfile from this header on (at offset 0 it fails as the stream reader does)
+                        fh.seek(offset)
+                        tf = tarfile.open(fileobj=fh, mode="r:")
+                    info = tf.next()
+                except Exception as exn:  # noqa: BLE001 (webdataset's reader hands any read error to the handler)
+                    handler(exn)
+                    return  # the shard ends here, as a failing stream does
+                if info is None:
+                    break
+                tf.members = []  # headers already used; keep memory flat over a long shard
+                fname, size, data_at, regular = info.name, info.size, info.offset_data, info.isreg()
             try:
-                info = tf.next()
-            except Exception as exn:  # noqa: BLE001 (webdataset's reader hands any read error to the handler)
-                handler(exn)
-                return  # the shard ends here, as a failing stream does
-            if info is None:
-                break
-            tf.members = []  # headers already used; keep memory flat over a long shard
-            fname = info.name
-            try:
-                if not info.isreg() or fname is None:
+                if not regular or fname is None:
                     continue
                 if "/" not in fname and fname.startswith("__") and fname.endswith("__"):
                     continue
-                if re.match(r"__[^/]*__($|/)", fname):
+                if _META_NAME.match(fname):
                     continue
-                if info.offset_data + info.size > end:  # the stream reader fails reading this member's data
-                    raise tarfile.ReadError("unexpected end of data")
-                yield {"fname": fname, "data": _Span(info.offset_data, info.size), "__url__": url}
+                if data_at + size > end:  # the stream reader fails reading this member's data; the shard ends
+                    handler(tarfile.ReadError("unexpected end of data"))
+                    return
+                yield {"fname": fname, "data": _Span(data_at, size), "__url__": url}
             except Exception as exn:  # noqa: BLE001
                 if handler(exn):
                     continue
