@@ -15,7 +15,10 @@ Reading: `expand_shards` turns a source (a shard file, a brace pattern
 `shard-{000000..000009}.tar`, a glob, a shard folder, a `pipe:` command or a URL)
 into shard URLs; `read_shard` reads one shard with webdataset's tar iterator
 and an error handler that records (instead of raising) what went wrong, then
-compares the samples it got with the index; `stream_samples` is the
+compares the samples it got with the index (with `lazy=True`, for a local
+.tar, it reads only the tar headers and gives `LazyShardSample`s whose bytes
+are read on `load()`: the training stream's workers read their own samples
+only); `stream_samples` is the
 shuffling, node/worker-splitting reader; `iter_records` gives the records back
 (optionally extracting their images), which makes records -> shards -> records
 lossless, images byte for byte.
