@@ -261,6 +261,9 @@ class TrainConfig:
     compile: bool = False  # torch.compile each LM decoder layer and vision block (mmtune/train/compiling.py)
     lora: LoraConfig = field(default_factory=LoraConfig)
     unfreeze_vision: bool = False
+    # Stage align: also train the LM (or its LoRA adapter) on the captions, as ShareGPT4V's and Qwen-VL's
+    # stage 1 do; LLaVA's leaves it frozen. Stage instruct always trains the LM.
+    unfreeze_lm: bool = False
     seed: int = 0
     log_every: int = 1
     save_every: int = 0  # 0: only at the end
@@ -290,8 +293,9 @@ class TrainConfig:
         yield from _at_least("log_every", self.log_every, 1)
         for name in ("save_every", "save_total_limit", "eval_every", "eval_samples"):
             yield from _at_least(name, getattr(self, name), 0)
-        if self.lora.enabled and self.stage != "instruct":
-            yield "lora.enabled", "LoRA applies to stage instruct only (stage align trains the projector only)"
+        if self.lora.enabled and self.stage != "instruct" and not self.unfreeze_lm:
+            yield "lora.enabled", ("LoRA trains the LM: stage instruct, or stage align with train.unfreeze_lm "
+                                   "(stage align otherwise trains the projector only)")
 
 
 @dataclass

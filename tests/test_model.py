@@ -175,10 +175,11 @@ def test_splice_rejects_mismatched_images_and_tokens():
 
 def _expected_trainable(names: list[str], mode: str, stage: str, lora: bool, unfreeze: bool) -> set[str]:
     out = set()
+    trains_lm = stage in ("instruct", "align+lm")
     for n in names:
         if n.startswith("projector."):
             out.add(n)
-        elif n.startswith("lm.") and stage == "instruct" and (not lora or "lora_" in n):
+        elif n.startswith("lm.") and trains_lm and (not lora or "lora_" in n):
             out.add(n)
         elif n.startswith("vision.") and unfreeze:
             # the tower's feature path for feature_layer=-2 of 2 blocks: embeddings + block 0
@@ -195,6 +196,8 @@ STAGE_CASES = [
     ("tiny_mllm", "instruct", False, False),
     ("tiny_mllm", "instruct", True, False),
     ("tiny_mllm", "instruct", False, True),
+    ("tiny_mllm", "align+lm", False, False),  # train.unfreeze_lm: the LM trains in stage align too
+    ("tiny_mllm", "align+lm", True, False),
 ]
 
 
@@ -204,7 +207,7 @@ def test_one_step_changes_exactly_the_stage_parameters(name, stage, lora, unfree
     model = b.model
     if lora:
         apply_lora(model, LoraConfig(enabled=True, r=4, alpha=8, dropout=0.0))
-    model.set_trainable(stage, unfreeze_vision=unfreeze)
+    model.set_trainable(stage.removesuffix("+lm"), unfreeze_vision=unfreeze, unfreeze_lm=stage.endswith("+lm"))
     names = [n for n, _ in model.named_parameters()]
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable == _expected_trainable(names, cfg.model.mode, stage, lora, unfreeze)

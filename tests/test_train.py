@@ -387,3 +387,28 @@ def test_align_then_instruct_from_the_align_projector(tmp_path, capsys):
                  trace=False) == 0
     stage2 = load_file(str(inst / "checkpoint-1" / "projector.safetensors"))
     assert stage2.keys() == saved_proj.keys() and all(torch.equal(stage2[k], saved_proj[k]) for k in stage2)
+
+
+def test_align_with_unfreeze_lm_trains_the_lm_and_stage_two_starts_from_it(tmp_path):
+    """train.unfreeze_lm (ShareGPT4V-style stage 1): the LM moves in stage align, and stage 2 starts from
+    that LM (model.lm.name_or_path = the checkpoint's lm/ folder) and its projector."""
+    from safetensors.torch import load_file
+
+    from mmtune.model.build import build_model
+
+    align = tmp_path / "align"
+    assert train(mllm_args(align, "--max-steps", "2", "train.stage=align", "train.unfreeze_lm=true",
+                           "train.lr=1e-2"), trace=False) == 0
+    cfg = load_config(align / "run_config.yaml", RunConfig)
+    torch.manual_seed(cfg.train.seed)
+    fresh = build_model(cfg.model).model.lm.state_dict()
+    ckpt = align / "checkpoint-2"
+    aligned = load_file(str(ckpt / "lm" / "model.safetensors"))
+    assert any(not torch.equal(aligned[k], fresh[k]) for k in aligned if k in fresh)
+    inst = tmp_path / "instruct"
+    assert train(mllm_args(inst, "--max-steps", "1", "train.lr=0", "model.lm.config=null",
+                           f"model.lm.name_or_path={ckpt / 'lm'}", "model.tokenizer.train_vocab_size=null",
+                           f"model.tokenizer.name_or_path={ckpt / 'tokenizer'}",
+                           f"model.projector.checkpoint={align}"), trace=False) == 0
+    stage2 = load_file(str(inst / "checkpoint-1" / "lm" / "model.safetensors"))
+    assert stage2.keys() == aligned.keys() and all(torch.equal(stage2[k], aligned[k]) for k in stage2)

@@ -212,11 +212,12 @@ class MMTuneModel(nn.Module):
         return self.lm.generate(inputs_embeds=embeds, attention_mask=attention_mask, generation_config=gen)
 
     # ------------------------------------------------------------- training
-    def set_trainable(self, stage: str, unfreeze_vision: bool | None = False) -> None:
+    def set_trainable(self, stage: str, unfreeze_vision: bool | None = False, unfreeze_lm: bool = False) -> None:
         """Freeze everything, then unfreeze what `stage` trains.
 
-        align: the projector only. instruct: projector + LM (only the LoRA
-        adapter when LoRA is applied). The tower's feature-producing layers are
+        align: the projector only, plus the LM when `unfreeze_lm` (ShareGPT4V's
+        stage 1). instruct: projector + LM. The LM trains as its LoRA adapter
+        only when LoRA is applied. The tower's feature-producing layers are
         trained in instruct when `unfreeze_vision` or `model.vision.freeze: false`.
         """
         if stage not in STAGES:
@@ -238,7 +239,7 @@ class MMTuneModel(nn.Module):
         if self.projector is not None:
             for p in self.projector.parameters():
                 p.requires_grad_(True)
-        if stage == "instruct":
+        if stage == "instruct" or unfreeze_lm:
             if self.has_lora:
                 for name, p in self.lm.named_parameters():
                     if "lora_" in name:
@@ -248,6 +249,7 @@ class MMTuneModel(nn.Module):
                 for p in self.lm.parameters():
                     p.requires_grad_(True)
                 self.owned_parts.add("lm")
+        if stage == "instruct":
             if unfreeze:
                 for _, p in self.vision.feature_parameters():
                     p.requires_grad_(True)

@@ -428,7 +428,7 @@ class _Recipe:
                 gradient_checkpointing_kwargs={"use_reentrant": False})
         if self.tc.lora.enabled and not model.has_lora:
             apply_lora(model, self.tc.lora)
-        model.set_trainable(self.tc.stage, self.tc.unfreeze_vision)
+        model.set_trainable(self.tc.stage, self.tc.unfreeze_vision, self.tc.unfreeze_lm)
         upcast = keep_trainable_fp32(model)
         if upcast:
             log.info("%d trainable tensor(s) stored in float32 (master weights); frozen ones stay %s",
