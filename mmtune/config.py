@@ -202,7 +202,7 @@ class DataConfig:
     group_by_modality: bool = False  # image-only / text-only batches (LLaVA-1.5's group_by_modality_length)
     packing: bool = False
     num_workers: int = 0
-    prefetch_factor: int | None = None  # items each DataLoader worker keeps queued (torch's default 2)
+    prefetch_factor: int | None = None  # blocks of examples (stream.WORKER_BLOCK) each DataLoader worker keeps queued (torch's default 2)
     jpeg_draft: bool = False  # decode JPEGs at a reduced DCT scale (>= the tower's input size); see docs/train.md
     holdout_tasks: list[str] = field(default_factory=list)
 
