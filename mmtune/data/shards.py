@@ -581,7 +581,7 @@ def _scan_members(url: str, handler: Callable[[BaseException], bool]) -> Iterato
                 try:
                     if tf is None:  # tarfile from this header on (at offset 0 it fails as the stream reader does)
                         fh.seek(offset)
-                        tf = tarfile.open(fileobj=fh, mode="r:")
+                        tf = tarfile.open(fileobj=fh, mode="r:")  # noqa: SIM115 (reads fh, closed below)
                     info = tf.next()
                 except Exception as exn:  # noqa: BLE001 (webdataset's reader hands any read error to the handler)
                     handler(exn)
