@@ -14,7 +14,7 @@
    `local-dir:` the shipped open_clip folder; made by
    scripts/pretrain_demo_bases.py, see assets/demo_bases/README.md).
    Stage align trains the projector on the pool's captions with the tower
-   and LM frozen; stage instruct trains projector + LM + tower on the
+   and LM frozen; stage instruct trains projector + LM (tower frozen) on the
    selected subset, streaming from the shards. When the budget allows
    (and by default), a second instruct run on a random k (same steps, same
    seeds) is the QDIT-vs-random comparison.
@@ -41,6 +41,7 @@ from typing import Any
 
 import numpy as np
 
+from mmtune.data.synthetic import IMAGE_TASKS, TEXT_TASKS
 from mmtune.errors import MMTuneError
 from mmtune.fileio import atomic_text, write_json_atomic
 
@@ -51,11 +52,17 @@ VISION_TASKS = ("colour", "count", "position", "exists")
 # prompt, which the small byte-level vocabulary spells in ~90 tokens (the demo's cost is per token).
 DEMO_SYSTEM = "Answer briefly."  # the seen vision tasks the targets are about
 HOLDOUT_TASKS = ("shape", "first_letter")
+TRAIN_TASKS = tuple(t for t in IMAGE_TASKS + TEXT_TASKS if t not in HOLDOUT_TASKS)
 UNSEEN_PHRASING = 3
 FULL_MINUTES = 15.0
 ALIGN_STEPS = 150
-INSTRUCT_STEPS = 800
+INSTRUCT_STEPS = 1600
 INSTRUCT_LR = 1e-3
+EVAL_PER_TASK = 50  # new examples per task and eval set; at 20, two runs differed by 10-25 points per task
+# QDIT's weight on quality. Its default 0.5 with the default quality score (response length, "Long Is
+# More") picked 59 "right" and 9 "left" position answers from a balanced pool ("right" is one character
+# longer), and the tuned model then always said "right". At 0.2 diversity leads and answers stay balanced.
+SELECT_ALPHA = 0.2
 
 
 @dataclass
@@ -77,8 +84,8 @@ class DemoPlan:
         per_task = int(np.clip(round(300 * s), 24, 300))
         return cls(
             per_task=per_task,
-            eval_per_task=int(np.clip(round(20 * s), 4, 20)),
-            k=min(k, max(16, int(per_task * 8 * 0.5))),
+            eval_per_task=int(np.clip(round(EVAL_PER_TASK * s), 4, EVAL_PER_TASK)),
+            k=min(k, max(16, int(per_task * len(TRAIN_TASKS) * 0.5))),
             align_steps=max(4, round(ALIGN_STEPS * s)),
             instruct_steps=max(8, round(INSTRUCT_STEPS * s)),
             # A second instruct run (random k) fits from two thirds of the full budget up.
@@ -138,8 +145,6 @@ def _train_config(base: Path, out: Path, stage: str, steps: int, shards: str, *,
     ]
     if template is not None:
         overrides.append(f"data.template={template}")
-    if stage == "instruct":
-        overrides.append("train.unfreeze_vision=true")
     if projector_from is not None:
         overrides.append(f"model.projector.checkpoint={projector_from}")
     return load_config(base, RunConfig, overrides)
@@ -160,9 +165,9 @@ def _loss_range(run_dir: Path) -> tuple[float, float, int]:
 def _eval_records(out: Path, plan: DemoPlan, seed: int) -> dict[str, Path]:
     """Three evaluation sets, drawn with seeds the training pool never used."""
     from mmtune.data.schema import write_records
-    from mmtune.data.synthetic import IMAGE_TASKS, TEXT_TASKS, make_pool
+    from mmtune.data.synthetic import make_pool
 
-    seen_tasks = tuple(t for t in IMAGE_TASKS + TEXT_TASKS if t not in HOLDOUT_TASKS)
+    seen_tasks = TRAIN_TASKS
     n = plan.eval_per_task
     sets = {
         "seen": make_pool(out / "seen", per_task=n, tasks=seen_tasks, seed=seed + 101,
@@ -237,6 +242,17 @@ def _token_shift(base_dir: Path, eval_files: list[Path], pred_rows: list[dict[st
     report["per_task"] = dict(sorted(per_task.items()))
     report["model"] = model
     return report
+
+
+def _answer_balance(records: list[Any]) -> dict[str, dict[str, int]]:
+    """Answer counts per short-answer vision task in a training subset: a selector can skew them."""
+    from collections import Counter
+
+    counts: dict[str, Counter[str]] = {t: Counter() for t in VISION_TASKS}
+    for rec in records:
+        if rec.task in counts and rec.answers:
+            counts[rec.task][rec.answers[0]] += 1
+    return {t: dict(c.most_common()) for t, c in counts.items()}
 
 
 def _per_task_scores(out: Path, eval_files: dict[str, Path], rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -348,7 +364,8 @@ def run_demo(
 
     # 1. The pool, through the converter (validates every record and image).
     t = time.perf_counter()
-    _say(f"drawing the pool: {plan.per_task} records x 10 tasks (phrasing {UNSEEN_PHRASING} kept back)")
+    _say(f"drawing the pool: {plan.per_task} records x {len(IMAGE_TASKS + TEXT_TASKS)} tasks "
+         f"(phrasing {UNSEEN_PHRASING} kept back)")
     raw = make_pool(out / "pool", per_task=plan.per_task, seed=seed,
                     phrasings=tuple(i for i in range(4) if i != UNSEEN_PHRASING), id_prefix="pool",
                     system=DEMO_SYSTEM)
@@ -374,7 +391,7 @@ def run_demo(
     k_used = min(plan.k, len(train_pool))
     _say(f"selecting {k_used} of {len(train_pool)} records with QDIT (all-MiniLM-L6-v2 text + CLIP image embeddings)")
     selection = select_records(
-        train_pool, k_used, "qdit", image_encoder=_ClipImageEncoder(DEMO_BASES / "clip"),
+        train_pool, k_used, "qdit", alpha=SELECT_ALPHA, image_encoder=_ClipImageEncoder(DEMO_BASES / "clip"),
         cache_path=out / "pool" / "embeddings.npy", report_dir=out / "selection", progress=progress,
         seed=seed, pool_name="the demo pool",
     )
@@ -387,7 +404,7 @@ def run_demo(
     write_records(captions, out / "align_captions.jsonl")
     write_shards(out / "align_captions.jsonl", out / "shards_align", max_count=256, overwrite=True, progress=False)
 
-    # 4. Train: align (projector on captions, tower and LM frozen), then instruct (projector + LM + tower).
+    # 4. Train: align (projector on captions, tower and LM frozen), then instruct (projector + LM).
     runs: dict[str, Path] = {}
     t = time.perf_counter()
     align = _train_config(DEMO_CONFIG, out / "align", "align", plan.align_steps, str(out / "shards_align"),
@@ -411,7 +428,8 @@ def run_demo(
         t = time.perf_counter()
         rng = np.random.default_rng(seed)
         pick = rng.choice(len(train_pool), size=k_used, replace=False)
-        write_records([train_pool[i] for i in sorted(pick)], out / "subset_random.jsonl")
+        random_subset = [train_pool[i] for i in sorted(pick)]
+        write_records(random_subset, out / "subset_random.jsonl")
         write_shards(out / "subset_random.jsonl", out / "shards_random", max_count=256, overwrite=True, progress=False)
         rnd = _train_config(DEMO_CONFIG, out / "instruct_random", "instruct", plan.instruct_steps,
                             str(out / "shards_random"), lr=INSTRUCT_LR, projector_from=runs["align"],
@@ -420,7 +438,8 @@ def run_demo(
         train(rnd)
         runs["instruct_random"] = out / "instruct_random"
         rf, rl, _ = _loss_range(runs["instruct_random"])
-        random_info = {"loss_first": rf, "loss_last": rl, "loss_png": str(runs["instruct_random"] / "loss.png")}
+        random_info = {"loss_first": rf, "loss_last": rl, "loss_png": str(runs["instruct_random"] / "loss.png"),
+                       "answers": _answer_balance(random_subset)}
         timings["train_random"] = time.perf_counter() - t
 
     # 5. Evaluate base (few-shot and zero-shot) vs tuned (zero-shot).
@@ -466,8 +485,9 @@ def run_demo(
                   "made_by": "scripts/pretrain_demo_bases.py", "template": base_cfg.data.template},
         "pool": {"records": len(pool), "tasks": sorted({r.task for r in pool if r.task}),
                  "train_records": len(train_pool), "heldout_records": len(heldout)},
-        "selection": {"method": "qdit", "k": len(selection.records), "seconds": round(selection.seconds, 3),
-                      "objective": selection.objective, "report_dir": str(out / "selection")},
+        "selection": {"method": "qdit", "alpha": SELECT_ALPHA, "k": len(selection.records),
+                      "seconds": round(selection.seconds, 3), "objective": selection.objective,
+                      "report_dir": str(out / "selection"), "answers": _answer_balance(selection.records)},
         "train": {"align_steps": plan.align_steps, "align_records": len(captions), "steps": steps,
                   "loss_first": loss_first, "loss_last": loss_last,
                   "skipped": result.skip_counts, "loss_png": str(runs["instruct"] / "loss.png")},
@@ -506,7 +526,12 @@ def _markdown(report: dict[str, Any], out: Path) -> str:
          f"made by `{report['bases']['made_by']}`; template `{report['bases']['template']}`"),
         (f"- pool: {p['records']} records over {len(p['tasks'])} tasks; "
          f"held out: tasks {', '.join(ev['unseen_tasks'])} and phrasing #{ev['unseen_phrasing']}"),
-        f"- selection: QDIT picked {s['k']} records in {s['seconds']:.1f} s (objective {s['objective']})",
+        (f"- selection: QDIT (alpha {s['alpha']}) picked {s['k']} records in {s['seconds']:.1f} s "
+         f"(objective {s['objective']}); answers in the subset: "
+         + "; ".join(f"{t} " + ", ".join(f"{a} {n}" for a, n in c.items()) for t, c in s["answers"].items())
+         + ("; in the random subset: " + "; ".join(
+             f"{t} " + ", ".join(f"{a} {n}" for a, n in c.items())
+             for t, c in tr["random_subset"]["answers"].items()) if "random_subset" in tr else "")),
         (f"- training: align {tr['align_steps']} steps on {tr['align_records']} captions, instruct {tr['steps']} "
          f"steps, loss {tr['loss_first']:.3f} -> {tr['loss_last']:.3f}")
         + (f"; random-k instruct loss {tr['random_subset']['loss_first']:.3f} -> "

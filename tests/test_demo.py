@@ -14,9 +14,13 @@ def test_short_demo_writes_a_complete_report(tmp_path: Path) -> None:
     out = tmp_path / "demo"
     assert main(["demo", "--out", str(out), "--minutes", "0.3", "--no-progress"]) == 0
     report = json.loads((out / "report.json").read_text())
-    assert report["pool"]["records"] > 0 and len(report["pool"]["tasks"]) == 10
+    assert report["pool"]["records"] > 0 and len(report["pool"]["tasks"]) == 12
     assert report["selection"]["method"] == "qdit"
     assert report["selection"]["k"] > 0 and report["selection"]["seconds"] >= 0
+    # The answer counts of the selected subset, per vision task, add up to that task's records in it.
+    subset = [json.loads(x) for x in (out / "subset.jsonl").read_text().splitlines()]
+    for task, counts in report["selection"]["answers"].items():
+        assert sum(counts.values()) == sum(r["task"] == task for r in subset), task
     assert report["train"]["steps"] > 0
     assert report["train"]["loss_last"] < report["train"]["loss_first"]
     assert set(report["eval"]["unseen_tasks"]) == {"shape", "first_letter"}

@@ -50,9 +50,13 @@ PHRASINGS: dict[str, list[str]] = {
     "reverse": ["Reverse the word {w}.", "Write {w} backwards.", "Spell {w} in reverse order.", "What is {w} reversed?"],
     "upper": ["Write {w} in capital letters.", "Convert {w} to upper case.", "Give {w} in uppercase.", "Capitalise every letter of {w}."],
     "first_letter": ["What is the first letter of {w}?", "Which letter does {w} start with?", "Give the initial letter of {w}.", "{w} begins with which letter?"],
+    "last_letter": ["What is the last letter of {w}?", "Which letter does {w} end with?", "Give the final letter of {w}.", "{w} ends with which letter?"],
+    "length": ["How many letters does {w} have?", "Count the letters in {w}.", "What is the length of the word {w}?", "{w} has how many letters?"],
 }
 IMAGE_TASKS = ("colour", "shape", "count", "position", "exists", "caption")
-TEXT_TASKS = ("add", "reverse", "upper", "first_letter")
+# last_letter and length ask what the LM read in prose ("The last letter of cat is t.", "The word cat has
+# three letters."), as first_letter does: tasks of one family, so holding one out tests zero-shot transfer.
+TEXT_TASKS = ("add", "reverse", "upper", "first_letter", "last_letter", "length")
 
 
 @dataclass(frozen=True)
@@ -147,6 +151,10 @@ def _text_example(task: str, rng: random.Random) -> tuple[dict[str, str], str]:
         return {"w": w}, w.upper()
     if task == "first_letter":
         return {"w": w}, w[0]
+    if task == "last_letter":
+        return {"w": w}, w[-1]
+    if task == "length":
+        return {"w": w}, str(len(w))
     raise ValueError(f"unknown text task {task!r}")
 
 
