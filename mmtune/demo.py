@@ -1,7 +1,7 @@
 """`mmtune demo`: the whole pipeline on an embedded pool, on one CPU, in minutes.
 
 1. Draws an instruction pool with no download (mmtune.data.synthetic): shape
-   scenes with six image tasks and four text-only tasks, each with several
+   scenes with six image tasks and six text-only tasks, each with several
    phrasings, and validates it through the converter.
 2. Splits off the unseen part before anything else sees it: two whole tasks
    (`shape`, `first_letter`) and one phrasing of every task are never trained on.
