@@ -167,13 +167,12 @@ def _eval_records(out: Path, plan: DemoPlan, seed: int) -> dict[str, Path]:
     from mmtune.data.schema import write_records
     from mmtune.data.synthetic import make_pool
 
-    seen_tasks = TRAIN_TASKS
     n = plan.eval_per_task
     sets = {
-        "seen": make_pool(out / "seen", per_task=n, tasks=seen_tasks, seed=seed + 101,
+        "seen": make_pool(out / "seen", per_task=n, tasks=TRAIN_TASKS, seed=seed + 101,
                           phrasings=tuple(i for i in range(4) if i != UNSEEN_PHRASING), id_prefix="seen",
                           system=DEMO_SYSTEM),
-        "unseen-phrasing": make_pool(out / "unseen_phrasing", per_task=n, tasks=seen_tasks, seed=seed + 202,
+        "unseen-phrasing": make_pool(out / "unseen_phrasing", per_task=n, tasks=TRAIN_TASKS, seed=seed + 202,
                                      phrasings=(UNSEEN_PHRASING,), id_prefix="uphr", system=DEMO_SYSTEM),
         "unseen-task": make_pool(out / "unseen_task", per_task=2 * n, tasks=HOLDOUT_TASKS, seed=seed + 303,
                                  id_prefix="utask", system=DEMO_SYSTEM),
@@ -514,6 +513,11 @@ def _pct(v: float | None) -> str:
     return "n/a" if v is None else f"{100 * v:.1f}"
 
 
+def _answers_text(answers: dict[str, dict[str, int]]) -> str:
+    """`_answer_balance`'s counts as one line: 'position right 30, left 26; exists ...'."""
+    return "; ".join(f"{task} " + ", ".join(f"{a} {n}" for a, n in counts.items()) for task, counts in answers.items())
+
+
 def _markdown(report: dict[str, Any], out: Path) -> str:
     def rel(p: str | Path) -> str:
         return os.path.relpath(p, out)
@@ -527,11 +531,9 @@ def _markdown(report: dict[str, Any], out: Path) -> str:
         (f"- pool: {p['records']} records over {len(p['tasks'])} tasks; "
          f"held out: tasks {', '.join(ev['unseen_tasks'])} and phrasing #{ev['unseen_phrasing']}"),
         (f"- selection: QDIT (alpha {s['alpha']}) picked {s['k']} records in {s['seconds']:.1f} s "
-         f"(objective {s['objective']}); answers in the subset: "
-         + "; ".join(f"{t} " + ", ".join(f"{a} {n}" for a, n in c.items()) for t, c in s["answers"].items())
-         + ("; in the random subset: " + "; ".join(
-             f"{t} " + ", ".join(f"{a} {n}" for a, n in c.items())
-             for t, c in tr["random_subset"]["answers"].items()) if "random_subset" in tr else "")),
+         f"(objective {s['objective']}); answers in the subset: {_answers_text(s['answers'])}"
+         + (f"; in the random subset: {_answers_text(tr['random_subset']['answers'])}"
+            if "random_subset" in tr else "")),
         (f"- training: align {tr['align_steps']} steps on {tr['align_records']} captions, instruct {tr['steps']} "
          f"steps, loss {tr['loss_first']:.3f} -> {tr['loss_last']:.3f}")
         + (f"; random-k instruct loss {tr['random_subset']['loss_first']:.3f} -> "

@@ -144,9 +144,9 @@ def _text_example(task: str, rng: random.Random) -> tuple[dict[str, str], str]:
     if task == "add":
         a, b = rng.randint(0, 9), rng.randint(0, 9)
         return {"a": str(a), "b": str(b)}, str(a + b)
-    # Word length over every word the LM read facts about: the demo's 30 words alone are nearly all
+    # Word length over every word the LM read facts about: the demo's own words are nearly all
     # four letters long (an answer prior of 90%).
-    w = rng.choice(WORDS + EXTRA_WORDS) if task == "length" else rng.choice(WORDS)
+    w = rng.choice(FACT_WORDS) if task == "length" else rng.choice(WORDS)
     if task == "reverse":
         return {"w": w}, w[::-1]
     if task == "upper":
@@ -229,6 +229,7 @@ EXTRA_WORDS = (
     "tent van web box yak zoo arm bus cup fan gate hill ice jam kid lid mud nut oak pig rug sea toy urn "
     "vase wig yarn bag bed car hen pot"
 ).split()
+FACT_WORDS = WORDS + EXTRA_WORDS  # every word the LM's corpus states facts about
 
 
 @dataclass(frozen=True)
@@ -336,7 +337,7 @@ def fact_corpus(n_docs: int, seed: int) -> list[str]:
     sums of two digits, and descriptions of grid scenes like the demo's.
     """
     rng = random.Random(seed)
-    words = list(WORDS) + EXTRA_WORDS
+    words = FACT_WORDS
     docs = []
     for _ in range(n_docs):
         kind = rng.random()

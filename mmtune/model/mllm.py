@@ -249,11 +249,10 @@ class MMTuneModel(nn.Module):
                 for p in self.lm.parameters():
                     p.requires_grad_(True)
                 self.owned_parts.add("lm")
-        if stage == "instruct":
-            if unfreeze:
-                for _, p in self.vision.feature_parameters():
-                    p.requires_grad_(True)
-                self.owned_parts.add("vision")
+        if stage == "instruct" and unfreeze:
+            for _, p in self.vision.feature_parameters():
+                p.requires_grad_(True)
+            self.owned_parts.add("vision")
         self.train(self.training)
 
     def train(self, mode: bool = True) -> MMTuneModel:
