@@ -1,16 +1,19 @@
 """FSDP2 on two CPU processes (gloo): same losses as one process, exact resume from a sharded checkpoint,
-consolidation to safetensors, and the mixed text/image guarantee.
+consolidation to safetensors, the mixed text/image guarantee, validation / save_best and LoRA.
 
-Runs the tiny MLLM through `mmtune train` twice under two processes:
+Runs the tiny MLLM through `mmtune train` three times under two processes:
 
 1. `accelerate launch --use_fsdp` (FSDP chosen by the launcher's config, not
    the run config), 4 steps, sharded checkpoints at steps 2 and 4. The data
    alternates image and text records line by line, so rank 0 draws only image
    batches and rank 1 only text-only ones: under FSDP rank 1 runs the tower
    and projector on an empty image batch, so the run must finish (no hang)
-   with no image ever given to rank 1.
+   with no image ever given to rank 1. It validates at steps 2 and 4 on 5
+   records (rank 0 holds 2 batches, rank 1 one) and keeps `best/`.
 2. `torchrun` with `train.distributed=fsdp`, resumed from run 1's step-2
-   sharded checkpoint: steps 3-4 must have run 1's losses and record ids.
+   sharded checkpoint: steps 3-4 must have run 1's losses and record ids. It
+   validates on 1 record (rank 1 holds none).
+3. `torchrun`, LoRA under FSDP (frozen base sharded, adapter trained), 4 steps.
 
 The reference is a single process replaying the same global batches (both
 ranks' batches of each step, as traced by `MMTUNE_TRACE_BATCHES`) on the same
@@ -30,13 +33,15 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 from helpers import free_port
 
+from mmtune import runs
 from mmtune.cli import main
-from mmtune.config import load_config
+from mmtune.config import RunConfig, load_config
 from mmtune.data.collate import collate_examples
 from mmtune.data.encode import tokenize_record
 from mmtune.data.images import load_image
@@ -45,12 +50,15 @@ from mmtune.data.templates import get_template
 from mmtune.errors import MMTuneError
 from mmtune.model import build_model
 from mmtune.model.consolidate import consolidate
-from mmtune.model.io import is_sharded, load_model
+from mmtune.model.io import is_sharded, load_model, save_model
+from mmtune.model.lora import apply_lora
 from mmtune.train import checkpoint as ckpt
 from mmtune.train.metrics import read_metrics
 from mmtune.train.optim import build_optimizer, build_scheduler
+from mmtune.train.sharding import load_sharded
 from mmtune.train.param_groups import norm_parameter_names
 from mmtune.train.precision import keep_trainable_fp32
+from mmtune.train.validate import ValidationResult, ValidationSet
 
 REPO = Path(__file__).resolve().parents[1]
 FIX = REPO / "tests" / "fixtures" / "train"
@@ -67,6 +75,18 @@ def _overrides(data: Path) -> list[str]:
             f"train.batch_size={BATCH}", "train.save_every=2", "train.progress=false", "train.lr_schedule=cosine"]
 
 
+def _eval_overrides(eval_file: Path) -> list[str]:
+    return [f"data.eval=[{eval_file}]", "train.eval_every=2", "train.save_best=true"]
+
+
+def _train_rows(out: Path) -> list[dict]:
+    return [r for r in read_metrics(out / "metrics.jsonl") if "loss" in r]
+
+
+def _eval_rows(out: Path) -> list[dict]:
+    return [r for r in read_metrics(out / "metrics.jsonl") if "eval_loss" in r]
+
+
 def _run(cmd: list[str]) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MMTUNE_TRACE_BATCHES": "1"}
     try:
@@ -77,28 +97,45 @@ def _run(cmd: list[str]) -> subprocess.CompletedProcess:
     return proc
 
 
+def _image_and_text_rows() -> tuple[list[str], list[str]]:
+    image = [x for x in (FIX / "mixed.jsonl").read_text().splitlines() if json.loads(x)["images"]]
+    return image, (FIX / "text.jsonl").read_text().splitlines()
+
+
+def _alternating(tmp: Path) -> Path:
+    """Image and text records line by line: rank 0 draws only image batches, rank 1 only text ones."""
+    image, text = _image_and_text_rows()
+    data = tmp / "alternating.jsonl"
+    data.write_text("\n".join(x for pair in zip(image, text, strict=False) for x in pair) + "\n")
+    return data
+
+
 @pytest.fixture(scope="module")
 def fsdp_runs(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("fsdp")
-    image = [x for x in (FIX / "mixed.jsonl").read_text().splitlines() if json.loads(x)["images"]]
-    text = (FIX / "text.jsonl").read_text().splitlines()
-    data = tmp / "alternating.jsonl"
-    data.write_text("\n".join(x for pair in zip(image, text, strict=False) for x in pair) + "\n")
+    image, text = _image_and_text_rows()
+    data = _alternating(tmp)
+    # Validation sets split by line: 5 records -> rank 0 holds 2 batches, rank 1 one (one padding forward);
+    # 1 record -> rank 1 holds none (its forwards run a one-token filler batch, never counted).
+    evals = tmp / "eval5.jsonl", tmp / "eval1.jsonl"
+    evals[0].write_text("\n".join([*image[-3:], *text[-2:]]) + "\n")
+    evals[1].write_text(image[-1] + "\n")
     first, resumed = tmp / "run", tmp / "resumed"
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--use_fsdp", "--fsdp_version", "2",
               "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
               "--main_process_port", str(free_port()), "-m", "mmtune.cli"]
     proc = _run([*launch, "train", str(CONFIG), "--output-dir", str(first), "--max-steps", str(STEPS),
-                 *_overrides(data)])
+                 *_overrides(data), *_eval_overrides(evals[0])])
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                 "-m", "mmtune.cli"]
     _run([*torchrun, "train", str(CONFIG), "--output-dir", str(resumed), "--max-steps", str(STEPS),
-          "--resume-from", str(first / "checkpoint-2"), "train.distributed=fsdp", *_overrides(data)])
-    return data, first, resumed, proc.stdout
+          "--resume-from", str(first / "checkpoint-2"), "train.distributed=fsdp", *_overrides(data),
+          *_eval_overrides(evals[1])])
+    return data, first, resumed, proc.stdout, evals
 
 
 def test_fsdp_run_shards_and_keeps_text_only_ranks_image_free(fsdp_runs):
-    _, out, _, stdout = fsdp_runs
+    _, out, _, stdout, _ = fsdp_runs
     assert "2 process(es) (FSDP2:" in stdout
     rank0, rank1 = _rows(out / "batches.jsonl"), _rows(out / "batches-rank1.jsonl")
     assert [r["step"] for r in rank0] == [r["step"] for r in rank1] == list(range(1, STEPS + 1))
@@ -113,9 +150,9 @@ def test_fsdp_run_shards_and_keeps_text_only_ranks_image_free(fsdp_runs):
 
 
 def test_fsdp_resumes_exactly_from_a_sharded_checkpoint(fsdp_runs):
-    _, first, resumed, _ = fsdp_runs
-    a = {r["step"]: r["loss"] for r in read_metrics(first / "metrics.jsonl")}
-    b = {r["step"]: r["loss"] for r in read_metrics(resumed / "metrics.jsonl")}
+    _, first, resumed, _, _ = fsdp_runs
+    a = {r["step"]: r["loss"] for r in _train_rows(first)}
+    b = {r["step"]: r["loss"] for r in _train_rows(resumed)}
     assert sorted(b) == [3, 4]
     assert [b[s] for s in (3, 4)] == pytest.approx([a[s] for s in (3, 4)], abs=1e-6, rel=0)
     for name in ("batches.jsonl", "batches-rank1.jsonl"):
@@ -123,25 +160,35 @@ def test_fsdp_resumes_exactly_from_a_sharded_checkpoint(fsdp_runs):
         assert [(r["step"], r["ids"]) for r in _rows(resumed / name)] == after
 
 
-def _reference(data: Path, first: Path) -> tuple[list[float], dict[str, torch.Tensor]]:
+def _reference(data: Path, first: Path, extra: tuple[str, ...] = ()) -> tuple[list[float], Any]:
     """One process, the same global batch per step (both ranks' traced batches), same recipe."""
     from accelerate.utils import set_seed
 
-    cfg = load_config(CONFIG, overrides=_overrides(data))
+    cfg = load_config(CONFIG, overrides=[*_overrides(data), *extra])
     set_seed(cfg.train.seed)
     bundle = build_model(cfg.model)
-    model = bundle.model
+    if cfg.train.lora.enabled:  # as the trainer does: LoRA right after building, same RNG draws
+        apply_lora(bundle.model, cfg.train.lora)
+    opt, sched = _recipe(bundle.model, cfg)
+    return _replay(bundle, cfg, opt, sched, data, first, range(STEPS)), bundle
+
+
+def _recipe(model: torch.nn.Module, cfg: RunConfig) -> tuple[Any, Any]:
     model.set_trainable("instruct")
     keep_trainable_fp32(model)
     model.train()
-    params = [p for p in model.parameters() if p.requires_grad]
     opt = build_optimizer(model.named_parameters(), cfg.train, norm_parameter_names(model))
-    sched = build_scheduler(opt, cfg.train, STEPS)
+    return opt, build_scheduler(opt, cfg.train, STEPS)
+
+
+def _replay(bundle: Any, cfg: RunConfig, opt: Any, sched: Any, data: Path, first: Path, steps: range) -> list[float]:
+    model = bundle.model
+    params = [p for p in model.parameters() if p.requires_grad]
     records = {r.id: r for r in read_records(data)}
     tmpl = get_template(cfg.data.template)
     traces = [_rows(first / "batches.jsonl"), _rows(first / "batches-rank1.jsonl")]
     losses = []
-    for step in range(STEPS):
+    for step in steps:
         step_losses = []
         for trace in traces:
             recs = [records[i] for i in trace[step]["ids"]]
@@ -157,13 +204,14 @@ def _reference(data: Path, first: Path) -> tuple[list[float], dict[str, torch.Te
         sched.step()
         opt.zero_grad(set_to_none=True)
         losses.append(sum(step_losses) / len(step_losses))
-    return losses, {k: v.detach().clone() for k, v in model.state_dict().items()}
+    return losses
 
 
 def test_fsdp_losses_and_consolidated_weights_match_one_process(fsdp_runs, tmp_path):
-    data, first, _, _ = fsdp_runs
-    ref_losses, ref_state = _reference(data, first)
-    fsdp_losses = [r["loss"] for r in read_metrics(first / "metrics.jsonl")]
+    data, first, _, _, _ = fsdp_runs
+    ref_losses, ref = _reference(data, first)
+    ref_state = {k: v.detach().clone() for k, v in ref.model.state_dict().items()}
+    fsdp_losses = [r["loss"] for r in _train_rows(first)]
     assert fsdp_losses == pytest.approx(ref_losses, abs=1e-4, rel=0)
 
     out = tmp_path / "consolidated"
@@ -176,3 +224,107 @@ def test_fsdp_losses_and_consolidated_weights_match_one_process(fsdp_runs, tmp_p
     assert worst < 1e-4, worst
     with pytest.raises(MMTuneError, match="already exists"):
         consolidate(first, out)  # never overwrites
+
+
+def _one_process_eval(checkpoint: Path, eval_file: Path) -> ValidationResult:
+    cfg = load_config(checkpoint / "run_config.yaml", RunConfig)
+    cfg.data.eval = [str(eval_file)]
+    bundle = load_model(checkpoint)  # the sharded weights, consolidated in memory
+    return ValidationSet(cfg, bundle, rank=0, world_size=1).evaluate(bundle.model, "cpu", lambda t: t)
+
+
+def test_fsdp_validation_loss_equals_one_process_and_best_is_a_sharded_model(fsdp_runs, tmp_path):
+    _, first, resumed, _, evals = fsdp_runs
+    rows = _eval_rows(first)
+    assert [r["step"] for r in rows] == [2, 4] and all(r["eval_examples"] == 5 for r in rows)
+    for row in rows:  # ranks held 2 and 1 batches: the padding forward is not counted
+        one = _one_process_eval(first / f"checkpoint-{row['step']}", evals[0])
+        assert one.examples == 5 and one.tokens == row["eval_tokens"]
+        assert row["eval_loss"] == pytest.approx(one.loss, abs=1e-4, rel=0)
+    # the resumed run: rank 1 held no eval record at all (filler forwards), still no hang and the same loss
+    [row] = _eval_rows(resumed)
+    one = _one_process_eval(resumed / "checkpoint-4", evals[1])
+    assert row["step"] == 4 and row["eval_examples"] == one.examples == 1
+    assert row["eval_loss"] == pytest.approx(one.loss, abs=1e-4, rel=0)
+    # best/: the lowest validation loss, written sharded like a checkpoint, read as a model folder
+    best = min(rows, key=lambda r: r["eval_loss"])
+    info = json.loads((first / "best" / "best.json").read_text())
+    assert info["step"] == best["step"] and info["eval_loss"] == pytest.approx(best["eval_loss"])
+    assert is_sharded(first / "best") and (first / "best" / "run_config.yaml").is_file()
+    assert sorted(p.name for p in (first / "best" / "sharded").iterdir()) == [".metadata", "__0_0.distcp",
+                                                                              "__1_0.distcp"]
+    assert not [p for p in first.iterdir() if p.name.startswith(".")]  # no temp folder left behind
+    a = load_model(first / "best").model.state_dict()
+    b = load_model(first / f"checkpoint-{best['step']}").model.state_dict()
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+    out = tmp_path / "best-consolidated"
+    assert main(["consolidate", str(first / "best"), "--out", str(out)]) == 0
+    assert (out / "lm" / "model.safetensors").is_file() and not is_sharded(out)
+    c = load_model(out).model.state_dict()
+    assert all(torch.equal(a[k], c[k]) for k in a)
+
+
+# --------------------------------------------------------------------------- #
+# LoRA under FSDP: the frozen base sharded, the adapter trained
+# --------------------------------------------------------------------------- #
+
+LORA = ("train.lora.enabled=true", "train.lora.dropout=0")  # no dropout: the replay draws no random numbers
+
+
+@pytest.fixture(scope="module")
+def fsdp_lora_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("fsdp_lora")
+    data, out = _alternating(tmp), tmp / "run"
+    proc = _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                 "-m", "mmtune.cli", "train", str(CONFIG), "--output-dir", str(out), "--max-steps", str(STEPS),
+                 "train.distributed=fsdp", *_overrides(data), *LORA])
+    return data, out, proc.stdout
+
+
+def test_fsdp_lora_losses_match_one_process_and_consolidate_like_an_unsharded_lora_run(fsdp_lora_run, tmp_path):
+    data, out, stdout = fsdp_lora_run
+    assert "LoRA" in stdout and "2 process(es) (FSDP2:" in stdout
+    ref_losses, ref = _reference(data, out, LORA)
+    assert [r["loss"] for r in _train_rows(out)] == pytest.approx(ref_losses, abs=1e-4, rel=0)
+    ckpt4 = out / "checkpoint-4"
+    assert is_sharded(ckpt4) and (ckpt4 / "adapter" / "adapter_config.json").is_file()
+    assert not (ckpt4 / "adapter" / "adapter_model.safetensors").exists()  # the adapter's weights are shards
+    # consolidated = what an unsharded LoRA run stores (save_model of the same model in one process)
+    merged = tmp_path / "consolidated"
+    assert main(["consolidate", str(out), "--out", str(merged)]) == 0
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    save_model(ref, plain)
+    files = sorted(str(p.relative_to(merged)) for p in merged.rglob("*") if p.is_file() and "tokenizer" not in p.parts)
+    assert files == sorted([str(p.relative_to(plain)) for p in plain.rglob("*")
+                            if p.is_file() and "tokenizer" not in p.parts] + ["run_config.yaml"])
+    assert "adapter/adapter_model.safetensors" in files and "lm/model.safetensors" in files
+    from safetensors.torch import load_file
+
+    for name in ("adapter/adapter_model.safetensors", "lm/model.safetensors", "projector.safetensors"):
+        a, b = load_file(str(merged / name)), load_file(str(plain / name))
+        assert set(a) == set(b), name
+        if name.startswith("adapter"):  # the adapter did train (lora_B starts at zero)
+            assert max(float(v.abs().max()) for k, v in a.items() if "lora_B" in k) > 0
+        worst = max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
+        assert worst < 1e-4, (name, worst)
+    # export merges the adapter, as for any LoRA checkpoint: the sharded one is read as is
+    assert load_model(ckpt4).model.has_lora
+
+
+def test_fsdp_lora_sharded_checkpoint_resumes_exactly(fsdp_lora_run):
+    """checkpoint-2's shards (adapter + AdamW moments) and schedule continue to step 4's losses.
+
+    The same calls the trainer's FSDP resume makes (`load_model` rebuilding the adapter from
+    adapter_config.json, `set_trainable`, `load_sharded`), in one process (DCP reads any
+    process count's shards).
+    """
+    data, out, _ = fsdp_lora_run
+    cfg = load_config(CONFIG, overrides=[*_overrides(data), *LORA])
+    bundle = load_model(out / "checkpoint-2", sharded_weights=False)
+    assert bundle.model.has_lora
+    opt, sched = _recipe(bundle.model, cfg)
+    load_sharded(out / "checkpoint-2", bundle.model, opt)
+    sched.load_state_dict(ckpt.load_state_file(out / "checkpoint-2" / runs.SCHEDULER_FILE))
+    losses = _replay(bundle, cfg, opt, sched, data, out, range(2, STEPS))
+    assert losses == pytest.approx([r["loss"] for r in _train_rows(out)][2:], abs=1e-4, rel=0)

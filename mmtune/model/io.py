@@ -12,7 +12,11 @@ A saved model folder holds
     vision.safetensors       the tower, when random-init or unfrozen
     sharded/                 instead of the weight files above, in a checkpoint of an FSDP run:
                              every parameter, written shard by shard with torch.distributed.checkpoint;
-                             `load_model` consolidates it in memory, `mmtune consolidate` to safetensors
+                             `load_model` consolidates it in memory, `mmtune consolidate` to safetensors.
+                             A LoRA run's shards hold the adapter too (under peft's names), and
+                             adapter/ holds only adapter_config.json, so the adapter is rebuilt
+                             before the shards are read; consolidating gives adapter/ + lm/ as
+                             an unsharded LoRA run writes them
 
 Frozen pretrained parts are not copied: `load_model` rebuilds them from the
 config (the same hub id / folder), so an align-stage checkpoint of a 7B LLaVA
@@ -78,6 +82,9 @@ def save_model(bundle: ModelBundle, folder: str | Path, *, sharded: bool = False
     if sharded:
         parts["sharded"] = SHARDED_DIR
         parts["owned_parts"] = sorted(model.owned_parts)
+        if model.has_lora:  # the adapter's shape (its weights are in sharded/)
+            model.lm.peft_config["default"].save_pretrained(str(folder / ADAPTER_DIR))
+            parts["sharded_adapter"] = ADAPTER_DIR
         (folder / PARTS_FILE).write_text(json.dumps(parts, indent=2) + "\n", encoding="utf-8")
         return
     if model.projector is not None:
@@ -172,6 +179,8 @@ def load_model(
     )
     if parts.get("sharded"):
         bundle.model.owned_parts.update(parts.get("owned_parts") or ())
+        if parts.get("sharded_adapter"):
+            _apply_saved_lora(bundle.model, folder / ADAPTER_DIR)
         if sharded_weights:
             load_full_model_state(folder, bundle.model)
     if parts.get("adapter"):
@@ -270,6 +279,24 @@ def load_full_model_state(folder: str | Path, model: torch.nn.Module) -> None:
         raise MMTuneError(f"{source}: cannot consolidate the sharded weights into the configured model "
                           f"({type(exc).__name__}: {str(exc).splitlines()[0][:300]})") from None
     model.load_state_dict(state, strict=True)
+
+
+def _apply_saved_lora(model: torch.nn.Module, adapter_dir: Path) -> None:
+    """Wrap `model.lm` in the LoRA adapter `adapter_dir/adapter_config.json` describes (weights come from the shards).
+
+    Frozen, as `PeftModel.from_pretrained(is_trainable=False)` leaves a saved adapter; the
+    trainer unfreezes it (`set_trainable`) when it resumes.
+    """
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model
+
+    try:
+        cfg = PeftLoraConfig.from_pretrained(str(adapter_dir))
+    except (OSError, ValueError, TypeError) as exc:
+        raise MMTuneError(f"{adapter_dir}: cannot read the adapter config of this sharded LoRA checkpoint "
+                          f"({type(exc).__name__}: {str(exc).splitlines()[0][:200]})") from None
+    cfg.inference_mode = True
+    model.lm = get_peft_model(model.lm, cfg)
 
 
 def is_sharded(folder: str | Path) -> bool:

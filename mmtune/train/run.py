@@ -319,11 +319,6 @@ class _Recipe:
                 f"{self.resumed_from} was written by {state.get('world_size')} process(es), this run has "
                 f"{self.world}: resume with the same number of processes (the data split depends on it)"
             )
-        if self.fsdp and (self.tc.eval_every or self.tc.save_best):
-            # Each FSDP forward all-gathers on every process, and processes may hold different
-            # numbers of validation batches; `best/` would also need a consolidated save.
-            raise MMTuneError("train.eval_every / train.save_best are not supported with train.distributed=fsdp yet: "
-                              "evaluate the checkpoints afterwards (mmtune consolidate, then mmtune eval)")
         if state is not None and bool(state.get("sharded", False)) != self.fsdp:
             raise MMTuneError(
                 f"{self.resumed_from} was written by a {'sharded (FSDP)' if state.get('sharded') else 'DDP / one-process'} "
@@ -795,18 +790,16 @@ class _Recipe:
 
     # ------------------------------------------------------------- validation
     def _validate(self, bar: Any) -> None:
-        from accelerate.utils import DistributedType
-
         # DDP: the plain module (no collectives in its forward, so ranks may hold different numbers of
-        # eval batches). A sharded model (FSDP) must run wrapped, every rank the same number of times.
-        sharded = self.acc.distributed_type == DistributedType.FSDP
-        res = self.validation.evaluate(
-            self.ddp_model if sharded else self.model, self.acc.device,
-            lambda t: self.acc.reduce(t, reduction="sum"),
-            equal_steps=(lambda n: int(self.acc.reduce(torch.tensor([n], device=self.acc.device),
-                                                       reduction="max").item())) if sharded else None,
-            progress=self.main and self.tc.progress,
-        )
+        # eval batches). The sharded model (FSDP, `self.fsdp`: mmtune shards it itself, so accelerate's
+        # distributed_type is not FSDP under torchrun) all-gathers in every unit's forward: every rank
+        # runs the same number of forwards (padding ones not counted), under the training autocast.
+        equal = (lambda n: int(self.acc.reduce(torch.tensor([n], device=self.acc.device), reduction="max").item()))
+        with self.acc.autocast() if self.fsdp else contextlib.nullcontext():
+            res = self.validation.evaluate(
+                self.model, self.acc.device, lambda t: self.acc.reduce(t, reduction="sum"),
+                equal_steps=equal if self.fsdp else None, progress=self.main and self.tc.progress,
+            )
         row = {"step": self.step, "eval_loss": res.loss, "eval_examples": res.examples, "eval_tokens": res.tokens}
         if self.metrics is not None:
             self.metrics.log(row)
@@ -834,7 +827,9 @@ class _Recipe:
         from mmtune.model.io import save_model
 
         self.acc.wait_for_everyone()
-        if self.main:
+        if self.fsdp:
+            self._save_best_sharded(loss)
+        elif self.main:
             final = self.out / runs.BEST_DIR
             with atomic_dir(final) as tmp:
                 with _quiet_hf_progress():
@@ -843,6 +838,53 @@ class _Recipe:
                 write_json_atomic({"step": self.step, "eval_loss": loss}, tmp / runs.BEST_FILE)
             log.info("step %d: best validation loss so far (%.4f), model saved to %s", self.step, loss, final)
         self.acc.wait_for_everyone()
+
+    def _save_best_sharded(self, loss: float) -> None:
+        """FSDP: DIR/best as a sharded model folder, written like a checkpoint (temp folder, then rename).
+
+        Each process writes its own shard (`save_sharded` without the optimizer), as checkpoints do,
+        rather than gathering the full state dict onto rank 0: that would need the whole model in
+        rank 0's memory, which is what FSDP avoids. `load_model` reads the folder like a sharded
+        checkpoint, so `mmtune export/generate/eval` take DIR/best as is and `mmtune consolidate
+        DIR/best` turns it into plain safetensors.
+        """
+        from accelerate.utils import broadcast_object_list
+
+        from mmtune.fileio import replace_dir, temp_sibling, write_json_atomic
+        from mmtune.model.io import save_model
+
+        final = self.out / runs.BEST_DIR
+        slot = [None]
+        if self.main:
+            tmp = temp_sibling(final)  # named by rank 0's pid: every process must write into the same one
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+            slot = [str(tmp)]
+        tmp = Path(broadcast_object_list(slot, from_process=0)[0])
+        try:
+            save_sharded(tmp, self.model)
+            ok = torch.tensor([1.0], device=self.acc.device)
+        except Exception:
+            ok = torch.tensor([0.0], device=self.acc.device)
+            log.exception("step %d: could not write this process's shard of %s", self.step, final)
+        written = bool(self.acc.reduce(ok, reduction="sum").item() == self.world)
+        if self.main:
+            if not written:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise MMTuneError(f"step {self.step}: a process failed to write its shard of {final}; see train.log "
+                                  f"(the previous {final} is unchanged)")
+            try:
+                with _quiet_hf_progress():
+                    save_model(self.bundle, tmp, sharded=True)
+                runs.write_run_config(self.cfg, tmp)
+                write_json_atomic({"step": self.step, "eval_loss": loss}, tmp / runs.BEST_FILE)
+                replace_dir(tmp, final)
+            except BaseException:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
+            log.info("step %d: best validation loss so far (%.4f), sharded model saved to %s", self.step, loss, final)
+        elif not written:
+            raise MMTuneError(f"step {self.step}: a process failed to write its shard of {final}; see train.log")
 
     # ------------------------------------------------------------ checkpoints
     def _last_good(self) -> str:

@@ -9,8 +9,19 @@ Contract:
   Parts of different dtypes (a frozen bf16 tower, float32 master weights of the
   LM) therefore never share a unit, and frozen parameters shard like trainable
   ones. After it, every process holds 1/world of each parameter.
-- Every process must run every unit's forward the same number of times (each
-  forward all-gathers). A text-only batch therefore runs the tower and projector
+- LoRA (peft): the decoder layers are found through peft's wrapper (the base
+  model's `_no_split_modules`), so each layer's unit holds its frozen base
+  weights and its trainable `lora_A`/`lora_B` together: the frozen base is
+  sharded (how a 13B/70B LoRA fits) and only the adapter has gradients.
+  FSDP2 needs one dtype among a unit's *trainable* parameters only (the adapter
+  is float32 master weights; a bf16 frozen base may share the unit, its
+  all-gather copies mixed dtypes). A k-bit (QLoRA) LM is refused: its packed
+  4-bit weights are not shardable here.
+- Every process must run every unit's forward and backward in the same order
+  (each forward all-gathers, each backward all-gathers and reduce-scatters):
+  the LM's input embeddings are made to require grad, so a text-only batch's
+  backward runs through every LM layer even when the embedding is frozen. And
+  every process must run every unit's forward the same number of times. A text-only batch therefore runs the tower and projector
   on an empty image batch (`MMTuneModel.run_tower_on_text_batches`): no image,
   no dummy pixels, zero contribution to the loss and gradients, and the
   collectives line up with a rank whose batch had images.
@@ -90,9 +101,10 @@ def shard_model(model: nn.Module, mixed_precision: str = "no", mesh: Any = None)
     """Apply FSDP2 to `model` in place (see module docstring); returns it."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-    if getattr(model, "has_lora", False):
-        raise MMTuneError("train.distributed=fsdp with train.lora: the adapter is small, use DDP (train.distributed=ddp); "
-                          "FSDP is for full fine-tuning")
+    lm = model.base_lm() if hasattr(model, "base_lm") else getattr(model, "lm", model)
+    if getattr(lm, "is_quantized", False) or getattr(lm, "hf_quantizer", None) is not None:
+        raise MMTuneError("model.lm.quantization with train.distributed=fsdp is not supported: QLoRA runs "
+                          "one model copy per GPU (DDP)")
     half = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mixed_precision)
     # Parameters are gathered in the compute dtype; gradients are reduced in float32
     # into the float32 master shards the optimizer updates.
@@ -103,6 +115,12 @@ def shard_model(model: nn.Module, mixed_precision: str = "no", mesh: Any = None)
     fully_shard(model, **kwargs)
     if hasattr(model, "run_tower_on_text_batches"):
         model.run_tower_on_text_batches = True
+    if hasattr(lm, "enable_input_require_grads"):
+        # The LM's input embeddings always require grad (transformers' hook), so every process's backward
+        # runs through every LM layer in the same order: with a frozen embedding (LoRA, stage align) a
+        # text-only batch's embeddings would otherwise need no grad while an image batch's do (the
+        # projector's features), and the two processes' reduce-scatters / all-gathers would not line up.
+        lm.enable_input_require_grads()
     return model
 
 
@@ -112,12 +130,16 @@ def _options(full: bool = False) -> Any:
     return StateDictOptions(full_state_dict=full, cpu_offload=full)
 
 
-def save_sharded(folder: str | os.PathLike[str], model: nn.Module, optimizer: torch.optim.Optimizer) -> Path:
-    """Every process writes its shard of model + optimizer state into `folder/sharded/`."""
+def save_sharded(folder: str | os.PathLike[str], model: nn.Module,
+                 optimizer: torch.optim.Optimizer | None = None) -> Path:
+    """Every process writes its shard of model (+ optimizer, when given) state into `folder/sharded/`."""
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict
 
     target = Path(folder) / SHARDED_DIR
+    if optimizer is None:  # a model folder (train.save_best's DIR/best): weights only
+        dcp.save({MODEL_KEY: get_model_state_dict(model, options=_options())}, checkpoint_id=str(target))
+        return target
     model_sd, optim_sd = get_state_dict(model, optimizer, options=_options())
     dcp.save({MODEL_KEY: model_sd, OPTIM_KEY: optim_sd}, checkpoint_id=str(target))
     return target

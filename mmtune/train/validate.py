@@ -49,12 +49,19 @@ class ValidationSet:
         from mmtune.data.stream import ExampleStream
 
         dc = self.cfg.data
-        stream = ExampleStream(
-            dc.eval, self.bundle.tokenizer, dc.template, max_length=dc.max_length,
-            num_image_tokens=self.bundle.num_image_tokens,
-            image_transform=self.bundle.pixel_transform or self.bundle.image_transform,
-            image_root=dc.image_root, shuffle=False, seed=0, epochs=1, rank=self.rank, world_size=self.world,
-        )
+        try:
+            stream = ExampleStream(
+                dc.eval, self.bundle.tokenizer, dc.template, max_length=dc.max_length,
+                num_image_tokens=self.bundle.num_image_tokens,
+                image_transform=self.bundle.pixel_transform or self.bundle.image_transform,
+                image_root=dc.image_root, shuffle=False, seed=0, epochs=1, rank=self.rank, world_size=self.world,
+            )
+        except MMTuneError as exc:
+            # Fewer eval records than processes: for training that is an error, here this process's
+            # share is simply empty (the others' records are still counted; under FSDP it pads).
+            if self.world > 1 and "gets no record" in str(exc):
+                return []
+            raise
         if self.per_rank is not None:
             stream = _Capped(stream, self.per_rank)
         return Batcher(stream, batch_size=self.cfg.train.batch_size, pad_token_id=self.bundle.tokenizer.pad_token_id,
@@ -68,7 +75,8 @@ class ValidationSet:
 
         `equal_steps(n)` (the largest n over processes), when given, makes every process run the
         same number of forward passes: a sharded model (FSDP) gathers its weights collectively in
-        each forward, so a process with fewer batches repeats its last one, counted with weight 0.
+        each forward, so a process with fewer batches repeats its last one, counted with weight 0
+        (a process with none runs a one-token text batch with no label, also not counted).
         """
         from tqdm.auto import tqdm
 
@@ -86,7 +94,7 @@ class ValidationSet:
             if equal_steps is not None:
                 batches = list(batches)
                 extra = equal_steps(len(batches)) - len(batches)
-                padding = [(batches[-1], False)] * extra if batches else []
+                padding = [(batches[-1] if batches else self._filler(), False)] * extra
                 batches = [(b, True) for b in batches] + padding
             else:
                 batches = ((b, True) for b in batches)
@@ -111,6 +119,16 @@ class ValidationSet:
         if tok_total == 0:
             raise MMTuneError(f"data.eval ({', '.join(self.cfg.data.eval)}) gave no example with an answer token")
         return ValidationResult(loss_total / tok_total, int(ex_total), int(tok_total))
+
+
+    def _filler(self) -> dict[str, Any]:
+        """A batch for a process that holds no eval record: one pad token, no image, no label (never counted)."""
+        from mmtune.data.encode import IGNORE_INDEX
+
+        pad = self.bundle.tokenizer.pad_token_id
+        return {"input_ids": torch.tensor([[pad if pad is not None else 0]]),
+                "attention_mask": torch.ones(1, 1, dtype=torch.long),
+                "labels": torch.full((1, 1), IGNORE_INDEX), "ids": []}
 
 
 class _Capped:
