@@ -55,9 +55,9 @@ from mmtune.model.lora import apply_lora
 from mmtune.train import checkpoint as ckpt
 from mmtune.train.metrics import read_metrics
 from mmtune.train.optim import build_optimizer, build_scheduler
-from mmtune.train.sharding import load_sharded
 from mmtune.train.param_groups import norm_parameter_names
 from mmtune.train.precision import keep_trainable_fp32
+from mmtune.train.sharding import load_sharded
 from mmtune.train.validate import ValidationResult, ValidationSet
 
 REPO = Path(__file__).resolve().parents[1]

@@ -50,7 +50,6 @@ import torch
 from torch import nn
 
 from mmtune.errors import MMTuneError
-
 from mmtune.model.io import SHARDED_DIR, SHARDED_MODEL_KEY
 
 MODEL_KEY = SHARDED_MODEL_KEY
@@ -134,7 +133,10 @@ def save_sharded(folder: str | os.PathLike[str], model: nn.Module,
                  optimizer: torch.optim.Optimizer | None = None) -> Path:
     """Every process writes its shard of model (+ optimizer, when given) state into `folder/sharded/`."""
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict
+    from torch.distributed.checkpoint.state_dict import (
+        get_model_state_dict,
+        get_state_dict,
+    )
 
     target = Path(folder) / SHARDED_DIR
     if optimizer is None:  # a model folder (train.save_best's DIR/best): weights only
