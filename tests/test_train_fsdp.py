@@ -246,6 +246,7 @@ def test_fsdp_validation_loss_equals_one_process_and_best_is_a_sharded_model(fsd
     one = _one_process_eval(resumed / "checkpoint-4", evals[1])
     assert row["step"] == 4 and row["eval_examples"] == one.examples == 1
     assert row["eval_loss"] == pytest.approx(one.loss, abs=1e-4, rel=0)
+    assert json.loads((resumed / "best" / "best.json").read_text())["step"] == 4 and is_sharded(resumed / "best")
     # best/: the lowest validation loss, written sharded like a checkpoint, read as a model folder
     best = min(rows, key=lambda r: r["eval_loss"])
     info = json.loads((first / "best" / "best.json").read_text())
