@@ -4,8 +4,10 @@ import json
 from pathlib import Path
 
 import pytest
+import yaml
 
 from mmtune.cli import main
+from mmtune.demo import INSTRUCT_PROJECTOR_LR
 
 pytestmark = pytest.mark.slow
 
@@ -22,6 +24,10 @@ def test_short_demo_writes_a_complete_report(tmp_path: Path) -> None:
     for task, counts in report["selection"]["answers"].items():
         assert sum(counts.values()) == sum(r["task"] == task for r in subset), task
     assert report["train"]["steps"] > 0
+    # stage instruct trains the projector at its own rate (LLaVA's mm_projector_lr), align at the run's
+    instruct_cfg = yaml.safe_load((out / "instruct" / "run_config.yaml").read_text())["train"]
+    assert instruct_cfg["projector_lr"] == INSTRUCT_PROJECTOR_LR != instruct_cfg["lr"]
+    assert yaml.safe_load((out / "align" / "run_config.yaml").read_text())["train"]["projector_lr"] is None
     assert report["train"]["loss_last"] < report["train"]["loss_first"]
     assert set(report["eval"]["unseen_tasks"]) == {"shape", "first_letter"}
     rows = report["eval"]["results"]
