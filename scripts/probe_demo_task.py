@@ -89,8 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     out = Path(args.out)
     if out.exists() and any(out.iterdir()):
-        print(f"error: {out} exists and is not empty; choose another --out", file=sys.stderr)
-        return 2
+        ap.error(f"{out} exists and is not empty; choose another --out")  # exits 2, nothing written
     torch.set_num_threads(args.threads)
     from mmtune.data.schema import write_records
     from mmtune.data.shards import write_shards
