@@ -89,6 +89,10 @@ WORKER_BLOCK = 4
 Example = tuple[TokenizedExample, list[torch.Tensor]]
 
 
+class EmptyShareError(MMTuneError):
+    """This process's share of the sources holds no record (fewer records than processes)."""
+
+
 @dataclass(frozen=True)
 class _JsonlItem:
     """A JSONL record not read yet: replaying a stream position never parses it."""
@@ -224,7 +228,7 @@ class ExampleStream:
         self._index = {path: _LineIndex(path) for path in self._jsonl}
         mine = sum(len(range(self.rank, len(ix), self.world_size)) for ix in self._index.values())
         if not mine and not self._shards:
-            raise MMTuneError(f"rank {self.rank} of {self.world_size} gets no record from {', '.join(self.sources)}")
+            raise EmptyShareError(f"rank {self.rank} of {self.world_size} gets no record from {', '.join(self.sources)}")
         self._handles: dict[tuple[int, str], Any] = {}
         self._shard_fds: dict[tuple[int, str], int] = {}  # most recently used last
 

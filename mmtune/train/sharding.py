@@ -21,10 +21,11 @@ Contract:
   (each forward all-gathers, each backward all-gathers and reduce-scatters):
   the LM's input embeddings are made to require grad, so a text-only batch's
   backward runs through every LM layer even when the embedding is frozen. And
-  every process must run every unit's forward the same number of times. A text-only batch therefore runs the tower and projector
-  on an empty image batch (`MMTuneModel.run_tower_on_text_batches`): no image,
-  no dummy pixels, zero contribution to the loss and gradients, and the
-  collectives line up with a rank whose batch had images.
+  every process must run every unit's forward the same number of times: a
+  text-only batch therefore runs the tower and projector on an empty image
+  batch (`MMTuneModel.run_tower_on_text_batches`): no image, no dummy pixels,
+  zero contribution to the loss and gradients, and the collectives line up
+  with a rank whose batch had images.
 - `save_sharded(folder, model, optimizer)` writes model + optimizer state with
   `torch.distributed.checkpoint` (each process its own shard files plus one
   `.metadata`) into `folder/SHARDED_DIR`; all processes call it.

@@ -46,7 +46,7 @@ class ValidationSet:
 
     def _batches(self) -> Any:
         from mmtune.data.batching import Batcher
-        from mmtune.data.stream import ExampleStream
+        from mmtune.data.stream import EmptyShareError, ExampleStream
 
         dc = self.cfg.data
         try:
@@ -56,12 +56,12 @@ class ValidationSet:
                 image_transform=self.bundle.pixel_transform or self.bundle.image_transform,
                 image_root=dc.image_root, shuffle=False, seed=0, epochs=1, rank=self.rank, world_size=self.world,
             )
-        except MMTuneError as exc:
+        except EmptyShareError:
             # Fewer eval records than processes: for training that is an error, here this process's
             # share is simply empty (the others' records are still counted; under FSDP it pads).
-            if self.world > 1 and "gets no record" in str(exc):
-                return []
-            raise
+            if self.world == 1:
+                raise
+            return []
         if self.per_rank is not None:
             stream = _Capped(stream, self.per_rank)
         return Batcher(stream, batch_size=self.cfg.train.batch_size, pad_token_id=self.bundle.tokenizer.pad_token_id,
