@@ -13,6 +13,7 @@ A run folder (`mmtune train ... --output-dir RUN`) holds
     best/                    train.save_best: the model folder of the lowest validation loss (+ best.json)
     .tmp-checkpoint-STEP/    a checkpoint being written (renamed when complete)
     .old-checkpoint-STEP/    a checkpoint being replaced by a re-save of the same step
+    .tmp-best/, .old-best/   the same two for best/ (a new best being written; the previous one moved aside)
 
 Two kinds of folder are told apart by name throughout mmtune:
 
@@ -48,6 +49,8 @@ TMP_PREFIX = ".tmp-checkpoint-"
 OLD_PREFIX = ".old-checkpoint-"
 BEST_DIR = "best"  # train.save_best: the model of the lowest validation loss
 BEST_FILE = "best.json"  # in BEST_DIR: {"step", "eval_loss"}
+TMP_BEST = ".tmp-best"  # BEST_DIR being written (renamed when complete)
+OLD_BEST = ".old-best"  # the previous BEST_DIR, moved aside until the new one is in place
 
 # --- a model folder -------------------------------------------------------- #
 MODEL_CONFIG_FILE = "model_config.yaml"
@@ -100,6 +103,14 @@ def temp_checkpoint_path(run_dir: str | os.PathLike[str], step: int) -> Path:
 
 def old_checkpoint_path(run_dir: str | os.PathLike[str], step: int) -> Path:
     return Path(run_dir) / f"{OLD_PREFIX}{step}"
+
+
+def temp_best_path(run_dir: str | os.PathLike[str]) -> Path:
+    return Path(run_dir) / TMP_BEST
+
+
+def old_best_path(run_dir: str | os.PathLike[str]) -> Path:
+    return Path(run_dir) / OLD_BEST
 
 
 def checkpoint_step(folder: str | os.PathLike[str]) -> int | None:

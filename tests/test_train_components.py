@@ -65,6 +65,116 @@ def test_resave_same_step_replaces_and_crash_between_renames_is_repaired(tmp_pat
     assert ckpt.latest_checkpoint(tmp_path) == tmp_path / "checkpoint-3"
 
 
+def _fake_best(folder, step):
+    folder.mkdir()
+    (folder / "best.json").write_text(json.dumps({"step": step, "eval_loss": 1.0}))
+    return folder
+
+
+def test_stale_best_temps_are_removed_and_a_moved_aside_best_is_put_back(tmp_path):
+    _fake_best(tmp_path / "best", 2)
+    half = tmp_path / ".tmp-best"  # a best/ save killed half way
+    half.mkdir()
+    (half / "model_config.yaml").write_text("half")
+    legacy = tmp_path / ".best.tmp-4242"  # the same, from mmtune before best/ had fixed temp names
+    legacy.mkdir()
+    _fake_best(tmp_path / ".old-best", 1)  # best/ already replaced: the aside copy is only left over
+    removed = ckpt.remove_stale_temps(tmp_path)
+    assert sorted(p.name for p in removed) == [".best.tmp-4242", ".old-best", ".tmp-best"]
+    assert [p.name for p in tmp_path.iterdir()] == ["best"]
+    assert json.loads((tmp_path / "best" / "best.json").read_text())["step"] == 2
+    # A crash between the two renames: best/ moved aside, the new one not yet in place.
+    os.replace(tmp_path / "best", tmp_path / ".old-best")
+    (tmp_path / ".tmp-best").mkdir()
+    assert ckpt.remove_stale_temps(tmp_path) == [tmp_path / ".tmp-best"]
+    assert [p.name for p in tmp_path.iterdir()] == ["best"]
+    assert json.loads((tmp_path / "best" / "best.json").read_text())["step"] == 2
+    # An aside folder that is not a whole best/ is not promoted to one.
+    (tmp_path / "best").rename(tmp_path / "kept")
+    (tmp_path / ".old-best").mkdir()
+    assert ckpt.remove_stale_temps(tmp_path) == [tmp_path / ".old-best"] and not (tmp_path / "best").exists()
+
+
+def _write(name, text="x"):
+    return lambda tmp: (tmp / name).write_text(text)
+
+
+def _fail(tmp):
+    raise OSError("disk full")
+
+
+def test_save_together_in_one_process_replaces_only_on_success(tmp_path):
+    from mmtune.fileio import replace_dir
+    from mmtune.train.handshake import ONE_PROCESS, save_together
+
+    tmp, final = tmp_path / ".tmp-x", tmp_path / "x"
+    commit = lambda t: replace_dir(t, final)  # noqa: E731
+    save_together(tmp, final, ONE_PROCESS, write_each=_write("a", "1"), write_main=_write("b", "1"), commit=commit)
+    assert sorted(p.name for p in final.iterdir()) == ["a", "b"] and not tmp.exists()
+    tmp.mkdir()  # a stale temp folder of a crashed save is emptied first
+    (tmp / "stale").write_text("")
+    save_together(tmp, final, ONE_PROCESS, write_each=_write("a", "2"), write_main=_write("b", "2"), commit=commit)
+    assert sorted(p.name for p in final.iterdir()) == ["a", "b"] and (final / "a").read_text() == "2"
+    for each, main, com in ((_fail, _write("b"), commit), (_write("a", "3"), _fail, commit),
+                            (_write("a", "3"), _write("b"), _fail)):
+        with pytest.raises(OSError, match="disk full"):  # the error itself, not a wrapper
+            save_together(tmp, final, ONE_PROCESS, write_each=each, write_main=main, commit=com)
+        assert not tmp.exists() and (final / "a").read_text() == "2"
+
+
+def test_save_together_across_processes_every_process_raises_and_nothing_is_committed(tmp_path):
+    """Two processes (threads standing in for ranks): one's write fails, both raise, the old folder stays."""
+    import threading
+
+    from mmtune.fileio import replace_dir
+    from mmtune.train.handshake import Processes, save_together
+
+    barrier, flags = threading.Barrier(2), [None, None]
+
+    def group(rank):
+        def all_true(flag):
+            flags[rank] = flag
+            barrier.wait()
+            agreed = all(flags)
+            barrier.wait()
+            return agreed
+        return Processes(main=rank == 0, wait=barrier.wait, all_true=all_true)
+
+    tmp, final = tmp_path / ".tmp-x", tmp_path / "x"
+    final.mkdir()
+    (final / "a").write_text("old")
+
+    def run(fail_rank, fail_commit=False):
+        results = [None, None]
+
+        def worker(rank):
+            each = _fail if rank == fail_rank else _write(f"shard{rank}")
+            com = _fail if fail_commit else (lambda t: replace_dir(t, final))
+            try:
+                save_together(tmp, final, group(rank), write_each=each, write_main=_write("a", "new"), commit=com)
+            except Exception as exc:
+                results[rank] = exc
+        threads = [threading.Thread(target=worker, args=(r,)) for r in (0, 1)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=20)
+        assert not any(t.is_alive() for t in threads), "a process was left waiting"
+        return results
+
+    for fail_rank in (0, 1):
+        results = run(fail_rank)
+        assert isinstance(results[fail_rank], OSError)  # its own error
+        other = results[1 - fail_rank]
+        assert isinstance(other, ckpt.CheckpointError) and "another process failed to write" in str(other)
+        assert not tmp.exists() and sorted(p.name for p in final.iterdir()) == ["a"]
+    results = run(None, fail_commit=True)  # the commit fails on the main process: the other one learns it too
+    assert isinstance(results[0], OSError) and "failed to put it in place" in str(results[1])
+    assert (final / "a").read_text() == "old" and not tmp.exists()
+    assert run(None) == [None, None]
+    assert sorted(p.name for p in final.iterdir()) == ["a", "shard0", "shard1"] and (final / "a").read_text() == "new"
+
+
 def test_rotation_keeps_newest(tmp_path):
     for step in (1, 2, 3, 4):
         _fake_checkpoint(tmp_path, step)
@@ -225,6 +335,10 @@ def test_fault_injector_parsing():
         f.maybe_oom(3)
     f.maybe_oom(2)
     assert torch.isnan(f.maybe_nan(4, torch.tensor(1.0)))
+    assert FaultInjector("kill_during_best_save@4").at("kill_during_best_save", 4)
+    f.maybe_kill("kill_during_best_save", 4)  # not injected here: nothing happens
+    with pytest.raises(ValueError, match="not a kill fault"):
+        f.maybe_kill("oom", 3)
     with pytest.raises(MMTuneError, match="unknown fault"):
         FaultInjector("explode@1")
     with pytest.raises(MMTuneError, match="cannot parse"):

@@ -5,6 +5,9 @@ and renamed only once every file is in place, so a crash (or `kill -9`) in the
 middle of a save leaves the previous checkpoints untouched and at worst a
 `.tmp-*` folder that the next run removes. A folder counts as a checkpoint only
 when it holds `trainer_state.json`, the last file written before the rename.
+`OUT/best/` (train.save_best) is written the same way through `OUT/.tmp-best/`,
+and `remove_stale_temps` clears what a crash left of either kind of save. With
+several processes the trainer drives both through `mmtune.train.handshake`.
 
 This module knows nothing about models; the trainer hands it callables that
 write the model files (through `mmtune.model.io`). Optimizer, scheduler and RNG
@@ -175,23 +178,44 @@ def rotate_checkpoints(output_dir: str | os.PathLike[str], keep: int, protect: P
     return removed
 
 
-def remove_stale_temps(output_dir: str | os.PathLike[str]) -> list[Path]:
-    """Remove half-written `.tmp-checkpoint-*` / `.old-checkpoint-*` folders of crashed saves.
+# best/ was written through atomic_dir before it had fixed names: DIR/.best.tmp-PID, DIR/.best.old-PID.
+_LEGACY_BEST_TMP, _LEGACY_BEST_OLD = f".{runs.BEST_DIR}.tmp-", f".{runs.BEST_DIR}.old-"
 
-    An `.old-` folder whose `checkpoint-STEP` is missing (a crash between the two
-    renames) is put back instead of being deleted.
+
+def _swap_target(root: Path, name: str) -> tuple[Path, Callable[[Path], bool]] | None:
+    """For a moved-aside folder's name: the folder it stands for and what makes it whole; else None."""
+    if name.startswith(OLD_PREFIX):
+        return root / (runs.CHECKPOINT_PREFIX + name[len(OLD_PREFIX):]), is_training_checkpoint
+    if name == runs.OLD_BEST or name.startswith(_LEGACY_BEST_OLD):
+        return root / runs.BEST_DIR, lambda folder: (folder / runs.BEST_FILE).is_file()
+    return None
+
+
+def remove_stale_temps(output_dir: str | os.PathLike[str]) -> list[Path]:
+    """Clear what crashed saves left in a run folder; returns the folders removed.
+
+    Removed: half-written temp folders (`.tmp-checkpoint-*`, `.tmp-best`) and
+    moved-aside copies (`.old-checkpoint-*`, `.old-best`) whose replacement is
+    in place. A moved-aside copy whose final folder is missing (a crash between
+    the two renames of `replace_dir`) is put back instead, and logged.
     """
     root = Path(output_dir)
     if not root.is_dir():
         return []
     removed = []
-    for child in root.iterdir():
-        if child.name.startswith(OLD_PREFIX):
-            final = root / (runs.CHECKPOINT_PREFIX + child.name[len(OLD_PREFIX):])
-            if not final.exists() and is_training_checkpoint(child):
+    for child in sorted(root.iterdir()):
+        if not child.is_dir():
+            continue
+        swap = _swap_target(root, child.name)
+        if swap is not None:
+            final, whole = swap
+            if not final.exists() and whole(child):
                 os.replace(child, final)
+                logging.getLogger("mmtune.train").warning(
+                    "%s: put back from %s, where an interrupted save had moved it", final, child.name)
                 continue
-        if child.name.startswith((runs.TMP_PREFIX, OLD_PREFIX)) and child.is_dir():
+        half_written = child.name == runs.TMP_BEST or child.name.startswith((runs.TMP_PREFIX, _LEGACY_BEST_TMP))
+        if swap is not None or half_written:
             shutil.rmtree(child, ignore_errors=True)
             removed.append(child)
     return removed

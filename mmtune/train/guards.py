@@ -26,7 +26,8 @@ from mmtune.errors import MMTuneError
 log = logging.getLogger("mmtune.train")
 
 FAULT_ENV = "MMTUNE_FAULT_INJECT"
-FAULT_KINDS = ("sigterm", "kill_during_save", "oom", "nan")
+FAULT_KINDS = ("sigterm", "kill_during_save", "kill_during_best_save", "oom", "nan")
+KILL_KINDS = ("kill_during_save", "kill_during_best_save")
 
 
 class NonFiniteLossError(MMTuneError):
@@ -91,7 +92,9 @@ class FaultInjector:
 
     Kinds: `sigterm` (send SIGTERM to this process after the step),
     `kill_during_save` (SIGKILL this process halfway through writing that
-    step's checkpoint), `oom` (raise torch.OutOfMemoryError in that step's
+    step's checkpoint), `kill_during_best_save` (the same while writing
+    `best/` after that step's validation, when it is a new best; the model
+    files are written, best.json is not), `oom` (raise torch.OutOfMemoryError in that step's
     forward), `nan` (make that step's loss NaN). An optional `:rank` suffix
     limits a fault to one process, e.g. `sigterm@3:1`.
     """
@@ -129,8 +132,11 @@ class FaultInjector:
         if self.at("sigterm", step):
             os.kill(os.getpid(), signal.SIGTERM)
 
-    def maybe_kill_during_save(self, step: int) -> None:
-        if self.at("kill_during_save", step):
+    def maybe_kill(self, kind: str, step: int) -> None:
+        """SIGKILL this process (no clean-up, as a crash or preemption) when `kind` is injected at `step`."""
+        if kind not in KILL_KINDS:
+            raise ValueError(f"not a kill fault: {kind!r} (have: {', '.join(KILL_KINDS)})")
+        if self.at(kind, step):
             sys.stdout.flush()
             sys.stderr.flush()
             os.kill(os.getpid(), signal.SIGKILL)

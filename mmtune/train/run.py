@@ -64,6 +64,7 @@ from mmtune.train.guards import (
     free_accelerator_memory,
     oom_message,
 )
+from mmtune.train.handshake import Processes, save_together
 from mmtune.train.metrics import BatchTrace, MetricsLogger, plot_loss_curve
 from mmtune.train.optim import build_optimizer, build_scheduler, resolve_mixed_precision
 from mmtune.train.param_groups import describe_groups, norm_parameter_names
@@ -372,7 +373,7 @@ class _Recipe:
         if self.main:
             self.out.mkdir(parents=True, exist_ok=True)
             for stale in ckpt.remove_stale_temps(self.out):
-                print(f"mmtune train: removed the unfinished checkpoint {stale} of an interrupted save", file=sys.stderr)
+                print(f"mmtune train: removed {stale}, left unfinished by an interrupted save", file=sys.stderr)
             runs.write_run_config(self.cfg, self.out)
         self.acc.wait_for_everyone()
 
@@ -822,69 +823,45 @@ class _Recipe:
             return None
 
     def _save_best(self, loss: float) -> None:
-        """DIR/best: the model (and run config) of the lowest validation loss so far, replaced atomically."""
-        from mmtune.fileio import atomic_dir, write_json_atomic
-        from mmtune.model.io import save_model
+        """DIR/best: the model (and run config) of the lowest validation loss so far, replaced atomically.
 
-        self.acc.wait_for_everyone()
-        if self.fsdp:
-            self._save_best_sharded(loss)
-        elif self.main:
-            final = self.out / runs.BEST_DIR
-            with atomic_dir(final) as tmp:
-                with _quiet_hf_progress():
-                    save_model(self.bundle, tmp)
-                runs.write_run_config(self.cfg, tmp)
-                write_json_atomic({"step": self.step, "eval_loss": loss}, tmp / runs.BEST_FILE)
-            log.info("step %d: best validation loss so far (%.4f), model saved to %s", self.step, loss, final)
-        self.acc.wait_for_everyone()
-
-    def _save_best_sharded(self, loss: float) -> None:
-        """FSDP: DIR/best as a sharded model folder, written like a checkpoint (temp folder, then rename).
-
-        Each process writes its own shard (`save_sharded` without the optimizer), as checkpoints do,
-        rather than gathering the full state dict onto rank 0: that would need the whole model in
-        rank 0's memory, which is what FSDP avoids. `load_model` reads the folder like a sharded
-        checkpoint, so `mmtune export/generate/eval` take DIR/best as is and `mmtune consolidate
-        DIR/best` turns it into plain safetensors.
+        Written like a checkpoint (`save_together`): into DIR/.tmp-best, renamed into place with the
+        previous best/ waiting in DIR/.old-best, so a crash mid-save leaves the previous best/ whole and
+        the next run clears (or puts back) what it left. Under FSDP each process writes its own shard
+        (`save_sharded` without the optimizer), as checkpoints do, rather than gathering the full state
+        dict onto rank 0: that would need the whole model in rank 0's memory, which is what FSDP avoids.
+        `load_model` reads that folder like a sharded checkpoint, so `mmtune export/generate/eval` take
+        DIR/best as is and `mmtune consolidate DIR/best` turns it into plain safetensors.
         """
-        from accelerate.utils import broadcast_object_list
-
-        from mmtune.fileio import replace_dir, temp_sibling, write_json_atomic
+        from mmtune.fileio import replace_dir, write_json_atomic
         from mmtune.model.io import save_model
 
-        final = self.out / runs.BEST_DIR
-        slot = [None]
+        step, final = self.step, self.out / runs.BEST_DIR
+
+        def each(tmp: Path) -> None:
+            if self.fsdp:
+                save_sharded(tmp, self.model)
+
+        def once(tmp: Path) -> None:
+            with _quiet_hf_progress():
+                save_model(self.bundle, tmp, sharded=self.fsdp)
+            self.faults.maybe_kill("kill_during_best_save", step)
+            runs.write_run_config(self.cfg, tmp)
+            write_json_atomic({"step": step, "eval_loss": loss}, tmp / runs.BEST_FILE)
+
+        save_together(runs.temp_best_path(self.out), final, self._processes(), write_each=each, write_main=once,
+                      commit=lambda tmp: replace_dir(tmp, final, aside=runs.old_best_path(self.out)))
         if self.main:
-            tmp = temp_sibling(final)  # named by rank 0's pid: every process must write into the same one
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-            slot = [str(tmp)]
-        tmp = Path(broadcast_object_list(slot, from_process=0)[0])
-        try:
-            save_sharded(tmp, self.model)
-            ok = torch.tensor([1.0], device=self.acc.device)
-        except Exception:
-            ok = torch.tensor([0.0], device=self.acc.device)
-            log.exception("step %d: could not write this process's shard of %s", self.step, final)
-        written = bool(self.acc.reduce(ok, reduction="sum").item() == self.world)
-        if self.main:
-            if not written:
-                shutil.rmtree(tmp, ignore_errors=True)
-                raise MMTuneError(f"step {self.step}: a process failed to write its shard of {final}; see train.log "
-                                  f"(the previous {final} is unchanged)")
-            try:
-                with _quiet_hf_progress():
-                    save_model(self.bundle, tmp, sharded=True)
-                runs.write_run_config(self.cfg, tmp)
-                write_json_atomic({"step": self.step, "eval_loss": loss}, tmp / runs.BEST_FILE)
-                replace_dir(tmp, final)
-            except BaseException:
-                shutil.rmtree(tmp, ignore_errors=True)
-                raise
-            log.info("step %d: best validation loss so far (%.4f), sharded model saved to %s", self.step, loss, final)
-        elif not written:
-            raise MMTuneError(f"step {self.step}: a process failed to write its shard of {final}; see train.log")
+            log.info("step %d: best validation loss so far (%.4f), %smodel saved to %s", step, loss,
+                     "sharded " if self.fsdp else "", final)
+
+    def _processes(self) -> Processes:
+        """This run's processes for `save_together`: accelerate's barrier, and a sum of one flag each."""
+        def all_true(flag: bool) -> bool:
+            total = self.acc.reduce(torch.tensor([float(flag)], device=self.acc.device), reduction="sum")
+            return int(total.item()) == self.world
+
+        return Processes(main=self.main, wait=self.acc.wait_for_everyone, all_true=all_true)
 
     # ------------------------------------------------------------ checkpoints
     def _last_good(self) -> str:
@@ -892,33 +869,31 @@ class _Recipe:
         return str(latest) if latest is not None else "none (no checkpoint was saved yet)"
 
     def _save(self, data_state: dict[str, Any] | None = None, rng_state: dict[str, Any] | None = None) -> Path:
-        """Write DIR/checkpoint-STEP atomically: temp folder, every file, state file, rename."""
+        """Write DIR/checkpoint-STEP atomically (`save_together`): temp folder, every file, state file, rename."""
         from accelerate.utils import gather_object
 
         from mmtune.model.io import save_model
 
         step = self.step
-        self.acc.wait_for_everyone()
-        if self.main:
-            ckpt.begin_checkpoint(self.out, step)
-        self.acc.wait_for_everyone()
-        tmp = runs.temp_checkpoint_path(self.out, step)
-        ckpt.save_state_file(rng_state or ckpt.capture_rng_state(), tmp / runs.rng_file(self.rank))
+        final = runs.checkpoint_path(self.out, step)
         data_states = gather_object([data_state or self.batcher.state_dict()])
         skips = gather_object([dict(self.batcher.stream.skip_counts)])
-        if self.fsdp:  # every process writes its own shard of weights + optimizer state
-            save_sharded(tmp, self.model, self.optimizer)
-        if self.main:
+
+        def each(tmp: Path) -> None:
+            ckpt.save_state_file(rng_state or ckpt.capture_rng_state(), tmp / runs.rng_file(self.rank))
+            if self.fsdp:  # every process writes its own shard of weights + optimizer state
+                save_sharded(tmp, self.model, self.optimizer)
+
+        def once(tmp: Path) -> None:
             with _quiet_hf_progress():
                 save_model(self.bundle, tmp, sharded=self.fsdp)
-            self.faults.maybe_kill_during_save(step)
+            self.faults.maybe_kill("kill_during_save", step)
             if not self.fsdp:  # under FSDP the optimizer state is in sharded/
                 ckpt.save_state_file(self.optimizer.state_dict(), tmp / runs.OPTIMIZER_FILE)
             ckpt.save_state_file(self.scheduler.state_dict(), tmp / runs.SCHEDULER_FILE)
             runs.write_run_config(self.cfg, tmp)
-        self.acc.wait_for_everyone()
-        final = runs.checkpoint_path(self.out, step)
-        if self.main:
+
+        def commit(tmp: Path) -> None:
             total: dict[str, int] = {}
             for counts in skips:
                 for kind, n in counts.items():
@@ -930,10 +905,13 @@ class _Recipe:
                 "sharded": self.fsdp,
             }
             ckpt.commit_checkpoint(self.out, step, state)
+
+        save_together(runs.temp_checkpoint_path(self.out, step), final, self._processes(), write_each=each,
+                      write_main=once, commit=commit)
+        if self.main:
             for old in ckpt.rotate_checkpoints(self.out, self.tc.save_total_limit):
                 log.info("removed old checkpoint %s (save_total_limit=%d)", old, self.tc.save_total_limit)
             log.info("saved %s", final)
-        self.acc.wait_for_everyone()
         self.last_saved_step = step
         self.last_checkpoint = final
         return final
