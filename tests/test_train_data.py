@@ -77,6 +77,36 @@ def test_validation_loss_logged_plotted_and_best_kept(tmp_path):
     assert [r["loss"] for r in train_rows(out)] == pytest.approx([r["loss"] for r in train_rows(plain)], abs=1e-7)
 
 
+def test_kill_during_best_save_keeps_previous_best_and_the_next_run_clears_the_temp(tmp_path):
+    """SIGKILL half way through writing best/ (step 4's new best): best/ is still step 2's, whole and loadable;
+    resuming removes DIR/.tmp-best and writes step 4's best/ again."""
+    import subprocess
+    import sys
+
+    from mmtune.model.io import load_model
+
+    def same_weights(x, y):
+        a, b = load_model(x).model.state_dict(), load_model(y).model.state_dict()
+        return set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+
+    out = tmp_path / "run"
+    args = llm_args(out, "--max-steps", "4", f"data.eval=[{TEXT}]", "train.eval_every=2", "train.eval_samples=5",
+                    "train.save_best=true", "train.save_every=2", "train.lr=3e-3")
+    proc = subprocess.run([sys.executable, "-m", "mmtune.cli", *args], check=False, cwd=REPO, capture_output=True,
+                          text=True, timeout=300, env={**os.environ, "MMTUNE_FAULT_INJECT": "kill_during_best_save@4",
+                                                       "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == -9, proc.stderr[-2000:]
+    half = out / ".tmp-best"
+    assert (half / "model_config.yaml").is_file() and not (half / "best.json").exists()  # killed mid-save
+    assert json.loads((out / "best" / "best.json").read_text())["step"] == 2
+    assert same_weights(out / "best", out / "checkpoint-2")
+    assert main([*args, "--resume-from", "latest"]) == 0  # from checkpoint-2: step 4 validates and saves again
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".")]
+    [row] = [r for r in eval_rows(out) if r["step"] == 4]
+    assert json.loads((out / "best" / "best.json").read_text()) == {"step": 4, "eval_loss": row["eval_loss"]}
+    assert same_weights(out / "best", out / "checkpoint-4")
+
+
 def test_validation_equal_steps_pads_without_counting():
     """The FSDP path: every process runs the same number of forwards; the repeats add nothing."""
     from helpers import build_tiny

@@ -14,6 +14,8 @@ Runs the tiny MLLM through `mmtune train` three times under two processes:
    sharded checkpoint: steps 3-4 must have run 1's losses and record ids. It
    validates on 1 record (rank 1 holds none).
 3. `torchrun`, LoRA under FSDP (frozen base sharded, adapter trained), 4 steps.
+4. `torchrun`, 2 steps, rank 0 SIGKILLed while writing step 2's `best/`
+   (`MMTUNE_FAULT_INJECT=kill_during_best_save@2`): step 1's `best/` stays whole.
 
 The reference is a single process replaying the same global batches (both
 ranks' batches of each step, as traced by `MMTUNE_TRACE_BATCHES`) on the same
@@ -263,6 +265,32 @@ def test_fsdp_validation_loss_equals_one_process_and_best_is_a_sharded_model(fsd
     assert (out / "lm" / "model.safetensors").is_file() and not is_sharded(out)
     c = load_model(out).model.state_dict()
     assert all(torch.equal(a[k], c[k]) for k in a)
+
+
+def test_fsdp_kill_during_best_save_keeps_previous_best_whole(tmp_path):
+    """Rank 0 SIGKILLed half way through writing step 2's sharded best/ (its shard and model files written,
+    best.json not): the run stops without a hang, best/ is still step 1's, whole and loadable, and
+    what the next run clears first (`remove_stale_temps`) removes the half-written DIR/.tmp-best."""
+    data, out = _alternating(tmp_path), tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MMTUNE_FAULT_INJECT": "kill_during_best_save@2"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "mmtune.cli",
+           "train", str(CONFIG), "--output-dir", str(out), "--max-steps", "2", "train.distributed=fsdp",
+           *_overrides(data), f"data.eval=[{data}]", "train.eval_every=1", "train.eval_samples=4",
+           "train.save_best=true", "train.save_every=0", "train.lr=3e-3"]
+    try:
+        proc = subprocess.run(cmd, check=False, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    except subprocess.TimeoutExpired as exc:
+        pytest.fail(f"rank 1 hung after rank 0 was killed mid-save: {str(exc.stderr)[-2000:]}")
+    assert proc.returncode != 0, proc.stderr[-2000:]
+    half = out / runs.TMP_BEST
+    assert (half / "sharded" / "__1_0.distcp").is_file() and not (half / runs.BEST_FILE).exists(), proc.stderr[-2000:]
+    assert json.loads((out / "best" / runs.BEST_FILE).read_text())["step"] == 1
+    assert sorted(p.name for p in (out / "best" / "sharded").iterdir()) == [".metadata", "__0_0.distcp",
+                                                                            "__1_0.distcp"]
+    [row] = [r for r in _eval_rows(out) if r["step"] == 1]  # whole: it still gives step 1's validation loss
+    assert _one_process_eval(out / "best", data).loss == pytest.approx(row["eval_loss"], abs=1e-4, rel=0)
+    assert ckpt.remove_stale_temps(out) == [half]
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".")]
 
 
 # --------------------------------------------------------------------------- #
