@@ -373,7 +373,7 @@ class _Recipe:
         if self.main:
             self.out.mkdir(parents=True, exist_ok=True)
             for stale in ckpt.remove_stale_temps(self.out):
-                print(f"mmtune train: removed {stale}, left unfinished by an interrupted save", file=sys.stderr)
+                print(f"mmtune train: removed {stale}, left by an interrupted save", file=sys.stderr)
             runs.write_run_config(self.cfg, self.out)
         self.acc.wait_for_everyone()
 
