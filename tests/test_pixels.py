@@ -181,6 +181,30 @@ def test_open_clip_pad_transform_is_fused_and_equals_pad_then_transform():
     tower = build_vision_tower(VisionConfig(config=VIT_336))
     fused = tower.image_transform(True, normalize=False)
     assert isinstance(fused, RawPixels) and isinstance(fused.steps.transforms[0], PadResize)
+    # the CenterCrop after it would only copy the square PadResize made
+    assert [type(t).__name__ for t in fused.steps.transforms] == ["PadResize", "MaybeConvertMode"]
     plain = PadToSquare(RawPixels(tower._split_transform()[0]), tower.image_mean)
     for img in _images():
         assert torch.equal(fused(img), plain(img))
+
+
+def test_loader_batches_stack_uint8_images_channels_last_and_the_tower_gets_the_same_floats():
+    from mmtune.data.batching import Batcher
+
+    torch.manual_seed(0)
+    bundle, cfg = build_tiny("tiny_mllm")
+    stream = ExampleStream(cfg.data.train, bundle.tokenizer, "vicuna_v1", max_length=256,
+                           num_image_tokens=bundle.num_image_tokens, image_transform=bundle.pixel_transform,
+                           image_root=str(TRAIN_FIX), shuffle_buffer=4, seed=3, epochs=1)
+    batch = next(b for b in Batcher(stream, batch_size=8, pad_token_id=bundle.tokenizer.pad_token_id,
+                                    group_by_length=False) if "pixel_values" in b)
+    pixels = batch["pixel_values"]
+    # stacked as the HWC bytes PIL gave (no per-image transpose), the same values as a plain stack
+    assert pixels.dtype == torch.uint8 and pixels.is_contiguous(memory_format=torch.channels_last)
+    assert not pixels.is_contiguous()
+    plain = pixels.contiguous()
+    tower = bundle.model.vision.eval()
+    normed = tower.pixel_norm(pixels)
+    assert normed.is_contiguous() and torch.equal(normed, tower.pixel_norm(plain))
+    with torch.no_grad():
+        assert torch.equal(tower(pixels), tower(plain))

@@ -29,7 +29,7 @@ also in packed batches, for token counts and padding share), `labels`,
 `position_ids` when packed, and `ids` / `num_images` (per example, reading order).
 Images arrive as the stream's transform made them (uint8 pixels from a tower
 with a pixel_norm, which normalises them on the device) and are stacked as
-they are. `pin_memory=True` (CUDA runs) returns the batch's tensors in
+they are (`collate.stack_images`: channels-last when they are HWC views). `pin_memory=True` (CUDA runs) returns the batch's tensors in
 page-locked memory, so the trainer's `.to(device, non_blocking=True)` is an
 asynchronous copy.
 
@@ -50,7 +50,7 @@ from typing import Any
 import torch
 
 from mmtune.config import DataConfig
-from mmtune.data.collate import collate_examples, pad_sequences
+from mmtune.data.collate import collate_examples, pad_sequences, stack_images
 from mmtune.data.encode import IGNORE_INDEX, TokenizedExample
 from mmtune.errors import MMTuneError
 
@@ -133,7 +133,7 @@ def collate_packed(
     if len(pixel_values or ()) != n_images:
         raise ValueError(f"batch has {n_images} image runs but {len(pixel_values or ())} images")
     if n_images:
-        batch["pixel_values"] = torch.stack(list(pixel_values or ()))
+        batch["pixel_values"] = stack_images(pixel_values or ())
     return batch
 
 

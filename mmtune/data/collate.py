@@ -5,6 +5,14 @@ and, when any example has images, `pixel_values` ([N_images, 3, H, W], the
 images of the batch in reading order: row by row, left to right). Rows are
 right-padded for training and left-padded for generation, so new tokens line
 up at the end of every row.
+
+`stack_images` stacks a batch's images. uint8 images from a tower's loader
+transform are [3, H, W] views of PIL's HWC bytes; they are stacked as those
+bytes, so `pixel_values` is then channels-last in memory ([N, 3, H, W] with
+strides of [N, H, W, 3]): the same values, without the per-image transpose
+that made the stack the main process's costliest step after decoding
+(scripts/bench_loader.py). The tower's `PixelNorm` turns them into a
+contiguous float tensor on the device, so the model sees what it did before.
 """
 
 from __future__ import annotations
@@ -40,6 +48,15 @@ def pad_sequences(
     return out
 
 
+def stack_images(images: Sequence[torch.Tensor]) -> torch.Tensor:
+    """`torch.stack(images)`, equal in values; [3, H, W] views of HWC memory are stacked as HWC (channels-last)."""
+    images = list(images)
+    hwc = [t.permute(1, 2, 0) for t in images]
+    if images and all(t.ndim == 3 and h.is_contiguous() and not t.is_contiguous() for t, h in zip(images, hwc, strict=True)):
+        return torch.stack(hwc).permute(0, 3, 1, 2)  # [N, H, W, 3] memory -> [N, 3, H, W] view, no transpose
+    return torch.stack(images)
+
+
 def collate_examples(
     examples: Sequence[TokenizedExample],
     pad_token_id: int,
@@ -64,7 +81,7 @@ def collate_examples(
     if n_images:
         if pixel_values is None:
             raise ValueError(f"batch has {n_images} image runs but no pixel_values")
-        batch["pixel_values"] = torch.stack(list(pixel_values))
+        batch["pixel_values"] = stack_images(pixel_values)
     return batch
 
 

@@ -227,7 +227,8 @@ class PixelNorm:
     def __call__(self, pixels: torch.Tensor) -> torch.Tensor:
         if pixels.dtype != torch.uint8 or pixels.ndim < 3 or pixels.shape[-3] != 3:
             raise MMTuneError(f"expected uint8 pixels [..., 3, H, W], got {pixels.dtype} {tuple(pixels.shape)}")
-        x = pixels.to(torch.float32)
+        # contiguous: a loader batch is channels-last uint8 (collate.stack_images); the model gets NCHW floats
+        x = pixels.to(torch.float32, memory_format=torch.contiguous_format)
         if self.rescale_factor is None:
             scale, mean, std = self._constants(pixels.device)
             return x.div(scale).sub(mean).div(std)
@@ -285,17 +286,25 @@ class PadResize:
 def fuse_pad_resize(steps: Any, mean: tuple[float, ...]) -> Any | None:
     """torchvision PIL steps starting with a `Resize` that makes a square image size x size, preceded by
     pad-to-square, as one `PadResize` + the remaining steps; None when the first step is not such a Resize."""
-    from torchvision.transforms import Compose, Resize
+    from torchvision.transforms import CenterCrop, Compose, Resize
     from torchvision.transforms.functional import pil_modes_mapping
 
     first = steps.transforms[0] if isinstance(steps, Compose) and steps.transforms else None
     if not isinstance(first, Resize) or first.max_size is not None or first.interpolation not in pil_modes_mapping:
         return None
-    size = [first.size] if isinstance(first.size, int) else list(first.size)
-    if len(size) not in (1, 2) or len(set(size)) != 1:
+    side = _square(first.size)
+    if side is None:
         return None
-    step = PadResize(background_from_mean(mean), int(size[0]), pil_modes_mapping[first.interpolation])
-    return Compose([step, *steps.transforms[1:]])
+    step = PadResize(background_from_mean(mean), side, pil_modes_mapping[first.interpolation])
+    # PadResize makes a side x side image, so a CenterCrop to that size after it would only copy it
+    rest = [t for t in steps.transforms[1:] if not (isinstance(t, CenterCrop) and _square(t.size) == side)]
+    return Compose([step, *rest])
+
+
+def _square(size: Any) -> int | None:
+    """The side of a torchvision size (int, [s] or [s, s]) that is a square; None otherwise."""
+    sides = [size] if isinstance(size, int) else list(size)
+    return int(sides[0]) if len(sides) in (1, 2) and len(set(sides)) == 1 else None
 
 
 def _with_padding(base: ImageTransform, pad_to_square: bool, mean: tuple[float, ...]) -> ImageTransform:
