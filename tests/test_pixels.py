@@ -142,6 +142,13 @@ def test_normalising_on_cuda_gives_the_cpu_bits():
     cpu = tower.pixel_norm(pixels)
     gpu_norm = copy.deepcopy(tower.pixel_norm)
     assert torch.equal(gpu_norm(pixels.cuda()).cpu(), cpu)
+    # a loader batch: channels-last uint8, pinned, copied asynchronously, as the trainer does
+    from mmtune.data.collate import stack_images
+
+    loader = stack_images([raw(i) for i in _images()]).pin_memory()
+    assert loader.is_pinned() and loader.is_contiguous(memory_format=torch.channels_last)
+    on_gpu = gpu_norm(loader.to("cuda", non_blocking=True))
+    assert on_gpu.is_contiguous() and torch.equal(on_gpu.cpu(), cpu)
     every = torch.arange(256, dtype=torch.uint8).view(1, 1, 1, 256).expand(1, 3, 1, 256).contiguous()
     assert torch.equal(gpu_norm(every.cuda()).cpu(), tower.pixel_norm(every))
 
