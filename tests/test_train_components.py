@@ -16,13 +16,13 @@ import torch
 from mmtune.config import DataConfig, TrainConfig
 from mmtune.errors import MMTuneError
 from mmtune.train import checkpoint as ckpt
+from mmtune.train.guards import FaultInjector, StopSignal, describe_batch, oom_message
 from mmtune.train.metrics import (
     BatchTrace,
     MetricsLogger,
     plot_loss_curve,
     read_metrics,
 )
-from mmtune.train.guards import FaultInjector, StopSignal, describe_batch, oom_message
 from mmtune.train.optim import build_optimizer, build_scheduler, resolve_mixed_precision
 
 
@@ -108,7 +108,7 @@ def test_save_together_in_one_process_replaces_only_on_success(tmp_path):
     from mmtune.train.handshake import ONE_PROCESS, save_together
 
     tmp, final = tmp_path / ".tmp-x", tmp_path / "x"
-    commit = lambda t: replace_dir(t, final)  # noqa: E731
+    commit = lambda t: replace_dir(t, final)
     save_together(tmp, final, ONE_PROCESS, write_each=_write("a", "1"), write_main=_write("b", "1"), commit=commit)
     assert sorted(p.name for p in final.iterdir()) == ["a", "b"] and not tmp.exists()
     tmp.mkdir()  # a stale temp folder of a crashed save is emptied first
@@ -152,7 +152,7 @@ def test_save_together_across_processes_every_process_raises_and_nothing_is_comm
             com = _fail if fail_commit else (lambda t: replace_dir(t, final))
             try:
                 save_together(tmp, final, group(rank), write_each=each, write_main=_write("a", "new"), commit=com)
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001 - each thread (rank) keeps what it raised, checked below
                 results[rank] = exc
         threads = [threading.Thread(target=worker, args=(r,)) for r in (0, 1)]
         for t in threads:
