@@ -1,5 +1,6 @@
 """FSDP2 on two CPU processes (gloo): same losses as one process, exact resume from a sharded checkpoint,
-consolidation to safetensors, the mixed text/image guarantee, validation / save_best and LoRA.
+consolidation to safetensors, the mixed text/image guarantee, validation / save_best, LoRA, and a stop
+on SIGTERM and a SIGKILL mid-save of best/.
 
 Runs the tiny MLLM through `mmtune train` three times under two processes:
 
@@ -13,7 +14,9 @@ Runs the tiny MLLM through `mmtune train` three times under two processes:
 2. `torchrun` with `train.distributed=fsdp`, resumed from run 1's step-2
    sharded checkpoint: steps 3-4 must have run 1's losses and record ids. It
    validates on 1 record (rank 1 holds none).
-3. `torchrun`, LoRA under FSDP (frozen base sharded, adapter trained), 4 steps.
+3. `torchrun`, LoRA under FSDP (frozen base sharded, adapter trained), 4 steps asked, rank 1
+   alone sent SIGTERM after step 3 (`MMTUNE_FAULT_INJECT=sigterm@3:1`): both processes save
+   step 3's sharded checkpoint and exit 143.
 4. `torchrun`, 2 steps, rank 0 SIGKILLed while writing step 2's `best/`
    (`MMTUNE_FAULT_INJECT=kill_during_best_save@2`): step 1's `best/` stays whole.
 
@@ -89,13 +92,17 @@ def _eval_rows(out: Path) -> list[dict]:
     return [r for r in read_metrics(out / "metrics.jsonl") if "eval_loss" in r]
 
 
-def _run(cmd: list[str]) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MMTUNE_TRACE_BATCHES": "1"}
+def _run(cmd: list[str], fault: str = "") -> subprocess.CompletedProcess:
+    """Run `cmd`; it must succeed, or with a `sigterm` fault, stop with exit code 143 (torchrun reports it)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MMTUNE_TRACE_BATCHES": "1", "MMTUNE_FAULT_INJECT": fault}
     try:
         proc = subprocess.run(cmd, check=False, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     except subprocess.TimeoutExpired as exc:  # a hang is one of the failures this test exists for
         pytest.fail(f"2-process FSDP training did not finish (hang?): {str(exc.stderr)[-2000:]}")
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    if fault.startswith("sigterm"):
+        assert proc.returncode != 0 and "exitcode  : 143" in proc.stderr, proc.stderr[-4000:]
+    else:
+        assert proc.returncode == 0, proc.stderr[-4000:]
     return proc
 
 
@@ -172,7 +179,8 @@ def _reference(data: Path, first: Path, extra: tuple[str, ...] = ()) -> tuple[li
     if cfg.train.lora.enabled:  # as the trainer does: LoRA right after building, same RNG draws
         apply_lora(bundle.model, cfg.train.lora)
     opt, sched = _recipe(bundle.model, cfg)
-    return _replay(bundle, cfg, opt, sched, data, first, range(STEPS)), bundle
+    traced = len(_rows(first / "batches.jsonl"))  # every step the run took (fewer when it was stopped)
+    return _replay(bundle, cfg, opt, sched, data, first, range(traced)), bundle
 
 
 def _recipe(model: torch.nn.Module, cfg: RunConfig) -> tuple[Any, Any]:
@@ -298,6 +306,7 @@ def test_fsdp_kill_during_best_save_keeps_previous_best_whole(tmp_path):
 # --------------------------------------------------------------------------- #
 
 LORA = ("train.lora.enabled=true", "train.lora.dropout=0")  # no dropout: the replay draws no random numbers
+STOP = 3  # the LoRA run is also the stop-on-request run: SIGTERM to rank 1 alone after this step
 
 
 @pytest.fixture(scope="module")
@@ -306,18 +315,32 @@ def fsdp_lora_run(tmp_path_factory):
     data, out = _alternating(tmp), tmp / "run"
     proc = _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                  "-m", "mmtune.cli", "train", str(CONFIG), "--output-dir", str(out), "--max-steps", str(STEPS),
-                 "train.distributed=fsdp", *_overrides(data), *LORA])
+                 "train.distributed=fsdp", *_overrides(data), *LORA], fault=f"sigterm@{STOP}:1")
     return data, out, proc.stdout
+
+
+def test_fsdp_sigterm_to_one_process_stops_both_after_a_sharded_save(fsdp_lora_run):
+    """SIGTERM to rank 1 alone: both processes finish the step, write its sharded checkpoint together
+    and exit 143 (the stop request is reduced across processes with the step's loss); the next test
+    checks that checkpoint's weights against a one-process replay."""
+    _, out, _ = fsdp_lora_run
+    assert [s for s, _ in ckpt.list_checkpoints(out)] == [2, STOP]
+    state = ckpt.read_trainer_state(out / f"checkpoint-{STOP}")
+    assert state["sharded"] is True and state["step"] == STOP and state["world_size"] == 2
+    steps = [[r["step"] for r in _rows(out / name)] for name in ("batches.jsonl", "batches-rank1.jsonl")]
+    assert steps == [list(range(1, STOP + 1))] * 2 and [r["step"] for r in _train_rows(out)] == steps[0]
+    assert not list(out.glob(".tmp-*"))
 
 
 def test_fsdp_lora_losses_match_one_process_and_consolidate_like_an_unsharded_lora_run(fsdp_lora_run, tmp_path):
     data, out, stdout = fsdp_lora_run
     assert "LoRA" in stdout and "2 process(es) (FSDP2:" in stdout
     ref_losses, ref = _reference(data, out, LORA)
+    assert len(ref_losses) == STOP
     assert [r["loss"] for r in _train_rows(out)] == pytest.approx(ref_losses, abs=1e-4, rel=0)
-    ckpt4 = out / "checkpoint-4"
-    assert is_sharded(ckpt4) and (ckpt4 / "adapter" / "adapter_config.json").is_file()
-    assert not (ckpt4 / "adapter" / "adapter_model.safetensors").exists()  # the adapter's weights are shards
+    last = out / f"checkpoint-{STOP}"  # written on the stop request
+    assert is_sharded(last) and (last / "adapter" / "adapter_config.json").is_file()
+    assert not (last / "adapter" / "adapter_model.safetensors").exists()  # the adapter's weights are shards
     # consolidated = what an unsharded LoRA run stores (save_model of the same model in one process)
     merged = tmp_path / "consolidated"
     assert main(["consolidate", str(out), "--out", str(merged)]) == 0
@@ -338,11 +361,11 @@ def test_fsdp_lora_losses_match_one_process_and_consolidate_like_an_unsharded_lo
         worst = max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
         assert worst < 1e-4, (name, worst)
     # export merges the adapter, as for any LoRA checkpoint: the sharded one is read as is
-    assert load_model(ckpt4).model.has_lora
+    assert load_model(last).model.has_lora
 
 
 def test_fsdp_lora_sharded_checkpoint_resumes_exactly(fsdp_lora_run):
-    """checkpoint-2's shards (adapter + AdamW moments) and schedule continue to step 4's losses.
+    """checkpoint-2's shards (adapter + AdamW moments) and schedule continue to step 3's loss.
 
     The same calls the trainer's FSDP resume makes (`load_model` rebuilding the adapter from
     adapter_config.json, `set_trainable`, `load_sharded`), in one process (DCP reads any
@@ -355,5 +378,5 @@ def test_fsdp_lora_sharded_checkpoint_resumes_exactly(fsdp_lora_run):
     opt, sched = _recipe(bundle.model, cfg)
     load_sharded(out / "checkpoint-2", bundle.model, opt)
     sched.load_state_dict(ckpt.load_state_file(out / "checkpoint-2" / runs.SCHEDULER_FILE))
-    losses = _replay(bundle, cfg, opt, sched, data, out, range(2, STEPS))
+    losses = _replay(bundle, cfg, opt, sched, data, out, range(2, STOP))
     assert losses == pytest.approx([r["loss"] for r in _train_rows(out)][2:], abs=1e-4, rel=0)
