@@ -12,9 +12,10 @@ from mmtune.demo import INSTRUCT_PROJECTOR_LR
 pytestmark = pytest.mark.slow
 
 
-def test_short_demo_writes_a_complete_report(tmp_path: Path) -> None:
-    out = tmp_path / "demo"
-    assert main(["demo", "--out", str(out), "--minutes", "0.3", "--no-progress"]) == 0
+def test_short_demo_writes_a_complete_report(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)  # a relative --out, as in README's `mmtune demo --out runs/demo`
+    out = tmp_path / "runs" / "demo"
+    assert main(["demo", "--out", "runs/demo", "--minutes", "0.3", "--no-progress"]) == 0
     report = json.loads((out / "report.json").read_text())
     assert report["pool"]["records"] > 0 and len(report["pool"]["tasks"]) == 12
     assert report["selection"]["method"] == "qdit"

@@ -176,9 +176,11 @@ def make_pool(
 
     `phrasings` restricts which phrasing indices are used (None = all);
     `system`, when given, opens every record with that system turn.
-    Deterministic for a seed.
+    Deterministic for a seed. Image paths are absolute: a relative one would
+    mean one file in memory (relative to the current directory) and another
+    once the records are written to a JSONL file (relative to that file).
     """
-    out = Path(out_dir)
+    out = Path(out_dir).resolve()
     img_dir = out / "images"
     img_dir.mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed)
