@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from conftest import SHARED_DATA
 from PIL import Image
 
 import mmtune.data.stream as stream_mod
@@ -265,3 +266,26 @@ def test_worker_images_travel_as_arrays_and_come_back_equal(data: dict[str, Any]
     assert stream_mod._Pixels.unwrap(stream_mod._Pixels.wrap(cases[0])).stride() == cases[0].stride()
     images = [img for _, imgs in make_stream(data, data["shards"], epochs=1, num_workers=1) for img in imgs]
     assert len(images) >= 6 and not any(img.is_shared() for img in images)
+
+
+@pytest.mark.skipif(not SHARED_DATA.is_dir(), reason="needs ../shared/data (the real JPEGs the loader benchmark reads)")
+def test_loader_benchmark_runs_shrunk_and_prints_every_row(capsys):
+    """scripts/bench_loader.py at a tiny budget: every limit and pipeline row, with its ratios, is printed."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "bench_loader.py"
+    spec = importlib.util.spec_from_file_location("bench_loader", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    threads = torch.get_num_threads()
+    try:
+        assert script.main(["--records", "16", "--batch-size", "8", "--workers", "1", "--rounds", "1", "--reps", "1",
+                            "--images", str(SHARED_DATA)]) == 0
+    finally:
+        torch.set_num_threads(threads)  # the script pins one thread
+    out = capsys.readouterr().out
+    for row in ("PIL decode+resize, full decode", "PIL decode+expand2square+resize (LLaVA's), full decode",
+                "decode + tower transform (pad, resize, uint8), full decode", "0 worker(s), uint8, full",
+                "1 worker(s), uint8, draft", "0 worker(s), float on CPU, full"):
+        assert row in out, row
+    assert "% LLaVA" in out and "JPEG draft:" in out
