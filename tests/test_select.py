@@ -149,6 +149,16 @@ def test_cli_every_method_image_text(method, mm_pool, text_model, image_model, t
     assert all(r.images == [f"img{r.id.split('-')[1]}.png"] for r in subset if r.id.startswith("mm-"))
 
 
+def test_cli_image_model_from_a_local_open_clip_folder(mm_pool, text_model, tmp_path):
+    """`--image-model local-dir:PATH` (README's pipeline): the demo's shipped open_clip tower, no download."""
+    from mmtune.demo import DEMO_BASES
+
+    out = tmp_path / "subset.jsonl"
+    assert run_cli(mm_pool, "--method", "qdit", "--k", "8", "--out", out, "--text-model", text_model,
+                   "--image-model", f"local-dir:{DEMO_BASES / 'clip'}") == 0
+    assert len(read_records(out)) == 8
+
+
 @pytest.mark.parametrize("method", list(METHOD_ARGS))
 def test_api_every_method_both_modes(method, text_model, image_model, tmp_path):
     from mmtune.select.embed import ImageEncoder
