@@ -131,6 +131,15 @@ def replace_dir(tmp: str | os.PathLike[str], out: str | os.PathLike[str], *, asi
         shutil.rmtree(old, ignore_errors=True)
 
 
+def fresh_dir(path: str | os.PathLike[str]) -> Path:
+    """`path` as a new, empty folder: what a crashed earlier write left there is removed first."""
+    path = Path(path)
+    if path.exists():
+        shutil.rmtree(path)
+    path.mkdir(parents=True)
+    return path
+
+
 @contextlib.contextmanager
 def atomic_dir(out: str | os.PathLike[str]) -> Iterator[Path]:
     """A fresh, empty temporary folder beside `out` to fill; it becomes `out` when the block ends without error.
@@ -140,10 +149,7 @@ def atomic_dir(out: str | os.PathLike[str]) -> Iterator[Path]:
     """
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temp_sibling(out)
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
+    tmp = fresh_dir(temp_sibling(out))
     try:
         yield tmp
         replace_dir(tmp, out)

@@ -15,6 +15,7 @@ from mmtune.fileio import (
     atomic_dir,
     atomic_path,
     atomic_text,
+    fresh_dir,
     replace_dir,
     write_bytes_atomic,
     write_json_atomic,
@@ -102,6 +103,14 @@ def test_atomic_dir_failure_keeps_previous_folder_and_success_replaces_it(tmp_pa
         (tmp / "new").write_text("new", encoding="utf-8")
     assert sorted(p.name for p in out.iterdir()) == ["new"]
     assert _leftovers(tmp_path) == []
+
+
+def test_fresh_dir_clears_what_a_crashed_write_left(tmp_path: Path) -> None:
+    stale = tmp_path / "run" / ".tmp-best"
+    (stale / "sharded").mkdir(parents=True)
+    (stale / "sharded" / "__0_0.distcp").write_text("half", encoding="utf-8")
+    assert fresh_dir(stale) == stale and list(stale.iterdir()) == []
+    assert fresh_dir(tmp_path / "new" / "deep").is_dir()
 
 
 def test_replace_dir_named_aside_is_used_and_removed(tmp_path: Path) -> None:

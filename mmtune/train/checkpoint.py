@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from mmtune import runs
-from mmtune.fileio import replace_dir, write_json_atomic
+from mmtune.fileio import fresh_dir, replace_dir, write_json_atomic
 from mmtune.integrity import corruption_message, find_corruption
 
 # The layout and what counts as a complete checkpoint belong to mmtune.runs (the
@@ -53,7 +53,6 @@ __all__ = [
     "CheckpointError", "begin_checkpoint", "capture_rng_state", "commit_checkpoint", "latest_checkpoint",
     "list_checkpoints", "load_state_file", "read_trainer_state", "remove_stale_temps", "resolve_checkpoint",
     "resolve_resume", "restore_rng_state", "rng_file", "rotate_checkpoints", "save_state_file", "step_of",
-    "write_checkpoint",
 ]
 
 # --------------------------------------------------------------------------- #
@@ -103,11 +102,7 @@ def step_of(folder: str | os.PathLike[str]) -> int:
 
 def begin_checkpoint(output_dir: str | os.PathLike[str], step: int) -> Path:
     """Create an empty temp folder for checkpoint `step` (removing a stale one)."""
-    tmp = temp_checkpoint_path(output_dir, step)
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    return tmp
+    return fresh_dir(temp_checkpoint_path(output_dir, step))
 
 
 def _fsync_tree(folder: Path) -> None:
@@ -147,14 +142,6 @@ def commit_checkpoint(output_dir: str | os.PathLike[str], step: int, state: dict
     _fsync_dir(Path(output_dir))
     return final
 
-
-def write_checkpoint(
-    output_dir: str | os.PathLike[str], step: int, write_files: Callable[[Path], None], state: dict[str, Any]
-) -> Path:
-    """Single-process convenience: temp folder, `write_files(tmp)`, state file, rename."""
-    tmp = begin_checkpoint(output_dir, step)
-    write_files(tmp)
-    return commit_checkpoint(output_dir, step, state)
 
 
 def rotate_checkpoints(output_dir: str | os.PathLike[str], keep: int, protect: Path | None = None) -> list[Path]:

@@ -36,6 +36,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from mmtune.fileio import fresh_dir
 from mmtune.runs import CheckpointError
 
 log = logging.getLogger("mmtune.train")
@@ -69,9 +70,7 @@ def save_together(
 ) -> None:
     """Write `final` through the fresh folder `tmp` on every process (see the module docstring)."""
     if procs.main:
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir(parents=True)
+        fresh_dir(tmp)
     procs.wait()
     error = _attempt(write_each, tmp, final, "write its part")
     if procs.main and error is None:
