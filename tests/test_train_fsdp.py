@@ -1,8 +1,8 @@
 """FSDP2 on two CPU processes (gloo): same losses as one process, exact resume from a sharded checkpoint,
-consolidation to safetensors, the mixed text/image guarantee, validation / save_best, LoRA, and a stop
-on SIGTERM and a SIGKILL mid-save of best/.
+consolidation to safetensors, the mixed text/image guarantee, validation / save_best, LoRA, and the faults
+of one process: SIGTERM, SIGKILL mid-save of a checkpoint and of best/, a NaN loss, out of memory.
 
-Runs the tiny MLLM through `mmtune train` three times under two processes:
+Runs the tiny MLLM through `mmtune train` under two processes:
 
 1. `accelerate launch --use_fsdp` (FSDP chosen by the launcher's config, not
    the run config), 4 steps, sharded checkpoints at steps 2 and 4. The data
@@ -19,6 +19,9 @@ Runs the tiny MLLM through `mmtune train` three times under two processes:
    step 3's sharded checkpoint and exit 143.
 4. `torchrun`, 2 steps, rank 0 SIGKILLed while writing step 2's `best/`
    (`MMTUNE_FAULT_INJECT=kill_during_best_save@2`): step 1's `best/` stays whole.
+5. Three `torchrun` runs where one process fails alone: rank 0 SIGKILLed while
+   writing step 2's checkpoint, rank 1's loss NaN at step 3, rank 1 out of
+   memory at step 2. Each must end (no hang) with what README promises.
 
 The reference is a single process replaying the same global batches (both
 ranks' batches of each step, as traced by `MMTUNE_TRACE_BATCHES`) on the same
@@ -299,6 +302,80 @@ def test_fsdp_kill_during_best_save_keeps_previous_best_whole(tmp_path):
     assert _one_process_eval(out / "best", data).loss == pytest.approx(row["eval_loss"], abs=1e-4, rel=0)
     assert ckpt.remove_stale_temps(out) == [half]
     assert not [p.name for p in out.iterdir() if p.name.startswith(".")]
+
+
+# --------------------------------------------------------------------------- #
+# One process fails alone: the other must not wait for it
+# --------------------------------------------------------------------------- #
+
+
+def _failing_run(tmp: Path, fault: str, steps: int) -> tuple[Path, Path, subprocess.CompletedProcess]:
+    """torchrun, FSDP, a checkpoint every step, `fault` injected; the run must fail, and not hang."""
+    data, out = _alternating(tmp), tmp / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MMTUNE_TRACE_BATCHES": "1", "MMTUNE_FAULT_INJECT": fault}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "mmtune.cli",
+           "train", str(CONFIG), "--output-dir", str(out), "--max-steps", str(steps), "train.distributed=fsdp",
+           *_overrides(data), "train.save_every=1"]
+    try:  # a healthy run takes ~20 s; before the fix an OOM on one process waited for the other forever
+        proc = subprocess.run(cmd, check=False, cwd=REPO, env=env, capture_output=True, text=True, timeout=180)
+    except subprocess.TimeoutExpired as exc:
+        pytest.fail(f"{fault}: the run hung instead of stopping: {str(exc.stderr)[-2000:]}")
+    assert proc.returncode != 0, proc.stderr[-2000:]
+    return data, out, proc
+
+
+def _error_lines(stderr: str) -> list[str]:
+    lines = [x for x in stderr.splitlines() if "mmtune train: error:" in x]
+    assert all(x.count("mmtune train: error:") == 1 for x in lines), lines  # one whole line per process
+    return lines
+
+
+def test_fsdp_nan_on_one_process_stops_both_naming_the_last_good_checkpoint(tmp_path):
+    """Only rank 1's loss is NaN at step 3: the count is reduced with the step's loss, so both processes stop
+    at that step, before its optimizer step and save, and say which checkpoint to resume from."""
+    _, out, proc = _failing_run(tmp_path, "nan@3:1", steps=3)
+    lines = _error_lines(proc.stderr)
+    last_good = f"Last good checkpoint: {out / 'checkpoint-2'}"
+    assert any(x.startswith("mmtune train: error: [rank 1] loss is NaN/inf at step 3 on batch ids") and last_good in x
+               for x in lines), proc.stderr[-3000:]
+    assert any(x.startswith("mmtune train: error: [rank 0] loss is NaN/inf at step 3 on another process")
+               and last_good in x for x in lines), proc.stderr[-3000:]
+    assert [s for s, _ in ckpt.list_checkpoints(out)] == [1, 2] and not list(out.glob(".tmp-*"))
+    assert [r["step"] for r in _train_rows(out)] == [1, 2]
+
+
+def test_fsdp_out_of_memory_on_one_process_ends_the_run_without_a_hang(tmp_path):
+    """Rank 1 runs out of memory in step 2's forward while rank 0 waits in that forward's all-gather. Rank 1
+    names the batch and the settings to lower, and exits without the closing barrier rank 0 can never reach;
+    the launcher then stops rank 0. (Before, rank 1 waited in that barrier and the run hung.) Only a
+    one-process run saves the last step after an OOM: here checkpoint-1 is the last one."""
+    _, out, proc = _failing_run(tmp_path, "oom@2:1", steps=3)
+    [line] = _error_lines(proc.stderr)
+    assert line.startswith("mmtune train: error: [rank 1] out of memory at step 2 on batch ids"), line
+    assert "lower train.batch_size" in line and f"last checkpoint: {out / 'checkpoint-1'}" in line
+    assert [s for s, _ in ckpt.list_checkpoints(out)] == [1] and not list(out.glob(".tmp-*"))
+
+
+def test_fsdp_kill_during_checkpoint_save_keeps_the_previous_checkpoint_whole(tmp_path):
+    """Rank 0 SIGKILLed half way through writing step 2's sharded checkpoint: rank 1, waiting for it in the
+    save handshake, stops without a hang; checkpoint-1 is the one `--resume-from latest` takes and holds step
+    1's weights (a one-process replay of step 1, to 1e-4); the next run removes the half-written folder."""
+    data, out, _ = _failing_run(tmp_path, "kill_during_save@2:0", steps=3)
+    half = out / ".tmp-checkpoint-2"
+    assert (half / "sharded" / "__1_0.distcp").is_file() and not (out / "checkpoint-2").exists()
+    assert [s for s, _ in ckpt.list_checkpoints(out)] == [1]
+    from accelerate.utils import set_seed
+
+    cfg = load_config(CONFIG, overrides=_overrides(data))
+    set_seed(cfg.train.seed)
+    ref = build_model(cfg.model)
+    opt, sched = _recipe(ref.model, cfg)
+    _replay(ref, cfg, opt, sched, data, out, range(1))
+    kept = load_model(out / "checkpoint-1").model.state_dict()  # the shards, consolidated in memory
+    want = ref.model.state_dict()
+    assert set(kept) == set(want)
+    assert max(float((kept[k].float() - want[k].float()).abs().max()) for k in want) < 1e-4
+    assert ckpt.remove_stale_temps(out) == [half]
 
 
 # --------------------------------------------------------------------------- #

@@ -52,6 +52,15 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     return parser
 
 
+def _process_tag() -> str:
+    """`[rank N] ` in a run of several processes (the launchers set RANK / WORLD_SIZE), else nothing."""
+    try:
+        several = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    except ValueError:
+        several = False
+    return f"[rank {os.environ.get('RANK', '?')}] " if several else ""
+
+
 def main(argv: list[str] | None = None) -> int:
     from mmtune.errors import MMTuneError
 
@@ -65,7 +74,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(importlib.import_module(args._module).cli_main(args) or 0)
     except MMTuneError as exc:
-        print(f"mmtune {args.command}: error: {exc}", file=sys.stderr)
+        # One write per line: under torchrun / accelerate launch every process prints to the same stream,
+        # and print's separate write of the newline let two processes' errors run into one line.
+        sys.stderr.write(f"mmtune {args.command}: error: {_process_tag()}{exc}\n")
+        sys.stderr.flush()
         return 2
     except KeyboardInterrupt:
         print(f"mmtune {args.command}: interrupted", file=sys.stderr)

@@ -205,10 +205,17 @@ def _train(cfg: RunConfig) -> TrainResult:
     )
     recipe = _Recipe(cfg, accelerator)
     try:
-        return recipe.run()
-    finally:
+        result = recipe.run()
+    except BaseException:
+        # An error that only this process met (out of memory on one GPU) leaves the others inside a
+        # collective of the step; a barrier here would wait for them forever. Exit without one: the
+        # launcher (torchrun / accelerate) sees this process fail and stops the others.
         recipe.close()
-        _release_accelerator(accelerator)
+        _release_accelerator(accelerator, barrier=False)
+        raise
+    recipe.close()
+    _release_accelerator(accelerator)
+    return result
 
 
 def _stored_dtype(cfg: RunConfig) -> tuple[torch.dtype | None, str]:
@@ -242,8 +249,11 @@ def _check_config(cfg: RunConfig) -> None:
         raise MMTuneError("train.eval_every / train.save_best need data.eval: validation records or shards")
 
 
-def _release_accelerator(accelerator: Any) -> None:
-    """End the process group and forget accelerate's singletons (so a second run in-process works)."""
+def _release_accelerator(accelerator: Any, *, barrier: bool = True) -> None:
+    """End the process group and forget accelerate's singletons (so a second run in-process works).
+
+    `barrier=False` on the error path: the other processes may never reach it.
+    """
     from accelerate.state import AcceleratorState, GradientState
 
     # DDP's reducer (and its gloo work) must be gone before the process group is
@@ -251,7 +261,7 @@ def _release_accelerator(accelerator: Any) -> None:
     accelerator.free_memory()
     gc.collect()
     try:
-        if accelerator.num_processes > 1:
+        if barrier and accelerator.num_processes > 1:
             accelerator.wait_for_everyone()
         accelerator.end_training()
     finally:
