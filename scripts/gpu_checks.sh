@@ -14,7 +14,7 @@
 # 3. the tiny-config mmtune vs transformers training-step comparison on CUDA.
 # Each part has its own time limit and the script goes on after a failure; logs go to OUTDIR.
 # Python packages the machine lacks travel as wheels in .whl/ (bitsandbytes, open_clip_torch, ftfy, wcwidth,
-# webdataset, braceexpand).
+# webdataset, braceexpand, pytest-xdist and execnet: pyproject's pytest options ask for xdist).
 set -u
 OUT=${1:-${OUT:-/tmp/gpu_checks}}
 shift || true
@@ -42,7 +42,7 @@ transformers.__version__, 'peft', peft.__version__, 'accelerate', accelerate.__v
   python3 -c "import bitsandbytes; print('bitsandbytes', bitsandbytes.__version__)"
 } 2>&1 | tee "$OUT/env.log"
 
-part qlora_test 150 python3 -m pytest -q -p no:cacheprovider tests/test_qlora.py tests/test_pixels.py -rs
+part qlora_test 150 python3 -m pytest -q -p no:cacheprovider -n0 tests/test_qlora.py tests/test_pixels.py -rs
 part cuda_tests 150 python3 -m pytest -q -p no:cacheprovider -n 8 tests/test_precision.py tests/test_train.py \
   tests/test_train_data.py tests/test_cli_e2e.py -rs
 # H200 SXM: dense bf16 peak as H100 SXM (989 TFLOP/s, the datasheet's figure).
