@@ -7,11 +7,14 @@ from a truncated or garbled one, so it is fast on a 7B checkpoint:
   size the header's tensor offsets imply (a truncated copy is shorter);
 - `*.json` / `*.yaml`: parsed whole (they are small: configs, tokenizer, state);
 - `*.pt` / `*.bin`: torch's zip container must have its central directory,
-  which sits at the end of the file and is the first thing a truncation loses.
+  which sits at the end of the file and is the first thing a truncation loses;
+- `sharded/` (an FSDP checkpoint): its `.metadata`, unpickled with an
+  allowlist (mmtune.dcp_metadata), and every shard file as long as the byte
+  ranges that metadata gives it.
 
 It returns the first broken file and why, or None. `intact_before(folder)` is
 the newest earlier `checkpoint-STEP` sibling that passes the same check, so a
-message can point at what is still usable. Imports nothing else from mmtune.
+message can point at what is still usable. Imports only mmtune.dcp_metadata.
 """
 
 from __future__ import annotations
@@ -22,6 +25,8 @@ import re
 import struct
 import zipfile
 from pathlib import Path
+
+from mmtune.dcp_metadata import METADATA_FILE, storage_problem
 
 _STEP_RE = re.compile(r"^checkpoint-(\d+)$")
 _MAX_HEADER = 100 * 1024 * 1024  # safetensors' own limit
@@ -87,6 +92,10 @@ def find_corruption(folder: str | os.PathLike[str]) -> tuple[Path, str] | None:
             problem = _file_problem(path)
             if problem is not None:
                 return path, problem
+    for metadata in sorted(Path(folder).rglob(METADATA_FILE)):  # the sharded folders of an FSDP checkpoint
+        found = storage_problem(metadata.parent)
+        if found is not None:
+            return found
     return None
 
 

@@ -26,7 +26,8 @@ LAYERS = {
     "config": 1,
     "outputs": 1,  # the output-path rule (imports errors only)
     "device": 1,  # device-string checks (imports errors only)
-    "integrity": 1,  # is a checkpoint whole (imports nothing)
+    "dcp_metadata": 1,  # a sharded checkpoint's pickled .metadata, read with an allowlist (imports errors only)
+    "integrity": 2,  # is a checkpoint whole (imports dcp_metadata for sharded folders)
     "runs": 2,
     "data": 3,
     "select": 4,
