@@ -580,3 +580,17 @@ def test_hf_tower_in_an_mllm_unfreezes_only_its_feature_path(model_type, tmp_pat
     assert changed == expected
     save_model(b, tmp_path)
     torch.testing.assert_close(_logits(load_model(tmp_path), batch), _logits(b, batch), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("kind", ["linear", "mlp2x_gelu"])
+def test_projector_output_is_a_fresh_tensor_not_a_view(kind):
+    """nn.Linear on [B, N, D] returns a view; under FSDP2 the projector's output carries its backward
+    all-gather hook, which an in-place op on a view would drop (torch warns about it on every step)."""
+    from mmtune.model.projector import Projector
+
+    proj = Projector(kind, 8, 16)
+    x = torch.randn(2, 4, 8)
+    assert proj.linear_1(x)._is_view()  # what the projector must not return
+    y = proj(x)
+    assert y.shape == (2, 4, 16) and not y._is_view() and y.requires_grad
+    assert not proj(torch.zeros(0, 4, 8))._is_view()  # an empty image batch (a text-only rank under FSDP)

@@ -33,10 +33,13 @@ class Projector(nn.Module):
             self.linear_2 = nn.Linear(lm_dim, lm_dim, bias=True)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
-        x = self.linear_1(features.to(self.linear_1.weight.dtype))
+        x = self.linear_1(features.to(self.linear_1.weight.dtype))  # [B, N, D_vision] -> [B, N, D_lm]
         if self.kind == "mlp2x_gelu":
-            x = self.linear_2(self.act(x))
-        return x
+            x = self.linear_2(self.act(x))  # [B, N, D_lm]
+        # nn.Linear on a 3-D input returns a view of its 2-D result. Under FSDP2 the projector is a sharded
+        # unit whose output carries the hook that all-gathers its weights for backward, and an in-place op on
+        # a view drops that hook (torch warns on every step). A fresh tensor costs one copy of B x N x D_lm.
+        return x.clone() if x._is_view() else x
 
 
 # LLaVA's `mm_projector` is an nn.Sequential: index 0 = Linear, 1 = GELU, 2 = Linear
