@@ -59,13 +59,13 @@ def test_fsdp_kill_during_best_save_keeps_previous_best_whole(tmp_path):
 
 
 
-def _failing_run(tmp: Path, fault: str, steps: int) -> tuple[Path, Path, subprocess.CompletedProcess]:
+def _failing_run(tmp: Path, fault: str, steps: int, *extra: str) -> tuple[Path, Path, subprocess.CompletedProcess]:
     """torchrun, FSDP, a checkpoint every step, `fault` injected; the run must fail, and not hang."""
     data, out = fc.alternating(tmp), tmp / "run"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MMTUNE_TRACE_BATCHES": "1", "MMTUNE_FAULT_INJECT": fault}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "mmtune.cli",
            "train", str(CONFIG), "--output-dir", str(out), "--max-steps", str(steps), "train.distributed=fsdp",
-           *fc.overrides(data), "train.save_every=1"]
+           *fc.overrides(data), "train.save_every=1", *extra]
     try:  # a healthy run takes ~20 s; before the fix an OOM on one process waited for the other forever
         proc = subprocess.run(cmd, check=False, cwd=REPO, env=env, capture_output=True, text=True, timeout=180)
     except subprocess.TimeoutExpired as exc:
@@ -83,7 +83,7 @@ def _error_lines(stderr: str) -> list[str]:
 def test_fsdp_nan_on_one_process_stops_both_naming_the_last_good_checkpoint(tmp_path):
     """Only rank 1's loss is NaN at step 3: the count is reduced with the step's loss, so both processes stop
     at that step, before its optimizer step and save, and say which checkpoint to resume from."""
-    _, out, proc = _failing_run(tmp_path, "nan@3:1", steps=3)
+    _, out, proc = _failing_run(tmp_path, "nan@3:1", 3)
     lines = _error_lines(proc.stderr)
     last_good = f"Last good checkpoint: {out / 'checkpoint-2'}"
     assert any(x.startswith("mmtune train: error: [rank 1] loss is NaN/inf at step 3 on batch ids") and last_good in x
@@ -99,7 +99,7 @@ def test_fsdp_out_of_memory_on_one_process_ends_the_run_without_a_hang(tmp_path)
     names the batch and the settings to lower, and exits without the closing barrier rank 0 can never reach;
     the launcher then stops rank 0. (Before, rank 1 waited in that barrier and the run hung.) Only a
     one-process run saves the last step after an OOM: here checkpoint-1 is the last one."""
-    _, out, proc = _failing_run(tmp_path, "oom@2:1", steps=3)
+    _, out, proc = _failing_run(tmp_path, "oom@2:1", 3)
     [line] = _error_lines(proc.stderr)
     assert line.startswith("mmtune train: error: [rank 1] out of memory at step 2 on batch ids"), line
     assert "lower train.batch_size" in line and f"last checkpoint: {out / 'checkpoint-1'}" in line
@@ -109,8 +109,11 @@ def test_fsdp_out_of_memory_on_one_process_ends_the_run_without_a_hang(tmp_path)
 def test_fsdp_kill_during_checkpoint_save_keeps_the_previous_checkpoint_whole(tmp_path):
     """Rank 0 SIGKILLed half way through writing step 2's sharded checkpoint: rank 1, waiting for it in the
     save handshake, stops without a hang; checkpoint-1 is the one `--resume-from latest` takes and holds step
-    1's weights (a one-process replay of step 1, to 1e-4); the next run removes the half-written folder."""
-    data, out, _ = _failing_run(tmp_path, "kill_during_save@2:0", steps=3)
+    1's weights (a one-process replay of step 1, to 1e-4); the next run removes the half-written folder.
+    The run also checkpoints activations (what the 7B recipe does under FSDP: each decoder layer's forward
+    runs again in backward, inside its unit's second all-gather); the replay does not, so the weights
+    also show that this changes nothing but memory."""
+    data, out, _ = _failing_run(tmp_path, "kill_during_save@2:0", 3, "train.gradient_checkpointing=true")
     half = out / ".tmp-checkpoint-2"
     assert (half / "sharded" / "__1_0.distcp").is_file() and not (out / "checkpoint-2").exists()
     assert [s for s, _ in ckpt.list_checkpoints(out)] == [1]
