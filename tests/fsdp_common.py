@@ -78,12 +78,12 @@ def reference(data: Path, first: Path, extra: tuple[str, ...] = ()) -> tuple[lis
     return replay(bundle, cfg, opt, sched, data, first, range(traced)), bundle
 
 
-def recipe(model: torch.nn.Module, cfg: RunConfig) -> tuple[Any, Any]:
+def recipe(model: torch.nn.Module, cfg: RunConfig, total_steps: int = STEPS) -> tuple[Any, Any]:
     model.set_trainable("instruct")
     keep_trainable_fp32(model)
     model.train()
     opt = build_optimizer(model.named_parameters(), cfg.train, norm_parameter_names(model))
-    return opt, build_scheduler(opt, cfg.train, STEPS)
+    return opt, build_scheduler(opt, cfg.train, total_steps)
 
 
 def replay(bundle: Any, cfg: RunConfig, opt: Any, sched: Any, data: Path, first: Path, steps: range) -> list[float]:
@@ -96,14 +96,18 @@ def replay(bundle: Any, cfg: RunConfig, opt: Any, sched: Any, data: Path, first:
     for step in steps:
         step_losses = []
         for trace in traces:
-            recs = [records[i] for i in trace[step]["ids"]]
-            exs = [tokenize_record(r, bundle.tokenizer, tmpl, max_length=cfg.data.max_length,
-                                   num_image_tokens=bundle.num_image_tokens) for r in recs]
-            pix = [bundle.image_transform(load_image(FIX / p)) for r in recs for p in r.images]
-            batch = collate_examples(exs, bundle.tokenizer.pad_token_id, pixel_values=pix or None)
-            loss = model(**{k: batch.get(k) for k in ("input_ids", "attention_mask", "labels", "pixel_values")}).loss
-            (loss / len(traces)).backward()  # FSDP averages the two ranks' gradients
-            step_losses.append(float(loss.detach()))
+            micros = [r for r in trace if r["step"] == step + 1]  # train.grad_accum micro-batches per step
+            for micro in micros:
+                recs = [records[i] for i in micro["ids"]]
+                exs = [tokenize_record(r, bundle.tokenizer, tmpl, max_length=cfg.data.max_length,
+                                       num_image_tokens=bundle.num_image_tokens) for r in recs]
+                pix = [bundle.image_transform(load_image(FIX / p)) for r in recs for p in r.images]
+                batch = collate_examples(exs, bundle.tokenizer.pad_token_id, pixel_values=pix or None)
+                loss = model(**{k: batch.get(k) for k in ("input_ids", "attention_mask", "labels",
+                                                          "pixel_values")}).loss
+                # FSDP averages the two ranks' gradients; accumulation averages the micro-batches'
+                (loss / (len(traces) * len(micros))).backward()
+                step_losses.append(float(loss.detach()))
         torch.nn.utils.clip_grad_norm_(params, cfg.train.max_grad_norm)
         opt.step()
         sched.step()

@@ -65,7 +65,7 @@ def _failing_run(tmp: Path, fault: str, steps: int, *extra: str) -> tuple[Path, 
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MMTUNE_TRACE_BATCHES": "1", "MMTUNE_FAULT_INJECT": fault}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "mmtune.cli",
            "train", str(CONFIG), "--output-dir", str(out), "--max-steps", str(steps), "train.distributed=fsdp",
-           *fc.overrides(data), "train.save_every=1", *extra]
+           *fc.overrides(data), "train.save_every=1", "train.warmup_ratio=0", *extra]  # step 1 updates too
     try:  # a healthy run takes ~20 s; before the fix an OOM on one process waited for the other forever
         proc = subprocess.run(cmd, check=False, cwd=REPO, env=env, capture_output=True, text=True, timeout=180)
     except subprocess.TimeoutExpired as exc:
@@ -82,8 +82,10 @@ def _error_lines(stderr: str) -> list[str]:
 
 def test_fsdp_nan_on_one_process_stops_both_naming_the_last_good_checkpoint(tmp_path):
     """Only rank 1's loss is NaN at step 3: the count is reduced with the step's loss, so both processes stop
-    at that step, before its optimizer step and save, and say which checkpoint to resume from."""
-    _, out, proc = _failing_run(tmp_path, "nan@3:1", 3)
+    at that step, before its optimizer step and save, and say which checkpoint to resume from.
+    The run accumulates 2 micro-batches per step (as the 7B recipe does on 4 GPUs): steps 1-2 log the
+    losses of a one-process replay of all four micro-batches of each step, to 1e-4."""
+    data, out, proc = _failing_run(tmp_path, "nan@3:1", 3, "train.grad_accum=2")
     lines = _error_lines(proc.stderr)
     last_good = f"Last good checkpoint: {out / 'checkpoint-2'}"
     assert any(x.startswith("mmtune train: error: [rank 1] loss is NaN/inf at step 3 on batch ids") and last_good in x
@@ -91,7 +93,17 @@ def test_fsdp_nan_on_one_process_stops_both_naming_the_last_good_checkpoint(tmp_
     assert any(x.startswith("mmtune train: error: [rank 0] loss is NaN/inf at step 3 on another process")
                and last_good in x for x in lines), proc.stderr[-3000:]
     assert [s for s, _ in ckpt.list_checkpoints(out)] == [1, 2] and not list(out.glob(".tmp-*"))
-    assert [r["step"] for r in fc.train_rows(out)] == [1, 2]
+    logged = fc.train_rows(out)
+    assert [r["step"] for r in logged] == [1, 2]
+    assert [r["micro"] for r in fc.rows(out / "batches-rank1.jsonl")] == [0, 1] * 3
+    from accelerate.utils import set_seed
+
+    cfg = load_config(CONFIG, overrides=[*fc.overrides(data), "train.warmup_ratio=0", "train.grad_accum=2"])
+    set_seed(cfg.train.seed)
+    ref = build_model(cfg.model)
+    opt, sched = fc.recipe(ref.model, cfg, total_steps=3)
+    replayed = fc.replay(ref, cfg, opt, sched, data, out, range(2))
+    assert [r["loss"] for r in logged] == pytest.approx(replayed, abs=1e-4, rel=0)
 
 
 def test_fsdp_out_of_memory_on_one_process_ends_the_run_without_a_hang(tmp_path):
@@ -119,13 +131,15 @@ def test_fsdp_kill_during_checkpoint_save_keeps_the_previous_checkpoint_whole(tm
     assert [s for s, _ in ckpt.list_checkpoints(out)] == [1]
     from accelerate.utils import set_seed
 
-    cfg = load_config(CONFIG, overrides=fc.overrides(data))
+    cfg = load_config(CONFIG, overrides=[*fc.overrides(data), "train.warmup_ratio=0"])
     set_seed(cfg.train.seed)
     ref = build_model(cfg.model)
-    opt, sched = fc.recipe(ref.model, cfg)
+    init = {k: v.detach().clone() for k, v in ref.model.state_dict().items()}
+    opt, sched = fc.recipe(ref.model, cfg, total_steps=3)
     fc.replay(ref, cfg, opt, sched, data, out, range(1))
     kept = load_model(out / "checkpoint-1").model.state_dict()  # the shards, consolidated in memory
     want = ref.model.state_dict()
     assert set(kept) == set(want)
     assert max(float((kept[k].float() - want[k].float()).abs().max()) for k in want) < 1e-4
+    assert max(float((kept[k].float() - init[k].float()).abs().max()) for k in init) > 1e-4  # step 1 did update
     assert ckpt.remove_stale_temps(out) == [half]
