@@ -89,6 +89,15 @@ def save_run(bundle: ModelBundle, cfg: RunConfig, run: Path, step: int = 1, temp
     return ckpt
 
 
+def cpu_launch_env(**extra: str) -> dict[str, str]:
+    """The environment for a 2-process launch of mmtune on CPU (gloo): one thread per process, and no GPU
+    visible, so the test is the same CPU test on a machine with GPUs (where two ranks would otherwise ask
+    for cuda:0 and cuda:1, and one GPU fails with "invalid device ordinal")."""
+    import os
+
+    return {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", **extra}
+
+
 def free_port() -> int:
     """A free local TCP port for a multi-process launch's rendezvous."""
     import socket

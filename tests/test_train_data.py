@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import free_port
+from helpers import cpu_launch_env, free_port
 
 from mmtune.cli import main
 from mmtune.train.metrics import read_metrics
@@ -404,7 +404,7 @@ def test_two_processes_validation_and_mixture(tmp_path):
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port),
            "-m", "mmtune.cli", *llm_args(out, "--max-steps", "3", f"data.eval=[{TEXT}]", "train.eval_every=3",
                                          "train.save_best=true", data=f"[{{path: {TEXT}, weight: 2}}, {b}]")]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = cpu_launch_env()
     proc = subprocess.run(cmd, check=False, cwd=REPO, env=env, capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, proc.stderr[-3000:]
     [ev] = eval_rows(out)

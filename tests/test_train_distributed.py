@@ -12,13 +12,12 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from helpers import free_port
+from helpers import cpu_launch_env, free_port
 
 from mmtune.train import checkpoint as ckpt
 from mmtune.train.metrics import read_metrics
@@ -53,7 +52,7 @@ def test_two_processes_text_only_and_image_batches_do_not_hang(tmp_path):
         f"data.train=[{data}]", f"model.tokenizer.train_files=[{data}]", f"data.image_root={FIX}",
         "train.batch_size=2", "train.save_every=2", "train.progress=false",
     ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MMTUNE_TRACE_BATCHES": "1"}
+    env = cpu_launch_env(MMTUNE_TRACE_BATCHES="1")
     try:
         proc = subprocess.run(cmd, check=False, cwd=REPO, env=env, capture_output=True, text=True, timeout=400)
     except subprocess.TimeoutExpired as exc:  # a hang is the failure this test exists for

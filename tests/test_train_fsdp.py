@@ -34,7 +34,6 @@ bf16 mixed-precision all-gathers and the memory savings only show on GPUs.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 
@@ -42,7 +41,7 @@ import fsdp_common as fc
 import pytest
 import torch
 from fsdp_common import CONFIG, REPO, STEPS
-from helpers import free_port
+from helpers import cpu_launch_env, free_port
 
 from mmtune import runs
 from mmtune.cli import main
@@ -56,7 +55,7 @@ from mmtune.train.sharding import load_sharded
 
 def _run(cmd: list[str], fault: str = "") -> subprocess.CompletedProcess:
     """Run `cmd`; it must succeed, or with a `sigterm` fault, stop with exit code 143 (torchrun reports it)."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MMTUNE_TRACE_BATCHES": "1", "MMTUNE_FAULT_INJECT": fault}
+    env = cpu_launch_env(MMTUNE_TRACE_BATCHES="1", MMTUNE_FAULT_INJECT=fault)
     try:
         proc = subprocess.run(cmd, check=False, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     except subprocess.TimeoutExpired as exc:  # a hang is one of the failures this test exists for

@@ -15,7 +15,6 @@ A hang fails the test at the subprocess timeout instead of stalling the suite.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -23,6 +22,7 @@ from pathlib import Path
 import fsdp_common as fc
 import pytest
 from fsdp_common import CONFIG, REPO
+from helpers import cpu_launch_env
 
 from mmtune import runs
 from mmtune.config import load_config
@@ -36,7 +36,7 @@ def test_fsdp_kill_during_best_save_keeps_previous_best_whole(tmp_path):
     best.json not): the run stops without a hang, best/ is still step 1's, whole and loadable, and
     what the next run clears first (`remove_stale_temps`) removes the half-written DIR/.tmp-best."""
     data, out = fc.alternating(tmp_path), tmp_path / "run"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MMTUNE_FAULT_INJECT": "kill_during_best_save@2"}
+    env = cpu_launch_env(MMTUNE_FAULT_INJECT="kill_during_best_save@2")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "mmtune.cli",
            "train", str(CONFIG), "--output-dir", str(out), "--max-steps", "2", "train.distributed=fsdp",
            *fc.overrides(data), f"data.eval=[{data}]", "train.eval_every=1", "train.eval_samples=4",
@@ -62,7 +62,7 @@ def test_fsdp_kill_during_best_save_keeps_previous_best_whole(tmp_path):
 def _failing_run(tmp: Path, fault: str, steps: int, *extra: str) -> tuple[Path, Path, subprocess.CompletedProcess]:
     """torchrun, FSDP, a checkpoint every step, `fault` injected; the run must fail, and not hang."""
     data, out = fc.alternating(tmp), tmp / "run"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MMTUNE_TRACE_BATCHES": "1", "MMTUNE_FAULT_INJECT": fault}
+    env = cpu_launch_env(MMTUNE_TRACE_BATCHES="1", MMTUNE_FAULT_INJECT=fault)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "mmtune.cli",
            "train", str(CONFIG), "--output-dir", str(out), "--max-steps", str(steps), "train.distributed=fsdp",
            *fc.overrides(data), "train.save_every=1", "train.warmup_ratio=0", *extra]  # step 1 updates too
