@@ -14,9 +14,11 @@ Contract:
   `filesystem._StorageInfo`, `torch.Size`, torch dtypes and layouts, pathlib
   paths). Any other global is refused with `UnsafeCheckpointError` naming the
   file and the global, before anything is called.
-- `SafeFileSystemReader(folder)` is DCP's own `FileSystemReader` with that
-  `read_metadata`; pass it as `storage_reader=` to `dcp.load`. (The tensors
-  in `.distcp` files DCP already reads with `torch.load(weights_only=True)`.)
+- `safe_file_system_reader(folder)` reads the metadata that way at once
+  (so a refusal is raised as itself, not wrapped in DCP's errors) and returns
+  DCP's own `FileSystemReader` serving it; pass it as `storage_reader=` to
+  `dcp.load`. (The tensors in `.distcp` files DCP already reads with
+  `torch.load(weights_only=True)`.)
 - `storage_problem(folder)` is None when every file and byte range the
   metadata names exists, else why not (a truncated or missing shard file,
   a garbled `.metadata`): mmtune.integrity uses it.
@@ -50,6 +52,12 @@ _ALLOWED = {
 class UnsafeCheckpointError(MMTuneError, pickle.UnpicklingError):
     """A `.metadata` names something other than DCP's own metadata classes (a one-line error)."""
 
+    def __init__(self, path: Path, global_name: str) -> None:
+        self.global_name = global_name
+        super().__init__(
+            f"{path}: refusing to unpickle {global_name}; a sharded checkpoint's {METADATA_FILE} holds only "
+            "torch.distributed.checkpoint's own metadata classes (was this checkpoint made by mmtune?)")
+
 
 class _MetadataUnpickler(pickle.Unpickler):
     def __init__(self, fh: Any, path: Path) -> None:
@@ -59,9 +67,7 @@ class _MetadataUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str) -> Any:
         if (module, name) in _ALLOWED or self._dcp_class(module, name) or self._dtype(module, name):
             return super().find_class(module, name)
-        raise UnsafeCheckpointError(
-            f"{self.path}: refusing to unpickle {module}.{name}; a sharded checkpoint's {METADATA_FILE} holds "
-            "only torch.distributed.checkpoint's own metadata classes (was this checkpoint made by mmtune?)")
+        raise UnsafeCheckpointError(self.path, f"{module}.{name}")
 
     @staticmethod
     def _dcp_class(module: str, name: str) -> bool:
@@ -88,17 +94,20 @@ def read_metadata(folder: str | os.PathLike[str]) -> Any:
 
 
 def safe_file_system_reader(folder: str | os.PathLike[str]) -> Any:
-    """A `torch.distributed.checkpoint.FileSystemReader` for `folder` whose metadata is read by `read_metadata`."""
+    """A `torch.distributed.checkpoint.FileSystemReader` for `folder` serving the metadata `read_metadata`
+    read (now: a refused or broken `.metadata` raises here, before `dcp.load` and its error wrapping)."""
     from torch.distributed.checkpoint import FileSystemReader
     from torch.distributed.checkpoint.metadata import StorageMeta
 
+    metadata = read_metadata(folder)
+    if getattr(metadata, "storage_meta", None) is None:  # as FileSystemReader.read_metadata does
+        metadata.storage_meta = StorageMeta()
+
     class SafeFileSystemReader(FileSystemReader):
         def read_metadata(self, *args: Any, **kwargs: Any) -> Any:
-            if kwargs.get("rank") is not None:  # per-rank metadata files: not a layout mmtune writes
-                raise UnsafeCheckpointError(f"{folder}: per-rank metadata files are not supported")
-            metadata = read_metadata(folder)
-            if getattr(metadata, "storage_meta", None) is None:  # as FileSystemReader.read_metadata does
-                metadata.storage_meta = StorageMeta()
+            # DCP asks for per-rank metadata files only after the global one failed: not a layout mmtune writes
+            if kwargs.get("rank") is not None:
+                raise FileNotFoundError(f"{folder}: per-rank metadata files are not read")
             metadata.storage_meta.load_id = self.load_id
             return metadata
 
@@ -118,7 +127,7 @@ def storage_problem(folder: str | os.PathLike[str]) -> tuple[Path, str] | None:
         for info in (metadata.storage_data or {}).values():
             ends[info.relative_path] = max(ends.get(info.relative_path, 0), int(info.offset) + int(info.length))
     except UnsafeCheckpointError as exc:
-        return meta_path, f"refused ({str(exc).split('; ')[0].split(': ', 1)[-1]})"
+        return meta_path, f"refused (refusing to unpickle {exc.global_name})"
     except OSError as exc:
         return meta_path, f"unreadable ({exc.strerror or exc})"
     except Exception as exc:  # noqa: BLE001 - a truncated or garbled pickle raises several kinds

@@ -64,8 +64,8 @@ def alternating(tmp: Path) -> Path:
     return data
 
 
-def reference(data: Path, first: Path, extra: tuple[str, ...] = ()) -> tuple[list[float], Any]:
-    """One process, the same global batch per step (both ranks' traced batches), same recipe."""
+def seeded_model(data: Path, extra: tuple[str, ...] = ()) -> tuple[RunConfig, Any]:
+    """The run's config and the model it starts from: same seed, LoRA applied as the trainer does."""
     from accelerate.utils import set_seed
 
     cfg = load_config(CONFIG, overrides=[*overrides(data), *extra])
@@ -73,9 +73,18 @@ def reference(data: Path, first: Path, extra: tuple[str, ...] = ()) -> tuple[lis
     bundle = build_model(cfg.model)
     if cfg.train.lora.enabled:  # as the trainer does: LoRA right after building, same RNG draws
         apply_lora(bundle.model, cfg.train.lora)
-    opt, sched = recipe(bundle.model, cfg)
-    traced = len(rows(first / "batches.jsonl"))  # every step the run took (fewer when it was stopped)
-    return replay(bundle, cfg, opt, sched, data, first, range(traced)), bundle
+    return cfg, bundle
+
+
+def reference(data: Path, first: Path, extra: tuple[str, ...] = (), *, steps: int | None = None,
+              total_steps: int = STEPS) -> tuple[list[float], Any]:
+    """One process, the same global batch per step (both ranks' traced batches), same recipe, for `steps`
+    steps (default: every step the run traced, fewer when it was stopped) of a `total_steps` schedule."""
+    cfg, bundle = seeded_model(data, extra)
+    opt, sched = recipe(bundle.model, cfg, total_steps)
+    if steps is None:
+        steps = len({r["step"] for r in rows(first / "batches.jsonl")})
+    return replay(bundle, cfg, opt, sched, data, first, range(steps)), bundle
 
 
 def recipe(model: torch.nn.Module, cfg: RunConfig, total_steps: int = STEPS) -> tuple[Any, Any]:

@@ -6,6 +6,7 @@ sys.path); fixtures live in conftest.py.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -93,8 +94,6 @@ def cpu_launch_env(**extra: str) -> dict[str, str]:
     """The environment for a 2-process launch of mmtune on CPU (gloo): one thread per process, and no GPU
     visible, so the test is the same CPU test on a machine with GPUs (where two ranks would otherwise ask
     for cuda:0 and cuda:1, and one GPU fails with "invalid device ordinal")."""
-    import os
-
     return {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", **extra}
 
 

@@ -25,8 +25,6 @@ from fsdp_common import CONFIG, REPO
 from helpers import cpu_launch_env
 
 from mmtune import runs
-from mmtune.config import load_config
-from mmtune.model import build_model
 from mmtune.model.io import load_model
 from mmtune.train import checkpoint as ckpt
 
@@ -59,13 +57,16 @@ def test_fsdp_kill_during_best_save_keeps_previous_best_whole(tmp_path):
 
 
 
+NO_WARMUP = "train.warmup_ratio=0"  # step 1 updates the weights too (with warmup its lr is 0)
+
+
 def _failing_run(tmp: Path, fault: str, steps: int, *extra: str) -> tuple[Path, Path, subprocess.CompletedProcess]:
     """torchrun, FSDP, a checkpoint every step, `fault` injected; the run must fail, and not hang."""
     data, out = fc.alternating(tmp), tmp / "run"
     env = cpu_launch_env(MMTUNE_TRACE_BATCHES="1", MMTUNE_FAULT_INJECT=fault)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "mmtune.cli",
            "train", str(CONFIG), "--output-dir", str(out), "--max-steps", str(steps), "train.distributed=fsdp",
-           *fc.overrides(data), "train.save_every=1", "train.warmup_ratio=0", *extra]  # step 1 updates too
+           *fc.overrides(data), "train.save_every=1", NO_WARMUP, *extra]
     try:  # a healthy run takes ~20 s; before the fix an OOM on one process waited for the other forever
         proc = subprocess.run(cmd, check=False, cwd=REPO, env=env, capture_output=True, text=True, timeout=180)
     except subprocess.TimeoutExpired as exc:
@@ -96,13 +97,7 @@ def test_fsdp_nan_on_one_process_stops_both_naming_the_last_good_checkpoint(tmp_
     logged = fc.train_rows(out)
     assert [r["step"] for r in logged] == [1, 2]
     assert [r["micro"] for r in fc.rows(out / "batches-rank1.jsonl")] == [0, 1] * 3
-    from accelerate.utils import set_seed
-
-    cfg = load_config(CONFIG, overrides=[*fc.overrides(data), "train.warmup_ratio=0", "train.grad_accum=2"])
-    set_seed(cfg.train.seed)
-    ref = build_model(cfg.model)
-    opt, sched = fc.recipe(ref.model, cfg, total_steps=3)
-    replayed = fc.replay(ref, cfg, opt, sched, data, out, range(2))
+    replayed, _ = fc.reference(data, out, (NO_WARMUP, "train.grad_accum=2"), steps=2, total_steps=3)
     assert [r["loss"] for r in logged] == pytest.approx(replayed, abs=1e-4, rel=0)
 
 
@@ -129,14 +124,8 @@ def test_fsdp_kill_during_checkpoint_save_keeps_the_previous_checkpoint_whole(tm
     half = out / ".tmp-checkpoint-2"
     assert (half / "sharded" / "__1_0.distcp").is_file() and not (out / "checkpoint-2").exists()
     assert [s for s, _ in ckpt.list_checkpoints(out)] == [1]
-    from accelerate.utils import set_seed
-
-    cfg = load_config(CONFIG, overrides=[*fc.overrides(data), "train.warmup_ratio=0"])
-    set_seed(cfg.train.seed)
-    ref = build_model(cfg.model)
-    init = {k: v.detach().clone() for k, v in ref.model.state_dict().items()}
-    opt, sched = fc.recipe(ref.model, cfg, total_steps=3)
-    fc.replay(ref, cfg, opt, sched, data, out, range(1))
+    _, ref = fc.reference(data, out, (NO_WARMUP,), steps=1, total_steps=3)
+    init = fc.seeded_model(data, (NO_WARMUP,))[1].model.state_dict()
     kept = load_model(out / "checkpoint-1").model.state_dict()  # the shards, consolidated in memory
     want = ref.model.state_dict()
     assert set(kept) == set(want)

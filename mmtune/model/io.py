@@ -33,7 +33,7 @@ import torch
 
 from mmtune.config import ModelConfig, load_config, save_config
 from mmtune.data.tokenizer import load_tokenizer
-from mmtune.dcp_metadata import read_metadata, safe_file_system_reader
+from mmtune.dcp_metadata import safe_file_system_reader
 from mmtune.errors import MMTuneError
 from mmtune.integrity import corruption_message, find_corruption
 from mmtune.model.build import ModelBundle, build_model, dtype_name
@@ -274,9 +274,9 @@ def load_full_model_state(folder: str | Path, model: torch.nn.Module) -> None:
     if not (source / ".metadata").is_file():
         raise MMTuneError(f"{folder}: {PARTS_FILE} says the weights are sharded but {SHARDED_DIR}/.metadata is missing")
     state = dict(model.state_dict())
-    read_metadata(source)  # DCP's .metadata is a pickle: refused in one line unless it is only DCP's classes
+    reader = safe_file_system_reader(source)  # DCP's .metadata is a pickle: refused unless only DCP's classes
     try:
-        dcp.load({SHARDED_MODEL_KEY: state}, storage_reader=safe_file_system_reader(source), no_dist=True)
+        dcp.load({SHARDED_MODEL_KEY: state}, storage_reader=reader, no_dist=True)
     except Exception as exc:  # noqa: BLE001 - DCP raises several kinds; one line names the folder
         raise MMTuneError(f"{source}: cannot consolidate the sharded weights into the configured model "
                           f"({type(exc).__name__}: {str(exc).splitlines()[0][:300]})") from None

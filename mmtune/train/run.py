@@ -204,18 +204,17 @@ def _train(cfg: RunConfig) -> TrainResult:
         step_scheduler_with_optimizer=False,
     )
     recipe = _Recipe(cfg, accelerator)
+    finished = False
     try:
         result = recipe.run()
-    except BaseException:
-        # An error that only this process met (out of memory on one GPU) leaves the others inside a
-        # collective of the step; a barrier here would wait for them forever. Exit without one: the
-        # launcher (torchrun / accelerate) sees this process fail and stops the others.
+        finished = True
+        return result
+    finally:
         recipe.close()
-        _release_accelerator(accelerator, barrier=False)
-        raise
-    recipe.close()
-    _release_accelerator(accelerator)
-    return result
+        # After an error that only this process met (out of memory on one GPU) the others are inside a
+        # collective of the step, and a closing barrier would wait for them forever. Without one, this
+        # process exits and the launcher (torchrun / accelerate) stops the others.
+        _release_accelerator(accelerator, barrier=finished)
 
 
 def _stored_dtype(cfg: RunConfig) -> tuple[torch.dtype | None, str]:

@@ -50,7 +50,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from mmtune.dcp_metadata import read_metadata, safe_file_system_reader
+from mmtune.dcp_metadata import safe_file_system_reader
 from mmtune.errors import MMTuneError
 from mmtune.model.io import SHARDED_DIR, SHARDED_MODEL_KEY
 
@@ -157,11 +157,11 @@ def load_sharded(folder: str | os.PathLike[str], model: nn.Module, optimizer: to
     source = Path(folder) / SHARDED_DIR
     if not (source / ".metadata").is_file():
         raise MMTuneError(f"{folder}: no sharded state ({SHARDED_DIR}/.metadata missing)")
-    read_metadata(source)  # DCP's .metadata is a pickle: refused in one line unless it is only DCP's classes
+    reader = safe_file_system_reader(source)  # DCP's .metadata is a pickle: refused unless only DCP's classes
     model_sd, optim_sd = get_state_dict(model, optimizer, options=_options())
     state = {MODEL_KEY: model_sd, OPTIM_KEY: optim_sd}
     try:
-        dcp.load(state, storage_reader=safe_file_system_reader(source))
+        dcp.load(state, storage_reader=reader)
     except Exception as exc:  # noqa: BLE001 - DCP raises several kinds; one line names the folder
         raise MMTuneError(f"{source}: cannot load the sharded state into this model "
                           f"({type(exc).__name__}: {str(exc).splitlines()[0][:300]})") from None
