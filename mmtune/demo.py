@@ -105,7 +105,7 @@ class _ClipImageEncoder:
 
         self.model, _, self.transform = open_clip.create_model_and_transforms(f"local-dir:{clip_dir}")
         self.model.eval()
-        self.name = f"open_clip local-dir:{clip_dir.name}"
+        self.name = f"open_clip local-dir:{clip_dir}"  # the embedding cache's key: another folder, other embeddings
 
     def encode(self, items: list[Any], *, progress: bool = False) -> np.ndarray:
         import torch
@@ -127,22 +127,25 @@ def _say(msg: str) -> None:
 
 
 def base_overrides(bases: Path = DEMO_BASES) -> list[str]:
-    """Point the demo config at the shipped bases (absolute paths, so the run does not depend on the cwd)."""
+    """Point the demo config at the bases in `bases` (the shipped ones by default; absolute paths, so the
+    run does not depend on the cwd). `bases` holds `lm/` (a Hugging Face causal LM folder) and `clip/`
+    (an open_clip `local-dir:` folder), the layout scripts/pretrain_demo_bases.py writes."""
     for part in ("lm", "clip"):
         if not (bases / part).is_dir():
-            raise MMTuneError(f"the demo's pretrained bases are missing: {bases / part} (reinstall mmtune, or make "
-                              "them with scripts/pretrain_demo_bases.py)")
+            hint = ("reinstall mmtune, or make them with scripts/pretrain_demo_bases.py" if bases == DEMO_BASES
+                    else "--bases takes a folder with lm/ and clip/, as scripts/pretrain_demo_bases.py writes")
+            raise MMTuneError(f"the demo's pretrained bases are missing: {bases / part} ({hint})")
     return [f"model.lm.name_or_path={(bases / 'lm').resolve()}",
             f"model.vision.model_name=local-dir:{(bases / 'clip').resolve()}"]
 
 
 def _train_config(base: Path, out: Path, stage: str, steps: int, shards: str, *,
-                  lr: float, projector_from: Path | None, seed: int, progress: bool,
+                  lr: float, projector_from: Path | None, seed: int, progress: bool, bases: Path,
                   template: str | None = None, projector_lr: float | None = None) -> Any:
     from mmtune.config import RunConfig, load_config
 
     overrides = [
-        *base_overrides(),
+        *base_overrides(bases),
         f"train.stage={stage}", f"train.max_steps={steps}", f"train.output_dir={out}", f"train.lr={lr}",
         f"train.seed={seed}", f"train.progress={str(progress).lower()}",
         f"data.train=[{shards}]", f"data.holdout_tasks=[{', '.join(HOLDOUT_TASKS)}]",
@@ -335,10 +338,13 @@ def run_demo(
     compare_random: bool | None = None,
     seed: int = 0,
     progress: bool = True,
+    bases: str | Path | None = None,
 ) -> dict[str, Any]:
     """Run the demo; returns the report (also written to OUT/report.json and report.md).
 
     `compare_random` None: by the budget (on from two thirds of the full 15 minutes).
+    `bases`: a folder with `lm/` and `clip/` to start from instead of the shipped bases (e.g. one
+    made by scripts/pretrain_demo_bases.py with other settings); None: the shipped ones.
     """
     import resource
 
@@ -360,12 +366,14 @@ def run_demo(
     plan = DemoPlan.for_budget(minutes, k)
     if compare_random is not None:
         plan.compare_random = compare_random
+    bases = Path(bases).resolve() if bases is not None else DEMO_BASES
+    overrides = base_overrides(bases)  # checked before anything is written
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     # All cores unless the caller pinned a thread count (OMP_NUM_THREADS), e.g. on a shared machine.
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS") or 0) or max(1, os.cpu_count() or 1))
     timings: dict[str, float] = {}
-    base_cfg = load_config(DEMO_CONFIG, overrides=base_overrides())
+    base_cfg = load_config(DEMO_CONFIG, overrides=overrides)
 
     # 1. The pool, through the converter (validates every record and image).
     t = time.perf_counter()
@@ -396,7 +404,7 @@ def run_demo(
     k_used = min(plan.k, len(train_pool))
     _say(f"selecting {k_used} of {len(train_pool)} records with QDIT (all-MiniLM-L6-v2 text + CLIP image embeddings)")
     selection = select_records(
-        train_pool, k_used, "qdit", alpha=SELECT_ALPHA, image_encoder=_ClipImageEncoder(DEMO_BASES / "clip"),
+        train_pool, k_used, "qdit", alpha=SELECT_ALPHA, image_encoder=_ClipImageEncoder(bases / "clip"),
         cache_path=out / "pool" / "embeddings.npy", report_dir=out / "selection", progress=progress,
         seed=seed, pool_name="the demo pool",
     )
@@ -413,7 +421,8 @@ def run_demo(
     runs: dict[str, Path] = {}
     t = time.perf_counter()
     align = _train_config(DEMO_CONFIG, out / "align", "align", plan.align_steps, str(out / "shards_align"),
-                          lr=2e-3, projector_from=None, seed=seed, progress=progress, template="plain")
+                          lr=2e-3, projector_from=None, seed=seed, progress=progress, template="plain",
+                          bases=bases)
     _say(f"stage align: {plan.align_steps} steps on {len(captions)} captions, LLaVA's plain template "
          "(pretrained tower and LM frozen)")
     train(align)
@@ -422,7 +431,7 @@ def run_demo(
     t = time.perf_counter()
     instruct = _train_config(DEMO_CONFIG, out / "instruct", "instruct", plan.instruct_steps, str(out / "shards"),
                              lr=INSTRUCT_LR, projector_lr=INSTRUCT_PROJECTOR_LR, projector_from=runs["align"],
-                             seed=seed, progress=progress)
+                             seed=seed, progress=progress, bases=bases)
     _say(f"stage instruct on the QDIT {k_used}: {plan.instruct_steps} steps")
     result = train(instruct)
     runs["instruct"] = out / "instruct"
@@ -440,7 +449,7 @@ def run_demo(
         rnd = _train_config(DEMO_CONFIG, out / "instruct_random", "instruct", plan.instruct_steps,
                             str(out / "shards_random"), lr=INSTRUCT_LR, projector_lr=INSTRUCT_PROJECTOR_LR,
                             projector_from=runs["align"],
-                            seed=seed, progress=progress)
+                            seed=seed, progress=progress, bases=bases)
         _say(f"stage instruct on a random {k_used} (same steps, same seeds): {plan.instruct_steps} steps")
         train(rnd)
         runs["instruct_random"] = out / "instruct_random"
@@ -488,8 +497,9 @@ def run_demo(
     few_shot = f"{eval_cfg.k}-shot"
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     report = {
-        "bases": {"lm": str(DEMO_BASES / "lm"), "vision": f"local-dir:{DEMO_BASES / 'clip'}",
-                  "made_by": "scripts/pretrain_demo_bases.py", "template": base_cfg.data.template},
+        "bases": {"lm": str(bases / "lm"), "vision": f"local-dir:{bases / 'clip'}", "shipped": bases == DEMO_BASES,
+                  "made_by": "scripts/pretrain_demo_bases.py" if bases == DEMO_BASES else "the --bases folder",
+                  "template": base_cfg.data.template},
         "pool": {"records": len(pool), "tasks": sorted({r.task for r in pool if r.task}),
                  "train_records": len(train_pool), "heldout_records": len(heldout)},
         "selection": {"method": "qdit", "alpha": SELECT_ALPHA, "k": len(selection.records),

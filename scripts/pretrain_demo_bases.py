@@ -49,6 +49,7 @@ LM_CONFIG = {"hidden_size": 96, "intermediate_size": 256, "num_hidden_layers": 3
              "num_key_value_heads": 4, "max_position_embeddings": 512, "tie_word_embeddings": True}
 CLIP_IMAGE = {"image_size": 32, "patch_size": 8, "width": 64, "layers": 3, "head_width": 32, "mlp_ratio": 2.0}
 CLIP_TEXT = {"context_length": 32, "width": 64, "heads": 2, "layers": 2, "mlp_ratio": 2.0}
+CLIP_FILES = ("open_clip_config.json", "open_clip_model.safetensors")
 SPECIALS = ["<unk>", "<s>", "</s>", "<pad>"]  # ids 0..3, Llama's order for the first three
 
 
@@ -136,7 +137,8 @@ def _cosine(step: int, total: int, lr: float, warmup: int) -> float:
 
 
 def pretrain_lm(out: Path, tokenizer: Any, docs: list[str], *, steps: int, batch: int, seq: int,
-                lr: float, seed: int) -> dict[str, Any]:
+                lr: float, seed: int, shape: dict[str, int] | None = None) -> dict[str, Any]:
+    """`shape` overrides LM_CONFIG's sizes (hidden_size, intermediate_size, num_hidden_layers)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     ids: list[int] = []
@@ -145,7 +147,8 @@ def pretrain_lm(out: Path, tokenizer: Any, docs: list[str], *, steps: int, batch
     stream = torch.tensor(ids, dtype=torch.long)
     torch.manual_seed(seed)
     conf = LlamaConfig(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
-                       eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **LM_CONFIG)
+                       eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                       **{**LM_CONFIG, **(shape or {})})
     model = LlamaForCausalLM(conf)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.95))
     gen = torch.Generator().manual_seed(seed)
@@ -161,7 +164,8 @@ def pretrain_lm(out: Path, tokenizer: Any, docs: list[str], *, steps: int, batch
     model.save_pretrained(str(out))
     tokenizer.save_pretrained(str(out))
     params = sum(p.numel() for p in model.parameters())
-    return {"tokens": len(stream), "documents": len(docs), "parameters": params, "steps": steps,
+    return {"tokens": len(stream), "documents": len(docs), "parameters": params, "hidden_size": conf.hidden_size,
+            "intermediate_size": conf.intermediate_size, "layers": conf.num_hidden_layers, "steps": steps,
             "batch": batch, "seq": seq, "lr": lr, "loss_first": float(np.mean(losses[:10])),
             "loss_last": float(np.mean(losses[-50:])), "losses": losses}
 
@@ -247,6 +251,16 @@ def pretrain_clip(out: Path, tokenizer: Any, *, pairs: int, steps: int, batch: i
             f"heldout_image_to_text_top1_of_{batch}": top1, "losses": losses}
 
 
+def copy_clip(src: Path, out: Path) -> dict[str, Any]:
+    """`--clip-from`: reuse a CLIP this script made (e.g. the shipped one), so only the LM differs."""
+    import shutil
+
+    shutil.copytree(src, out)
+    made = src.parent / "pretrain.json"
+    info = json.loads(made.read_text(encoding="utf-8")).get("clip", {}) if made.is_file() else {}
+    return {**info, "copied_from": str(src.resolve())}
+
+
 # --------------------------------------------------------------------------- #
 
 
@@ -268,17 +282,28 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--lm-batch", type=int, default=16)
     ap.add_argument("--lm-seq", type=int, default=128)
     ap.add_argument("--lm-lr", type=float, default=3e-3)
+    ap.add_argument("--lm-hidden", type=int, default=LM_CONFIG["hidden_size"])
+    ap.add_argument("--lm-intermediate", type=int, default=LM_CONFIG["intermediate_size"])
+    ap.add_argument("--lm-layers", type=int, default=LM_CONFIG["num_hidden_layers"])
     ap.add_argument("--vocab", type=int, default=1024)
     ap.add_argument("--clip-pairs", type=int, default=10000)
     ap.add_argument("--clip-steps", type=int, default=600)
     ap.add_argument("--clip-batch", type=int, default=128)
     ap.add_argument("--clip-lr", type=float, default=2e-3)
+    ap.add_argument("--clip-from", type=Path, default=None, metavar="DIR",
+                    help="copy this clip/ folder (one this script made) instead of training a CLIP")
     args = ap.parse_args(argv)
 
     out = Path(args.out)
     if out.exists() and any(out.iterdir()):
         print(f"error: {out} exists and is not empty; remove it or choose another --out", file=sys.stderr)
         return 2
+    if args.clip_from is not None:
+        missing = [f for f in CLIP_FILES if not (args.clip_from / f).is_file()]
+        if missing:
+            print(f"error: --clip-from {args.clip_from}: no {', '.join(missing)} there (give a clip/ folder this "
+                  "script wrote)", file=sys.stderr)
+            return 2
     torch.set_num_threads(args.threads)
     with atomic_dir(out) as tmp:  # an empty `out` (checked above) is replaced only once all is written
         t0 = time.perf_counter()
@@ -287,22 +312,31 @@ def main(argv: list[str] | None = None) -> int:
 
         docs = fact_corpus(args.lm_docs, LM_DATA_SEED + args.seed)
         lm_tok = build_tokenizer(docs, args.vocab, append_eos=False)
-        clip_tok = build_tokenizer(docs, args.vocab, append_eos=True)
+        clip_tok = build_tokenizer(docs, args.vocab, append_eos=True) if args.clip_from is None else None
         # The two bases are independent: train them in two processes (each seeded, each on --threads threads).
         from concurrent.futures import ProcessPoolExecutor
 
+        shape = {"hidden_size": args.lm_hidden, "intermediate_size": args.lm_intermediate,
+                 "num_hidden_layers": args.lm_layers}
         with ProcessPoolExecutor(max_workers=2) as pool:
             lm_job = pool.submit(_timed, pretrain_lm, tmp / "lm", lm_tok, docs, steps=args.lm_steps,
                                  batch=args.lm_batch, seq=args.lm_seq, lr=args.lm_lr, seed=args.seed,
-                                 threads=args.threads)
-            clip_job = pool.submit(_timed, pretrain_clip, tmp / "clip", clip_tok, pairs=args.clip_pairs,
-                                   steps=args.clip_steps, batch=args.clip_batch, lr=args.clip_lr, seed=args.seed,
-                                   threads=args.threads)
-            lm, clip = lm_job.result(), clip_job.result()
+                                 shape=shape, threads=args.threads)
+            if args.clip_from is None:
+                clip_job = pool.submit(_timed, pretrain_clip, tmp / "clip", clip_tok, pairs=args.clip_pairs,
+                                       steps=args.clip_steps, batch=args.clip_batch, lr=args.clip_lr,
+                                       seed=args.seed, threads=args.threads)
+                clip = clip_job.result()
+            else:
+                clip = copy_clip(args.clip_from, tmp / "clip")
+            lm = lm_job.result()
         print(f"LM: {lm['parameters']:,} parameters, {lm['tokens']:,} tokens, loss {lm['loss_first']:.3f} -> "
               f"{lm['loss_last']:.3f} in {lm['seconds']} s", flush=True)
-        print(f"CLIP: {clip['parameters']:,} parameters, {clip['pairs']:,} pairs, loss {clip['loss_first']:.3f} -> "
-              f"{clip['loss_last']:.3f} in {clip['seconds']} s", flush=True)
+        if "copied_from" in clip:
+            print(f"CLIP: copied from {clip['copied_from']}", flush=True)
+        else:
+            print(f"CLIP: {clip['parameters']:,} parameters, {clip['pairs']:,} pairs, loss {clip['loss_first']:.3f} -> "
+                  f"{clip['loss_last']:.3f} in {clip['seconds']} s", flush=True)
 
         files = {str(p.relative_to(tmp)): _sha256(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
         command = "python scripts/pretrain_demo_bases.py " + " ".join(sys.argv[1:] if argv is None else argv)
@@ -320,7 +354,15 @@ def main(argv: list[str] | None = None) -> int:
 
 def _readme(info: dict[str, Any]) -> str:
     lm, clip = info["lm"], info["clip"]
-    top1 = next(v for k, v in clip.items() if k.startswith("heldout_image_to_text_top1"))
+    top1 = next((v for k, v in clip.items() if k.startswith("heldout_image_to_text_top1")), None)
+    clip_line = (f"""- `clip/`: an open_clip CLIP (ViT 32 px, patch 8, width 64, 3 blocks; text transformer width 64, 2 blocks),
+  {clip['parameters']:,} parameters, trained with `open_clip.loss.ClipLoss` on {clip['pairs']:,} drawn scenes
+  (one to four shapes of any size anywhere, jittered colours, random light backgrounds) paired with their
+  descriptions ("two shapes: a red circle left of a blue square"). {clip['steps']} steps of batch
+  {clip['batch']}; loss {clip['loss_first']:.3f} -> {clip['loss_last']:.3f}; held-out image -> text top-1
+  among {clip['batch']}: {100 * top1:.1f}%.""" if top1 is not None else "- `clip/`: a CLIP this script made before.")
+    if "copied_from" in clip:
+        clip_line += f" Copied from `{clip['copied_from']}` (`--clip-from`), not trained in this run."
     rows = "\n".join(f"| `{name}` | `{digest}` |" for name, digest in info["sha256"].items())
     return f"""# The demo's pretrained bases
 
@@ -329,7 +371,7 @@ in {info['seconds']:.0f} s, with no download:
 
     {info['command']}
 
-- `lm/`: a Llama-family causal LM, {lm['parameters']:,} parameters (hidden 96, 3 layers), byte-level BPE
+- `lm/`: a Llama-family causal LM, {lm['parameters']:,} parameters (hidden {lm['hidden_size']}, {lm['layers']} layer{'s' if lm['layers'] != 1 else ''}), byte-level BPE
   vocabulary of {info['vocab']} tokens. Trained with next-token loss on {lm['documents']:,} paragraphs
   ({lm['tokens']:,} tokens) of plain declarative prose: word facts ("The word cat starts with the letter c.",
   "cat spelled backwards is tac."), sums ("Three plus four is seven.", "3+4=7.") and descriptions of grid
@@ -337,12 +379,7 @@ in {info['seconds']:.0f} s, with no download:
   {lm['steps']} steps of {lm['batch']} x {lm['seq']} tokens; loss {lm['loss_first']:.3f} -> {lm['loss_last']:.3f}
   (mean of the first 10 / last 50 steps). Load: `AutoModelForCausalLM.from_pretrained("lm")`,
   `AutoTokenizer.from_pretrained("lm")`.
-- `clip/`: an open_clip CLIP (ViT 32 px, patch 8, width 64, 3 blocks; text transformer width 64, 2 blocks),
-  {clip['parameters']:,} parameters, trained with `open_clip.loss.ClipLoss` on {clip['pairs']:,} drawn scenes
-  (one to four shapes of any size anywhere, jittered colours, random light backgrounds) paired with their
-  descriptions ("two shapes: a red circle left of a blue square"). {clip['steps']} steps of batch
-  {clip['batch']}; loss {clip['loss_first']:.3f} -> {clip['loss_last']:.3f}; held-out image -> text top-1
-  among {clip['batch']}: {100 * top1:.1f}%. Load: `open_clip.create_model("local-dir:clip")`,
+{clip_line} Load: `open_clip.create_model("local-dir:clip")`,
   `open_clip.get_tokenizer("local-dir:clip")`.
 
 The scenes and the prose come from seeds the demo's pool and evaluation sets never use.

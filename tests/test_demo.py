@@ -87,3 +87,40 @@ def test_targets_are_measured_not_assumed() -> None:
     assert not tg["seen_vision"]["met"] and tg["seen_vision"]["each"][VISION_TASKS[2]]["ratio"] == pytest.approx(1.8)
     assert not tg["unseen_tasks"]["met"]
     assert "qdit_vs_random" not in _targets(results[:5], per_task, "2-shot")
+
+
+def test_demo_refuses_missing_bases_before_writing_anything(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "bases" / "lm").mkdir(parents=True)  # no clip/
+    out = tmp_path / "demo"
+    assert main(["demo", "--out", str(out), "--bases", str(tmp_path / "bases"), "--minutes", "0.3"]) == 2
+    err = capsys.readouterr().err
+    assert "bases are missing" in err and str(tmp_path / "bases" / "clip") in err and "--bases" in err
+    assert not out.exists()
+
+
+def test_demo_starts_from_the_bases_it_is_given(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`--bases DIR`: selection embeds images with DIR's CLIP and both stages load DIR's LM and tower."""
+    import shutil
+
+    import mmtune.train.run as train_run
+    from mmtune.demo import DEMO_BASES
+
+    bases = tmp_path / "my_bases"
+    shutil.copytree(DEMO_BASES / "lm", bases / "lm")
+    shutil.copytree(DEMO_BASES / "clip", bases / "clip")
+    seen: list = []
+
+    class Stop(Exception):
+        pass
+
+    def fake_train(cfg):  # the align stage's config is all this test needs
+        seen.append(cfg)
+        raise Stop
+
+    monkeypatch.setattr(train_run, "train", fake_train)
+    with pytest.raises(Stop):
+        main(["demo", "--out", str(tmp_path / "demo"), "--bases", str(bases), "--minutes", "0.3", "--no-progress"])
+    (cfg,) = seen
+    assert cfg.model.lm.name_or_path == str((bases / "lm").resolve())
+    assert cfg.model.vision.model_name == f"local-dir:{(bases / 'clip').resolve()}"
+    assert (tmp_path / "demo" / "selection").is_dir()

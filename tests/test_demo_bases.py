@@ -114,3 +114,27 @@ def test_script_runs_end_to_end_at_a_tiny_budget(tmp_path: Path) -> None:
     # Nothing a user owns is overwritten.
     again = subprocess.run(cmd, check=False, capture_output=True, text=True, cwd=ROOT, timeout=60)
     assert again.returncode == 2 and "not empty" in again.stderr
+
+
+def test_script_can_vary_the_lm_and_reuse_a_clip(tmp_path: Path) -> None:
+    """`--clip-from` copies a made CLIP (so an ablation changes only the LM); the LM's shape is set by flags."""
+    out = tmp_path / "bases"
+    cmd = [sys.executable, str(SCRIPT), "--out", str(out), "--lm-docs", "200", "--lm-steps", "2", "--lm-seq", "32",
+           "--vocab", "350", "--lm-hidden", "32", "--lm-intermediate", "64", "--lm-layers", "1",
+           "--clip-from", str(DEMO_BASES / "clip")]
+    res = subprocess.run(cmd, check=False, capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    info = json.loads((out / "pretrain.json").read_text())
+    assert info["clip"]["copied_from"] == str((DEMO_BASES / "clip").resolve())
+    for name in ("open_clip_config.json", "open_clip_model.safetensors"):
+        assert _sha(out / "clip" / name) == _sha(DEMO_BASES / "clip" / name)
+    from transformers import AutoConfig
+
+    conf = AutoConfig.from_pretrained(out / "lm")
+    assert (conf.hidden_size, conf.intermediate_size, conf.num_hidden_layers) == (32, 64, 1)
+    assert info["lm"]["hidden_size"] == 32 and "hidden 32, 1 layer)" in (out / "README.md").read_text()
+    # A folder that is not a made CLIP is refused before anything is written.
+    bad = subprocess.run([*cmd[:3], str(tmp_path / "other"), *cmd[4:-1], str(tmp_path)], check=False,
+                         capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert bad.returncode == 2 and "--clip-from" in bad.stderr and "open_clip_config.json" in bad.stderr
+    assert not (tmp_path / "other").exists()

@@ -1,4 +1,4 @@
-"""`mmtune demo [--out DIR] [--minutes M]`: the command line of `mmtune.demo`.
+"""`mmtune demo [--out DIR] [--minutes M] [--bases DIR]`: the command line of `mmtune.demo`.
 
 An existing, non-empty DIR is replaced only with `--overwrite`, and then kept
 aside (not deleted) until the new demo is complete; it is put back if the run
@@ -18,7 +18,6 @@ from mmtune import demo
 from mmtune.errors import MMTuneError
 
 
-
 def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
     parser.add_argument("--minutes", type=float, default=demo.FULL_MINUTES,
@@ -28,6 +27,9 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
                         help="also train on a random k with the same steps and seeds and evaluate it "
                              "(default: on when --minutes >= 10)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--bases", default=None, metavar="DIR",
+                        help="start from the bases in DIR (lm/ and clip/, as scripts/pretrain_demo_bases.py writes) "
+                             "instead of the shipped ones")
     parser.add_argument("--overwrite", action="store_true", help="delete OUT first if it exists")
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
 
@@ -47,7 +49,7 @@ def cli_main(args: argparse.Namespace) -> int:
         os.replace(out, previous)
     try:
         demo.run_demo(out, minutes=args.minutes, k=args.k, compare_random=args.compare_random, seed=args.seed,
-                 progress=args.progress and sys.stderr.isatty())
+                      bases=args.bases, progress=args.progress and sys.stderr.isatty())
     except BaseException:
         if previous is not None:
             shutil.rmtree(out, ignore_errors=True)
