@@ -138,3 +138,15 @@ def test_script_can_vary_the_lm_and_reuse_a_clip(tmp_path: Path) -> None:
                          capture_output=True, text=True, cwd=ROOT, timeout=60)
     assert bad.returncode == 2 and "--clip-from" in bad.stderr and "open_clip_config.json" in bad.stderr
     assert not (tmp_path / "other").exists()
+
+
+def test_the_shipped_lm_knows_every_first_letter_the_held_out_task_asks_for() -> None:
+    """README's claim behind the held-out analysis: the base completes "The first letter of W is" for all words."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("probe_demo_lm", ROOT / "scripts" / "probe_demo_lm.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    known = mod.probe(DEMO_BASES / "lm")
+    assert known["first letter"] == known["starts with"] == (31, 31)
+    assert known["length"][0] < known["last letter"][0] <= 31  # the probe can fail: not every fact is known
