@@ -24,7 +24,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run from a checkout without installing
 
-from mmtune.data.synthetic import NUMBER_WORDS, WORDS  # noqa: E402
+from mmtune.data.synthetic import NUMBER_WORDS, WORDS
 
 FACTS: dict[str, tuple[str, Callable[[str], str]]] = {
     "first letter": ("The first letter of {w} is", lambda w: w[0]),
