@@ -498,7 +498,7 @@ def run_demo(
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     report = {
         "bases": {"lm": str(bases / "lm"), "vision": f"local-dir:{bases / 'clip'}", "shipped": bases == DEMO_BASES,
-                  "made_by": "scripts/pretrain_demo_bases.py" if bases == DEMO_BASES else "the --bases folder",
+                  "made_by": "scripts/pretrain_demo_bases.py" if bases == DEMO_BASES else None,
                   "template": base_cfg.data.template},
         "pool": {"records": len(pool), "tasks": sorted({r.task for r in pool if r.task}),
                  "train_records": len(train_pool), "heldout_records": len(heldout)},
@@ -545,7 +545,8 @@ def _markdown(report: dict[str, Any], out: Path) -> str:
     few = f"{ev['few_shot_k']}-shot"
     lines += [
         (f"- bases: `{report['bases']['lm']}` (Llama causal LM) and `{report['bases']['vision']}` (open_clip CLIP), "
-         f"made by `{report['bases']['made_by']}`; template `{report['bases']['template']}`"),
+         + (f"made by `{report['bases']['made_by']}`" if report["bases"].get("shipped", True) else "given with `--bases`")
+         + f"; template `{report['bases']['template']}`"),
         (f"- pool: {p['records']} records over {len(p['tasks'])} tasks; "
          f"held out: tasks {', '.join(ev['unseen_tasks'])} and phrasing #{ev['unseen_phrasing']}"),
         (f"- selection: QDIT (alpha {s['alpha']}) picked {s['k']} records in {s['seconds']:.1f} s "
