@@ -41,7 +41,7 @@ from typing import Any
 
 import numpy as np
 
-from mmtune.data.synthetic import IMAGE_TASKS, TEXT_TASKS
+from mmtune.data.synthetic import IMAGE_TASKS, N_PHRASINGS, TEXT_TASKS
 from mmtune.errors import MMTuneError
 from mmtune.fileio import atomic_text, write_json_atomic
 
@@ -53,7 +53,7 @@ VISION_TASKS = ("colour", "count", "position", "exists")
 DEMO_SYSTEM = "Answer briefly."  # the seen vision tasks the targets are about
 HOLDOUT_TASKS = ("shape", "first_letter")
 TRAIN_TASKS = tuple(t for t in IMAGE_TASKS + TEXT_TASKS if t not in HOLDOUT_TASKS)
-UNSEEN_PHRASING = 3
+UNSEEN_PHRASING = N_PHRASINGS - 1  # the last phrasing of every task (mmtune.data.synthetic's convention)
 FULL_MINUTES = 15.0
 ALIGN_STEPS = 150
 INSTRUCT_STEPS = 1600
@@ -179,7 +179,7 @@ def _eval_records(out: Path, plan: DemoPlan, seed: int) -> dict[str, Path]:
     n = plan.eval_per_task
     sets = {
         "seen": make_pool(out / "seen", per_task=n, tasks=TRAIN_TASKS, seed=seed + 101,
-                          phrasings=tuple(i for i in range(4) if i != UNSEEN_PHRASING), id_prefix="seen",
+                          phrasings=tuple(i for i in range(N_PHRASINGS) if i != UNSEEN_PHRASING), id_prefix="seen",
                           system=DEMO_SYSTEM),
         "unseen-phrasing": make_pool(out / "unseen_phrasing", per_task=n, tasks=TRAIN_TASKS, seed=seed + 202,
                                      phrasings=(UNSEEN_PHRASING,), id_prefix="uphr", system=DEMO_SYSTEM),
@@ -380,7 +380,7 @@ def run_demo(
     _say(f"drawing the pool: {plan.per_task} records x {len(IMAGE_TASKS + TEXT_TASKS)} tasks "
          f"(phrasing {UNSEEN_PHRASING} kept back)")
     raw = make_pool(out / "pool", per_task=plan.per_task, seed=seed,
-                    phrasings=tuple(i for i in range(4) if i != UNSEEN_PHRASING), id_prefix="pool",
+                    phrasings=tuple(i for i in range(N_PHRASINGS) if i != UNSEEN_PHRASING), id_prefix="pool",
                     system=DEMO_SYSTEM)
     write_records(raw, out / "pool" / "drawn.jsonl")
     converted = convert_files([out / "pool" / "drawn.jsonl"], fmt="unified",

@@ -38,3 +38,11 @@ def test_drawn_colours_are_where_the_scene_says(tmp_path: Path) -> None:
     assert img.getpixel((10, 15)) == COLOURS["red"]
     assert img.getpixel((50, 45)) == COLOURS["blue"]
     assert img.getpixel((30, 15)) == (245, 245, 240)
+
+
+def test_every_task_has_the_same_number_of_distinct_phrasings() -> None:
+    """The demo keeps the last phrasing of every task back (N_PHRASINGS - 1): each task must have that many."""
+    from mmtune.data.synthetic import N_PHRASINGS
+
+    for task, phrasings in PHRASINGS.items():
+        assert len(phrasings) == N_PHRASINGS and len(set(phrasings)) == N_PHRASINGS, task

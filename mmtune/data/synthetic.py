@@ -38,7 +38,8 @@ WORDS = (
 ).split()
 NUM_WORDS = {1: "one", 2: "two", 3: "three"}
 
-# Each task: phrasings (the last one is the held-out "unseen phrasing" by convention).
+# Each task: N_PHRASINGS phrasings; the last one is the held-out "unseen phrasing" by convention.
+N_PHRASINGS = 4
 PHRASINGS: dict[str, list[str]] = {
     "colour": ["What colour is the {shape}?", "Which colour does the {shape} have?", "Tell me the colour of the {shape}.", "The {shape} is what colour?"],
     "shape": ["Which shape is {colour}?", "What is the {colour} shape?", "Name the shape that is {colour}.", "The {colour} object is which shape?"],
