@@ -99,28 +99,30 @@ def test_demo_refuses_missing_bases_before_writing_anything(tmp_path: Path, caps
 
 
 def test_demo_starts_from_the_bases_it_is_given(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """`--bases DIR`: selection embeds images with DIR's CLIP and both stages load DIR's LM and tower."""
+    """`--bases DIR`: the selection embeds images with DIR's CLIP, and the training stages load DIR's LM and tower."""
     import shutil
 
-    import mmtune.train.run as train_run
-    from mmtune.demo import DEMO_BASES
+    import mmtune.select.api as select_api
+    from mmtune.demo import DEMO_BASES, DEMO_CONFIG, _train_config
 
     bases = tmp_path / "my_bases"
     shutil.copytree(DEMO_BASES / "lm", bases / "lm")
     shutil.copytree(DEMO_BASES / "clip", bases / "clip")
-    seen: list = []
+    encoders: list[str] = []
 
     class Stop(Exception):
         pass
 
-    def fake_train(cfg):  # the align stage's config is all this test needs
-        seen.append(cfg)
+    def fake_select(*args, image_encoder=None, **kwargs):  # the encoder the demo built is all this test needs
+        encoders.append(image_encoder.name)
         raise Stop
 
-    monkeypatch.setattr(train_run, "train", fake_train)
+    monkeypatch.setattr(select_api, "select_records", fake_select)
     with pytest.raises(Stop):
         main(["demo", "--out", str(tmp_path / "demo"), "--bases", str(bases), "--minutes", "0.3", "--no-progress"])
-    (cfg,) = seen
-    assert cfg.model.lm.name_or_path == str((bases / "lm").resolve())
-    assert cfg.model.vision.model_name == f"local-dir:{(bases / 'clip').resolve()}"
-    assert (tmp_path / "demo" / "selection").is_dir()
+    assert encoders == [f"open_clip local-dir:{(bases / 'clip').resolve()}"]
+    for stage in ("align", "instruct"):
+        cfg = _train_config(DEMO_CONFIG, tmp_path / stage, stage, 4, str(tmp_path / "shards"), lr=1e-3,
+                            projector_from=None, seed=0, progress=False, bases=bases.resolve())
+        assert cfg.model.lm.name_or_path == str((bases / "lm").resolve())
+        assert cfg.model.vision.model_name == f"local-dir:{(bases / 'clip').resolve()}"
