@@ -367,6 +367,7 @@ def run_demo(
     if compare_random is not None:
         plan.compare_random = compare_random
     bases = Path(bases).resolve() if bases is not None else DEMO_BASES
+    shipped = bases == DEMO_BASES
     overrides = base_overrides(bases)  # checked before anything is written
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -497,8 +498,8 @@ def run_demo(
     few_shot = f"{eval_cfg.k}-shot"
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     report = {
-        "bases": {"lm": str(bases / "lm"), "vision": f"local-dir:{bases / 'clip'}", "shipped": bases == DEMO_BASES,
-                  "made_by": "scripts/pretrain_demo_bases.py" if bases == DEMO_BASES else None,
+        "bases": {"lm": str(bases / "lm"), "vision": f"local-dir:{bases / 'clip'}", "shipped": shipped,
+                  "made_by": "scripts/pretrain_demo_bases.py" if shipped else None,
                   "template": base_cfg.data.template},
         "pool": {"records": len(pool), "tasks": sorted({r.task for r in pool if r.task}),
                  "train_records": len(train_pool), "heldout_records": len(heldout)},

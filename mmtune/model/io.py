@@ -33,7 +33,7 @@ import torch
 
 from mmtune.config import ModelConfig, load_config, save_config
 from mmtune.data.tokenizer import load_tokenizer
-from mmtune.dcp_metadata import safe_file_system_reader
+from mmtune.dcp_metadata import METADATA_FILE, safe_file_system_reader
 from mmtune.errors import MMTuneError
 from mmtune.integrity import corruption_message, find_corruption
 from mmtune.model.build import ModelBundle, build_model, dtype_name
@@ -271,7 +271,7 @@ def load_full_model_state(folder: str | Path, model: torch.nn.Module) -> None:
     import torch.distributed.checkpoint as dcp
 
     source = Path(folder) / SHARDED_DIR
-    if not (source / ".metadata").is_file():
+    if not (source / METADATA_FILE).is_file():
         raise MMTuneError(f"{folder}: {PARTS_FILE} says the weights are sharded but {SHARDED_DIR}/.metadata is missing")
     state = dict(model.state_dict())
     reader = safe_file_system_reader(source)  # DCP's .metadata is a pickle: refused unless only DCP's classes

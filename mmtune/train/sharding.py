@@ -50,7 +50,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from mmtune.dcp_metadata import safe_file_system_reader
+from mmtune.dcp_metadata import METADATA_FILE, safe_file_system_reader
 from mmtune.errors import MMTuneError
 from mmtune.model.io import SHARDED_DIR, SHARDED_MODEL_KEY
 
@@ -155,7 +155,7 @@ def load_sharded(folder: str | os.PathLike[str], model: nn.Module, optimizer: to
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
     source = Path(folder) / SHARDED_DIR
-    if not (source / ".metadata").is_file():
+    if not (source / METADATA_FILE).is_file():
         raise MMTuneError(f"{folder}: no sharded state ({SHARDED_DIR}/.metadata missing)")
     reader = safe_file_system_reader(source)  # DCP's .metadata is a pickle: refused unless only DCP's classes
     model_sd, optim_sd = get_state_dict(model, optimizer, options=_options())
