@@ -17,8 +17,8 @@ shards, one image per record with a short question and answer, repeated to
 2. the tower's own work: decode + its loader transform (pad to square with
    the mean colour, LLaVA-1.5's "pad", + resize + uint8 tensor), the least
    any loader giving the model its exact pixels must do. The padded canvas
-   is larger than the photo, so this costs more than (1), even with
-   `pad_resize` (mmtune/data/images.py) resizing only the photo's rows;
+   is larger than the photo; `pad_resize` (mmtune/data/images.py) resamples
+   only the outputs that reach the photo, so this costs about what (1) does;
 3. the whole path the trainer runs per process: webdataset shards read and
    shuffled by `ExampleStream`, records tokenized (byte-level BPE), images
    decoded and transformed by the tower's loader transform

@@ -171,15 +171,22 @@ def test_pad_resize_gives_pad_then_resize_bit_for_bit():
     from mmtune.data.images import pad_resize
 
     rng = np.random.default_rng(0)
-    fill = (122, 116, 104)
-    shapes = [(int(rng.integers(1, 400)), int(rng.integers(1, 400)), int(rng.choice([7, 32, 64, 100])))
-              for _ in range(60)]
-    shapes += [(500, 375, 336), (800, 600, 336), (640, 428, 336), (336, 200, 336), (300, 168, 336)]
-    for w, h, n in shapes:
+    # random wide and tall photos, shrunk and enlarged; sizes whose band ends fall on awkward fractions
+    # (Pillow takes the box as float32); LLaVA's 336 and SigLIP's 384 with COCO-like photos
+    shapes = [(int(rng.integers(1, 700)), int(rng.integers(1, 700)), int(rng.choice([7, 32, 64, 100, 224, 336])))
+              for _ in range(40)]
+    shapes += [(500, 375, 336), (800, 600, 336), (640, 428, 336), (336, 200, 336), (300, 168, 336), (427, 640, 336),
+               (316, 500, 336), (1008, 336, 336), (336, 1008, 336), (765, 573, 100), (232, 554, 336), (345, 415, 384),
+               (617, 855, 224), (603, 473, 224), (31, 688, 336), (640, 480, 384), (480, 640, 384)]
+    filters = (Image.Resampling.BICUBIC, Image.Resampling.BILINEAR, Image.Resampling.LANCZOS, Image.Resampling.HAMMING,
+               Image.Resampling.BOX, Image.Resampling.NEAREST)
+    for i, (w, h, n) in enumerate(shapes):
         img = Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
-        for resample in (Image.Resampling.BICUBIC, Image.Resampling.BILINEAR):
+        fill = ((122, 116, 104), (255, 255, 255), (0, 0, 0), tuple(int(c) for c in rng.integers(0, 256, 3)))[i % 4]
+        for resample in (filters[:2] if i % 4 else filters):
             ref = expand_to_square(img, fill).resize((n, n), resample)
-            assert np.array_equal(np.asarray(pad_resize(img, fill, n, resample)), np.asarray(ref)), (w, h, n)
+            got = pad_resize(img, fill, n, resample)
+            assert np.array_equal(np.asarray(got), np.asarray(ref)), (w, h, n, fill, resample)
 
 
 def test_open_clip_pad_transform_is_fused_and_equals_pad_then_transform():

@@ -12,6 +12,7 @@ less work.
 from __future__ import annotations
 
 import io
+import math
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -146,31 +147,82 @@ def expand_to_square(img: Image.Image, background_rgb: Sequence[int] = (0, 0, 0)
     return canvas
 
 
+# Pillow's filter supports (its Resample.c), which set how far each output pixel's input window reaches.
+# BOX is left out: its weights jump from 1 to 0 at the window's edge, where the box's rounding shows.
+_FILTER_SUPPORT = {Image.Resampling.BICUBIC: 2.0, Image.Resampling.BILINEAR: 1.0, Image.Resampling.LANCZOS: 3.0,
+                   Image.Resampling.HAMMING: 1.0}
+
+
+def _photo_band(n_in: int, n_out: int, lo: int, hi: int, support: float) -> tuple[int, int, int, int]:
+    """For one resampling pass of n_in -> n_out pixels whose input is padding outside [lo, hi):
+    (j0, j1, a, b) such that every output outside [j0, j1) reads padding only, and inputs [a, b)
+    hold the whole window of every output in [j0, j1).
+
+    Pillow computes an output's window and weights from `box_start + (j + 0.5) * scale` and
+    takes the box as float32, so a box starting at output j0 gives the full pass's pixels only
+    when j0 * n_in / n_out is exact in float32: j0 and j1 are rounded outwards to multiples of
+    the odd part of n_out / gcd(n_in, n_out), which makes it a dyadic fraction. The band is
+    otherwise a little wider than needed; that only costs time.
+    """
+    scale = n_in / n_out
+    reach = support * max(scale, 1.0)
+    j0 = max(0, int((lo - reach - 1) / scale) - 2)
+    j1 = min(n_out, math.ceil((hi + reach + 1) / scale) + 2)
+    step = n_out // math.gcd(n_in, n_out)
+    while step % 2 == 0:
+        step //= 2
+    j0, j1 = j0 // step * step, min(n_out, -(-j1 // step) * step)
+    a = max(0, int((j0 + 0.5) * scale - reach + 0.5) - 1)
+    b = min(n_in, int((j1 - 0.5) * scale + reach + 0.5) + 2)
+    return j0, j1, a, b
+
+
 def pad_resize(img: Image.Image, background_rgb: Sequence[int], size: int,
                resample: int = Image.Resampling.BICUBIC) -> Image.Image:
-    """`expand_to_square(img, background_rgb).resize((size, size), resample)`, bit for bit, faster for wide images.
+    """`expand_to_square(img, background_rgb).resize((size, size), resample)`, bit for bit, with the work
+    of resizing the photo alone.
 
-    Hand-written because no library offers it. Pillow resamples in two
-    separable passes into an 8-bit intermediate, horizontal first, with
-    coefficients that depend only on the input and output sizes. For a wide
-    RGB image (width w > height h) the padded canvas is w x w, and its
-    horizontal pass is, row by row, the image's rows and the padding rows
-    resized from w to `size` columns. Those rows are built here directly
-    (`img.resize((size, h))` is that horizontal pass alone, on h rows instead
-    of w) and the vertical pass runs on them (`resize` of a size x w image to
-    size x size is the vertical pass alone). Tall and square images, other
-    modes and canvases already `size` wide take the plain path
-    (tests/test_pixels.py compares both over many sizes).
+    Hand-written because no library offers it. Pillow resamples in two separable passes into an
+    8-bit intermediate, horizontal first, with coefficients that depend only on the input and
+    output sizes (and the box). The padded canvas is n x n (n = the longer side); along the
+    padded axis, an output pixel whose input window holds padding only is the padding colour
+    resampled, the same along the other axis. So only the band of outputs that reach the photo
+    is resampled (Pillow's `box`, on a canvas cut to the inputs those outputs read), and the
+    rest is filled from the padding colour's own resample:
+
+    - wide (w > h): the horizontal pass on the photo's h rows (`img.resize((size, h))`), padding
+      rows filled, then the vertical pass for the band of rows only;
+    - tall (h > w): both passes for the band of columns only.
+
+    Square images, other modes and filters and canvases already `size` wide take the plain path.
+    tests/test_pixels.py compares both paths over many sizes and filters.
     """
     w, h = img.size
-    if w <= h or w == size or img.mode != "RGB":
+    support = _FILTER_SUPPORT.get(resample)  # type: ignore[call-overload]
+    if w == h or max(w, h) == size or img.mode != "RGB" or support is None:
         return expand_to_square(img, background_rgb).resize((size, size), resample)
-    r, g, b = (int(c) for c in background_rgb)
-    band = Image.new("RGB", (w, 1), (r, g, b)).resize((size, 1), resample)  # one padding row, horizontal pass
-    lo, hi = zip(*band.getextrema(), strict=True)
-    if lo == hi:  # a constant row resamples to itself (the usual case): fill, instead of repeating it
-        rows = Image.new("RGB", (size, w), lo)
-    else:
-        rows = band.resize((size, w), Image.Resampling.NEAREST)  # that row, w times
-    rows.paste(img.resize((size, h), resample), (0, (w - h) // 2))  # the image's rows, horizontal pass
-    return rows.resize((size, size), resample)
+    fill = tuple(int(c) for c in background_rgb)
+    n = max(w, h)
+    scale = n / size
+    # A padding row (column) of the canvas after the horizontal pass. Pillow's fixed-point weights
+    # usually resample a constant row to itself; where they do not, the plain path.
+    line = Image.new("RGB", (n, 1), fill).resize((size, 1), resample)  # type: ignore[arg-type]
+    lo, hi = zip(*line.getextrema(), strict=True)
+    if lo != hi:
+        return expand_to_square(img, background_rgb).resize((size, size), resample)
+    # What reads padding only: a padding column's vertical pass, repeated along each row.
+    out = Image.new("RGB", (1, n), lo).resize((1, size), resample).resize((size, size), Image.Resampling.NEAREST)
+    if w > h:
+        top = (w - h) // 2
+        j0, j1, a, b = _photo_band(n, size, top, top + h, support)
+        rows = Image.new("RGB", (size, b - a), lo)  # canvas rows a..b after the horizontal pass
+        rows.paste(img.resize((size, h), resample), (0, top - a))
+        out.paste(rows.resize((size, j1 - j0), resample, box=(0, j0 * scale - a, size, j1 * scale - a)), (0, j0))
+        return out
+    left = (h - w) // 2
+    j0, j1, a, b = _photo_band(n, size, left, left + w, support)
+    cols = Image.new("RGB", (b - a, h), fill)  # type: ignore[arg-type]  # canvas columns a..b
+    cols.paste(img, (left - a, 0))
+    band = cols.resize((j1 - j0, h), resample, box=(j0 * scale - a, 0, j1 * scale - a, h))  # horizontal pass
+    out.paste(band.resize((j1 - j0, size), resample), (j0, 0))  # vertical pass, the band's columns only
+    return out
