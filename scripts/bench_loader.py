@@ -116,6 +116,31 @@ def tower_pixels(data: bytes, size: int, draft: bool, transform: Any) -> Any:
     return transform(load_image(data, draft_size=size if draft else None))
 
 
+def resize_alone(images: list[Any], size: int, background: tuple[int, int, int], reps: int) -> dict[str, float]:
+    """CPU ms per image of the resize alone, on decoded images: the squash, LLaVA's expand2square +
+    resize, and `pad_resize` (the same pixels as LLaVA's), over all images, the wide and the tall ones."""
+    from PIL import Image
+
+    from mmtune.data.images import expand_to_square, pad_resize
+
+    works = {"squash": lambda im: im.resize((size, size), Image.BICUBIC),
+             "LLaVA's": lambda im: expand_to_square(im, background).resize((size, size), Image.BICUBIC),
+             "pad_resize": lambda im: pad_resize(im, background, size)}
+    groups = {"all": images, "wide": [im for im in images if im.width > im.height],
+              "tall": [im for im in images if im.height > im.width]}
+    best = {f"{g} {w}": math.inf for g in groups for w in works}
+    for _ in range(reps):  # interleaved, so that load from other processes hits every figure alike
+        for gname, group in groups.items():
+            for wname, work in works.items():
+                c = time.process_time()
+                for im in group:
+                    work(im)
+                key = f"{gname} {wname}"
+                best[key] = min(best[key], (time.process_time() - c) / max(len(group), 1))
+    out = {k: 1000 * v for k, v in best.items()}
+    return out
+
+
 def limit(blobs: list[bytes], work: Any, reps: int) -> tuple[float, float]:
     """(images/s wall, images per CPU-second) of `work(blob)`, best of `reps` passes over all images."""
     wall = cpu = math.inf
@@ -281,6 +306,10 @@ def main(argv: list[str] | None = None) -> int:
         # the same limits with `workers` processes decoding at once: the per-worker ceiling
         together: dict[Any, list[tuple[float, float]]] = {k: [] for k in limits}
         res: dict[Any, list[tuple[float, float, float]]] = {k: [] for k in runs}
+        from mmtune.data.images import load_image
+
+        decoded = [load_image(b) for b in blobs]
+        resizes: list[dict[str, float]] = []
         # Rounds interleave every measurement and each figure is the median over rounds, so load
         # from other processes on a shared machine hits the limits and the pipeline alike.
         for _ in range(args.rounds):
@@ -288,6 +317,7 @@ def main(argv: list[str] | None = None) -> int:
                 lim[key].append(limit(blobs, work, args.reps))
                 if args.workers > 1:
                     together[key].append(concurrent_limit(blobs, work, args.reps, args.workers))
+            resizes.append(resize_alone(decoded, args.size, background, args.reps))
             for key in runs:
                 workers, kind, draft = key
                 transform = bundle.pixel_transform if kind == "uint8" else bundle.image_transform
@@ -317,6 +347,9 @@ def main(argv: list[str] | None = None) -> int:
             name = f"{names[kind]}, {'JPEG draft' if draft else 'full decode'}, {args.workers} processes at once"
             print(f"  {name:<52} {med(v, 0):>8.1f} {med(v, 1):>10.1f}   (per process)")
     full, fast = med(lim[("squash", False)], 1), med(lim[("squash", True)], 1)
+    counts = f"{sum(im.width > im.height for im in decoded)} wide, {sum(im.height > im.width for im in decoded)} tall"
+    print(f"  resize alone, decoded images ({counts}), CPU ms per image: " + ", ".join(
+        f"{k} {statistics.median(r[k] for r in resizes):.2f}" for k in resizes[0]))
     print(f"  JPEG draft: {fast / full:.2f}x on the limit; draft vs full after resize: mean |diff| {mean_d:.2f}/255, "
           f"max {max_d:.0f}/255, PSNR {psnr:.1f} dB")
     print(f"  {'pipeline (shards -> stream -> batcher)':<40} {'samples/s':>9} {'/worker':>8} {'wall %':>7} "

@@ -289,3 +289,4 @@ def test_loader_benchmark_runs_shrunk_and_prints_every_row(capsys):
                 "1 worker(s), uint8, draft", "0 worker(s), float on CPU, full"):
         assert row in out, row
     assert "% LLaVA" in out and "JPEG draft:" in out
+    assert "resize alone" in out and "tall pad_resize" in out
