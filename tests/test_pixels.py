@@ -187,6 +187,12 @@ def test_pad_resize_gives_pad_then_resize_bit_for_bit():
             ref = expand_to_square(img, fill).resize((n, n), resample)
             got = pad_resize(img, fill, n, resample)
             assert np.array_equal(np.asarray(got), np.asarray(ref)), (w, h, n, fill, resample)
+    # the padding outputs are cached per canvas size: a second photo of a size must not see the first one's band
+    for w, h in ((640, 480), (480, 640)):
+        for _ in range(2):
+            img = Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+            ref = expand_to_square(img, (122, 116, 104)).resize((336, 336), Image.Resampling.BICUBIC)
+            assert np.array_equal(np.asarray(pad_resize(img, (122, 116, 104), 336)), np.asarray(ref)), (w, h)
 
 
 def test_open_clip_pad_transform_is_fused_and_equals_pad_then_transform():

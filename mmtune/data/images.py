@@ -11,6 +11,7 @@ less work.
 
 from __future__ import annotations
 
+import functools
 import io
 import math
 import os
@@ -177,6 +178,22 @@ def _photo_band(n_in: int, n_out: int, lo: int, hi: int, support: float) -> tupl
     return j0, j1, a, b
 
 
+@functools.lru_cache(maxsize=64)  # a dataset has few canvas sizes; building this costs ~8x copying it
+def _padding_square(n: int, size: int, fill: tuple[int, int, int], resample: int
+                    ) -> tuple[tuple[int, ...], Image.Image] | None:
+    """What an n x n canvas of `fill` resamples to, for `pad_resize` (never modified: it copies it):
+    (the padding row after the horizontal pass, the size x size image of padding-only outputs), or
+    None when Pillow's fixed-point weights do not resample a constant row to a constant (then
+    `pad_resize` takes the plain path)."""
+    line = Image.new("RGB", (n, 1), fill).resize((size, 1), resample)
+    lo, hi = zip(*line.getextrema(), strict=True)
+    if lo != hi:
+        return None
+    # a padding column's vertical pass, repeated along each row
+    column = Image.new("RGB", (1, n), lo).resize((1, size), resample)
+    return lo, column.resize((size, size), Image.Resampling.NEAREST)
+
+
 def pad_resize(img: Image.Image, background_rgb: Sequence[int], size: int,
                resample: int = Image.Resampling.BICUBIC) -> Image.Image:
     """`expand_to_square(img, background_rgb).resize((size, size), resample)`, bit for bit, with the work
@@ -203,15 +220,12 @@ def pad_resize(img: Image.Image, background_rgb: Sequence[int], size: int,
         return expand_to_square(img, background_rgb).resize((size, size), resample)
     fill = tuple(int(c) for c in background_rgb)
     n = max(w, h)
-    scale = n / size
-    # A padding row (column) of the canvas after the horizontal pass. Pillow's fixed-point weights
-    # usually resample a constant row to itself; where they do not, the plain path.
-    line = Image.new("RGB", (n, 1), fill).resize((size, 1), resample)  # type: ignore[arg-type]
-    lo, hi = zip(*line.getextrema(), strict=True)
-    if lo != hi:
+    padding = _padding_square(n, size, fill, resample)  # type: ignore[arg-type]
+    if padding is None:
         return expand_to_square(img, background_rgb).resize((size, size), resample)
-    # What reads padding only: a padding column's vertical pass, repeated along each row.
-    out = Image.new("RGB", (1, n), lo).resize((1, size), resample).resize((size, size), Image.Resampling.NEAREST)
+    lo, square = padding
+    out = square.copy()
+    scale = n / size
     if w > h:
         top = (w - h) // 2
         j0, j1, a, b = _photo_band(n, size, top, top + h, support)
