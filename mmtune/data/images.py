@@ -181,10 +181,10 @@ def _photo_band(n_in: int, n_out: int, lo: int, hi: int, support: float) -> tupl
 @functools.lru_cache(maxsize=64)  # a dataset has few canvas sizes; building this costs ~8x copying it
 def _padding_square(n: int, size: int, fill: tuple[int, int, int], resample: int
                     ) -> tuple[tuple[int, ...], Image.Image] | None:
-    """What an n x n canvas of `fill` resamples to, for `pad_resize` (never modified: it copies it):
-    (the padding row after the horizontal pass, the size x size image of padding-only outputs), or
-    None when Pillow's fixed-point weights do not resample a constant row to a constant (then
-    `pad_resize` takes the plain path)."""
+    """What an n x n canvas of `fill` resamples to, for `pad_resize`: (the padding row after the
+    horizontal pass, the size x size image of padding-only outputs), or None when Pillow's
+    fixed-point weights do not resample a constant row to a constant (then `pad_resize` takes the
+    plain path). Cached: callers copy the image and never modify it."""
     line = Image.new("RGB", (n, 1), fill).resize((size, 1), resample)
     lo, hi = zip(*line.getextrema(), strict=True)
     if lo != hi:
@@ -196,8 +196,8 @@ def _padding_square(n: int, size: int, fill: tuple[int, int, int], resample: int
 
 def pad_resize(img: Image.Image, background_rgb: Sequence[int], size: int,
                resample: int = Image.Resampling.BICUBIC) -> Image.Image:
-    """`expand_to_square(img, background_rgb).resize((size, size), resample)`, bit for bit, with the work
-    of resizing the photo alone.
+    """`expand_to_square(img, background_rgb).resize((size, size), resample)`, bit for bit, with about
+    the work of resizing the photo alone.
 
     Hand-written because no library offers it. Pillow resamples in two separable passes into an
     8-bit intermediate, horizontal first, with coefficients that depend only on the input and
