@@ -54,6 +54,7 @@ DEMO_SYSTEM = "Answer briefly."  # the seen vision tasks the targets are about
 HOLDOUT_TASKS = ("shape", "first_letter")
 TRAIN_TASKS = tuple(t for t in IMAGE_TASKS + TEXT_TASKS if t not in HOLDOUT_TASKS)
 UNSEEN_PHRASING = N_PHRASINGS - 1  # the last phrasing of every task (mmtune.data.synthetic's convention)
+SEEN_PHRASINGS = tuple(range(UNSEEN_PHRASING))  # what the pool, the seen eval set and the probes draw
 FULL_MINUTES = 15.0
 ALIGN_STEPS = 150
 INSTRUCT_STEPS = 1600
@@ -179,7 +180,7 @@ def _eval_records(out: Path, plan: DemoPlan, seed: int) -> dict[str, Path]:
     n = plan.eval_per_task
     sets = {
         "seen": make_pool(out / "seen", per_task=n, tasks=TRAIN_TASKS, seed=seed + 101,
-                          phrasings=tuple(i for i in range(N_PHRASINGS) if i != UNSEEN_PHRASING), id_prefix="seen",
+                          phrasings=SEEN_PHRASINGS, id_prefix="seen",
                           system=DEMO_SYSTEM),
         "unseen-phrasing": make_pool(out / "unseen_phrasing", per_task=n, tasks=TRAIN_TASKS, seed=seed + 202,
                                      phrasings=(UNSEEN_PHRASING,), id_prefix="uphr", system=DEMO_SYSTEM),
@@ -381,7 +382,7 @@ def run_demo(
     _say(f"drawing the pool: {plan.per_task} records x {len(IMAGE_TASKS + TEXT_TASKS)} tasks "
          f"(phrasing {UNSEEN_PHRASING} kept back)")
     raw = make_pool(out / "pool", per_task=plan.per_task, seed=seed,
-                    phrasings=tuple(i for i in range(N_PHRASINGS) if i != UNSEEN_PHRASING), id_prefix="pool",
+                    phrasings=SEEN_PHRASINGS, id_prefix="pool",
                     system=DEMO_SYSTEM)
     write_records(raw, out / "pool" / "drawn.jsonl")
     converted = convert_files([out / "pool" / "drawn.jsonl"], fmt="unified",

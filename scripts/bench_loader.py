@@ -137,8 +137,7 @@ def resize_alone(images: list[Any], size: int, background: tuple[int, int, int],
                     work(im)
                 key = f"{gname} {wname}"
                 best[key] = min(best[key], (time.process_time() - c) / max(len(group), 1))
-    out = {k: 1000 * v for k, v in best.items()}
-    return out
+    return {k: 1000 * v for k, v in best.items()}
 
 
 def limit(blobs: list[bytes], work: Any, reps: int) -> tuple[float, float]:

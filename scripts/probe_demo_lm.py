@@ -25,6 +25,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run from a checkout without installing
 
 from mmtune.data.synthetic import NUMBER_WORDS, WORDS
+from mmtune.demo import DEMO_BASES
 
 FACTS: dict[str, tuple[str, Callable[[str], str]]] = {
     "first letter": ("The first letter of {w} is", lambda w: w[0]),
@@ -57,7 +58,7 @@ def probe(lm_dir: Path, words: list[str] | None = None) -> dict[str, tuple[int, 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--bases", type=Path, default=REPO / "mmtune" / "assets" / "demo_bases",
+    ap.add_argument("--bases", type=Path, default=DEMO_BASES,
                     help="a folder with lm/ (default: the shipped bases)")
     args = ap.parse_args(argv)
     lm_dir = args.bases / "lm"

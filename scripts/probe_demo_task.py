@@ -34,15 +34,14 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run from a checkout without installing
 
 TASK_SEED = 950_005  # not the pool's, the eval sets', the other probes' or the pretraining corpora's
-SEEN_PHRASINGS = (0, 1, 2)  # the demo keeps phrasing 3 back as its unseen phrasing
 
 
 def draw(out: Path, task: str, n: int, seed: int, prefix: str) -> tuple[list, Path]:
     from mmtune.data.schema import write_records
     from mmtune.data.synthetic import make_pool
-    from mmtune.demo import DEMO_SYSTEM
+    from mmtune.demo import DEMO_SYSTEM, SEEN_PHRASINGS
 
-    recs = make_pool(out / prefix, per_task=n, tasks=(task,), seed=seed, phrasings=SEEN_PHRASINGS,
+    recs = make_pool(out / prefix, per_task=n, tasks=(task,), seed=seed, phrasings=SEEN_PHRASINGS,  # not the unseen one
                      id_prefix=prefix, system=DEMO_SYSTEM)
     path = out / f"{prefix}.jsonl"
     write_records(recs, path)
