@@ -2,6 +2,7 @@
 
     python scripts/probe_demo_align.py --out /tmp/probe_align [--captions 3000]
         [--frozen-steps 1500 --frozen-lr 1e-2] [--unfrozen-steps 600 --unfrozen-lr 1e-3]
+        [--describe-scenes 20000 [--describe-lr 1e-3]]
 
 Draws `--captions` caption records of the demo's scenes (mmtune.data.synthetic,
 a seed the pool, eval sets and pretraining corpora do not use), trains two
@@ -15,6 +16,17 @@ Then, on 64 new captions, it prints each run's mean loss (nats) on the colour
 words and the shape words of the caption, with the real image and with a
 blank one. A loss at the blank image's level (or at chance: ln 6 = 1.79 for
 six colours, ln 3 = 1.10 for three shapes) says the image did not get through.
+
+`--describe-scenes N` adds a third run, closer to LLaVA's scale of stage 1
+(one pass over many images, none seen twice): the LM unfrozen, on N fresh
+scenes of one to three shapes, each captioned left to right with its count
+("two shapes: a red circle left of a blue square",
+`mmtune.data.synthetic.describe_scene`). It prints how many of `--test-scenes` (100)
+new two-shape scenes (the shapes in different columns) the run captions exactly,
+greedy, and how many with the right objects in the right order. Its
+run, `OUT/describe`, is what `scripts/probe_demo_task.py --align-from`
+starts a task from: does a model that reads the scene learn to
+answer questions about it?
 """
 
 from __future__ import annotations
@@ -44,7 +56,8 @@ def caption_shards(out: Path, n: int, seed: int) -> Path:
     return out / "shards"
 
 
-def train_align(out: Path, shards: Path, steps: int, lr: float, unfreeze_lm: bool) -> Path:
+def train_align(out: Path, shards: Path, steps: int, lr: float, unfreeze_lm: bool,
+                projector_lr: float | None = None) -> Path:
     from mmtune.config import RunConfig, load_config
     from mmtune.demo import DEMO_CONFIG, base_overrides
     from mmtune.train.run import train
@@ -52,9 +65,68 @@ def train_align(out: Path, shards: Path, steps: int, lr: float, unfreeze_lm: boo
     cfg = load_config(DEMO_CONFIG, RunConfig, [
         *base_overrides(), "train.stage=align", f"train.unfreeze_lm={str(unfreeze_lm).lower()}",
         f"train.max_steps={steps}", f"train.lr={lr}", f"train.output_dir={out}", "train.progress=false",
-        f"data.train=[{shards}]", "data.template=plain"])
+        f"data.train=[{shards}]", "data.template=plain",
+        *([f"train.projector_lr={projector_lr}"] if projector_lr is not None else [])])
     train(cfg)
     return out
+
+
+def describe_shards(out: Path, n: int, seed: int) -> Path:
+    """`n` fresh grid scenes of 1-3 shapes, each with its left-to-right description (the `plain` template
+    keeps only the image and the caption)."""
+    import random
+
+    from mmtune.data.schema import IMAGE_PLACEHOLDER, Record, write_records
+    from mmtune.data.shards import write_shards
+    from mmtune.data.synthetic import _scene, describe_scene, draw_scene
+
+    rng = random.Random(seed)
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    recs = []
+    for i in range(n):
+        things = _scene(rng, rng.randint(1, 3), distinct_shapes=False)
+        path = out / "images" / f"scene-{i:06d}.png"
+        draw_scene(things).save(path)
+        caption = describe_scene(things)
+        recs.append(Record(id=f"scene-{i:06d}", images=[str(path.resolve())], source="probe_demo_align",
+                           messages=[{"role": "user", "content": IMAGE_PLACEHOLDER},
+                                     {"role": "assistant", "content": caption}]))
+    write_records(recs, out / "scenes.jsonl")
+    write_shards(out / "scenes.jsonl", out / "shards", max_count=1024, overwrite=True, progress=False)
+    return out / "shards"
+
+
+def exact_captions(run: Path, out: Path, seed: int, n: int = 100) -> tuple[int, int]:
+    """Greedy captions of `n` new two-shape scenes (different columns): (exact, right objects in right order)."""
+    import random
+    import re
+
+    from mmtune.data.schema import IMAGE_PLACEHOLDER, Record
+    from mmtune.data.synthetic import _scene, describe_scene, draw_scene
+    from mmtune.eval.generate import generate_answers
+    from mmtune.model.io import load_model
+
+    rng = random.Random(seed)
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    recs, truths = [], []
+    while len(recs) < n:
+        things = _scene(rng, 2)
+        if things[0].cell == things[1].cell:
+            continue
+        path = out / "images" / f"test-{len(recs):03d}.png"
+        draw_scene(things).save(path)
+        recs.append(Record(id=f"test-{len(recs):03d}", images=[str(path.resolve())], source="probe_demo_align",
+                           messages=[{"role": "user", "content": IMAGE_PLACEHOLDER},
+                                     {"role": "assistant", "content": "?"}]))
+        truths.append(describe_scene(things))
+    answers = generate_answers(load_model(run), recs, "plain", max_new_tokens=24)
+
+    def objects(text: str) -> list[tuple[str, str]]:
+        return re.findall(r"a (\w+) (\w+)", text)
+
+    exact = sum(a.strip() == t for a, t in zip(answers, truths, strict=True))
+    ordered = sum(objects(a) == objects(t) for a, t in zip(answers, truths, strict=True))
+    return exact, ordered
 
 
 def word_losses(run: Path, records: list) -> dict[str, dict[str, float]]:
@@ -96,6 +168,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--frozen-lr", type=float, default=1e-2)
     ap.add_argument("--unfrozen-steps", type=int, default=600)
     ap.add_argument("--unfrozen-lr", type=float, default=1e-3)
+    ap.add_argument("--describe-scenes", type=int, default=0,
+                    help="also align with the LM unfrozen on this many fresh described scenes, one pass (0: skip)")
+    ap.add_argument("--describe-lr", type=float, default=1e-3, help="the LM's rate there (the projector's: 2x)")
+    ap.add_argument("--test-scenes", type=int, default=100, help="new two-shape scenes it captions")
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args(argv)
     out = Path(args.out)
@@ -120,6 +196,14 @@ def main(argv: list[str] | None = None) -> int:
         r = word_losses(run, test)
         print(f"{name:<48} {r['real']['colour']:>11.2f} {r['blank']['colour']:>7.2f} "
               f"{r['real']['shape']:>11.2f} {r['blank']['shape']:>7.2f}")
+    if args.describe_scenes:
+        steps = -(-args.describe_scenes // 16)  # one pass at the demo's batch of 16
+        shards = describe_shards(out / "scenes", args.describe_scenes, CAPTION_SEED + 2)
+        run = train_align(out / "describe", shards, steps, args.describe_lr, True, projector_lr=2 * args.describe_lr)
+        exact, ordered = exact_captions(run, out / "describe_test", CAPTION_SEED + 3, args.test_scenes)
+        print(f"\ntrain.unfreeze_lm on {args.describe_scenes} fresh described scenes, {steps} steps (one pass), "
+              f"lr {args.describe_lr:g}: {args.test_scenes} new two-shape scenes captioned exactly: {exact}; right objects in the "
+              f"right order: {ordered}\n  for scripts/probe_demo_task.py --align-from: {run}")
     return 0
 
 

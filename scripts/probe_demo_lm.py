@@ -10,6 +10,15 @@ hits per fact. This is what the held-out `first_letter` task and the text
 tasks could draw on: a tuned model that answers "What is the first letter of
 moon?" wrongly while its base completes "The first letter of moon is" with
 "m" knows the fact and did not learn to use it.
+
+Then the scene facts, read from a description in context: for `--scenes`
+drawn scenes of the demo's vision tasks (a seed the pool, eval sets and
+pretraining corpora do not use) the LM reads "The picture shows a red circle
+and a blue square." and continues the corpus's sentences about that picture
+("The blue square is on the", "The circle is", "The number of squares is",
+"The red shape is a"). This is what the vision tasks ask, in the LM's own
+prose with the picture already put into words: a fact the base cannot derive
+here is one no projector can hand it.
 """
 
 from __future__ import annotations
@@ -56,10 +65,53 @@ def probe(lm_dir: Path, words: list[str] | None = None) -> dict[str, tuple[int, 
     return out
 
 
+SCENE_SEED = 960_006  # not the pool's, the eval sets', the other probes' or the pretraining corpora's
+
+
+def scene_prompts(n: int, seed: int = SCENE_SEED) -> dict[str, list[tuple[str, str]]]:
+    """Per vision task, `n` (prompt, answer) pairs: the scene's description, then a corpus sentence to finish."""
+    import random
+
+    from mmtune.data.synthetic import _caption, _image_example
+
+    rng = random.Random(seed)
+    out: dict[str, list[tuple[str, str]]] = {"position": [], "colour": [], "count": [], "shape": []}
+    for _ in range(n):
+        things, slots, answer = _image_example("position", rng)
+        a = things[0]
+        out["position"].append((f"The picture shows {_caption(things)}. The {a.colour} {a.shape} is on the", answer))
+        things, slots, answer = _image_example("colour", rng)
+        out["colour"].append((f"The picture shows {_caption(things)}. The {slots['shape']} is", answer))
+        things, slots, answer = _image_example("count", rng)
+        out["count"].append((f"The picture shows {_caption(things)}. The number of {slots['shape']}s is", answer))
+        things, slots, answer = _image_example("shape", rng)
+        out["shape"].append((f"The picture shows {_caption(things)}. The {slots['colour']} shape is a", answer))
+    return out
+
+
+def probe_scenes(lm_dir: Path, n: int = 100) -> dict[str, tuple[int, int]]:
+    """Per vision task: (greedy continuations that start with the answer, prompts)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(lm_dir)
+    lm = AutoModelForCausalLM.from_pretrained(lm_dir).eval()
+    out: dict[str, tuple[int, int]] = {}
+    with torch.no_grad():
+        for task, pairs in scene_prompts(n).items():
+            hits = 0
+            for prompt, answer in pairs:
+                ids = torch.tensor([tok(prompt)["input_ids"]])  # 1 x T
+                gen = lm.generate(ids, max_new_tokens=3, do_sample=False, pad_token_id=tok.pad_token_id)
+                hits += tok.decode(gen[0, ids.shape[1]:]).strip().startswith(answer)
+            out[task] = (hits, len(pairs))
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--bases", type=Path, default=DEMO_BASES,
                     help="a folder with lm/ (default: the shipped bases)")
+    ap.add_argument("--scenes", type=int, default=100, help="scenes per vision task for the scene facts (0: skip)")
     args = ap.parse_args(argv)
     lm_dir = args.bases / "lm"
     if not (lm_dir / "config.json").is_file():
@@ -68,6 +120,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{lm_dir}: greedy continuations, words known per fact")
     for fact, (hits, n) in probe(lm_dir).items():
         print(f"  {fact:<13} {hits:>3} / {n}")
+    if args.scenes:
+        print("scene facts from a description in context ('The picture shows ... .'), right continuations")
+        for task, (hits, n) in probe_scenes(lm_dir, args.scenes).items():
+            print(f"  {task:<13} {hits:>3} / {n}")
     return 0
 
 

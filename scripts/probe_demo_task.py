@@ -1,7 +1,7 @@
 """Can the demo's model learn one task at all? Train it on that task alone; score its training records and new ones.
 
     python scripts/probe_demo_task.py --task position --out /tmp/probe_task [--n 1000] [--steps 800]
-        [--lr 1e-3] [--projector ALIGN_CHECKPOINT] [--threads 1] [key=value ...]
+        [--lr 1e-3] [--projector ALIGN_CHECKPOINT | --align-from ALIGN_CHECKPOINT] [--threads 1] [key=value ...]
 
 Draws `--n` records of one demo task (mmtune.data.synthetic, phrasings 0-2, a
 seed the pool, eval sets, other probes and pretraining corpora do not use),
@@ -10,7 +10,9 @@ with the shipped bases, through `mmtune.train.run.train`; extra `key=value`
 arguments override the run config, e.g. `model.lm.name_or_path=OTHER_LM` or
 `train.unfreeze_vision=true`), then prints VQA accuracy (mmtune's eval) on
 100 of its own training records and on 100 new ones, beside the answer prior
-and the loss at the end of training.
+and the loss at the end of training. `--align-from` starts projector, LM and
+tokenizer from an align run trained with the LM unfrozen (e.g. `OUT/describe`
+of `scripts/probe_demo_align.py --describe-scenes N`).
 
 What it tells apart: a model that fits its training answers but not new
 images has too few records (the demo's 1,000 hold ~100 per task); one that
@@ -82,13 +84,30 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--n", type=int, default=1000, help="training records of the task")
     ap.add_argument("--steps", type=int, default=800)
     ap.add_argument("--lr", type=float, default=1e-3)
-    ap.add_argument("--projector", help="an align run's checkpoint to start the projector from (default: fresh)")
+    start = ap.add_mutually_exclusive_group()
+    start.add_argument("--projector", help="an align run's checkpoint to start the projector from (default: fresh)")
+    start.add_argument("--align-from", help="an align run (or checkpoint) that trained its LM (train.unfreeze_lm): "
+                       "start projector, LM and tokenizer from it")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("overrides", nargs="*", help="run config overrides, key=value")
     args = ap.parse_args(argv)
     out = Path(args.out)
     if out.exists() and any(out.iterdir()):
         ap.error(f"{out} exists and is not empty; choose another --out")  # exits 2, nothing written
+    if args.align_from:
+        from mmtune.errors import MMTuneError
+        from mmtune.runs import resolve_model_folder
+
+        try:
+            ckpt = resolve_model_folder(args.align_from)  # a run folder means its latest checkpoint
+        except MMTuneError as exc:
+            ap.error(f"--align-from: {exc}")
+        if not (ckpt / "lm").is_dir() or not (ckpt / "tokenizer").is_dir():
+            ap.error(f"--align-from {ckpt}: no lm/ and tokenizer/ in it (an align run with train.unfreeze_lm=true "
+                     "saves them)")
+        args.projector = str(ckpt)
+        args.overrides = [f"model.lm.name_or_path={ckpt / 'lm'}", f"model.tokenizer.name_or_path={ckpt / 'tokenizer'}",
+                          *args.overrides]
     torch.set_num_threads(args.threads)
     from mmtune.data.schema import write_records
     from mmtune.data.shards import write_shards
