@@ -35,6 +35,7 @@ import argparse
 import math
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -71,26 +72,33 @@ def train_align(out: Path, shards: Path, steps: int, lr: float, unfreeze_lm: boo
     return out
 
 
+def scene_record(out: Path, rid: str, things: list) -> Any:
+    """A caption record: the scene drawn to `out/images/RID.png`, captioned left to right with its count."""
+    from mmtune.data.schema import IMAGE_PLACEHOLDER, Record
+    from mmtune.data.synthetic import describe_scene, draw_scene
+
+    path = out / "images" / f"{rid}.png"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    draw_scene(things).save(path)
+    return Record(id=rid, images=[str(path.resolve())], source="probe_demo_align",
+                  messages=[{"role": "user", "content": IMAGE_PLACEHOLDER},
+                            {"role": "assistant", "content": describe_scene(things)}])
+
+
 def describe_shards(out: Path, n: int, seed: int) -> Path:
     """`n` fresh grid scenes of 1-3 shapes, each with its left-to-right description (the `plain` template
     keeps only the image and the caption)."""
     import random
 
-    from mmtune.data.schema import IMAGE_PLACEHOLDER, Record, write_records
+    from tqdm import tqdm
+
+    from mmtune.data.schema import write_records
     from mmtune.data.shards import write_shards
-    from mmtune.data.synthetic import _scene, describe_scene, draw_scene
+    from mmtune.data.synthetic import _scene
 
     rng = random.Random(seed)
-    (out / "images").mkdir(parents=True, exist_ok=True)
-    recs = []
-    for i in range(n):
-        things = _scene(rng, rng.randint(1, 3), distinct_shapes=False)
-        path = out / "images" / f"scene-{i:06d}.png"
-        draw_scene(things).save(path)
-        caption = describe_scene(things)
-        recs.append(Record(id=f"scene-{i:06d}", images=[str(path.resolve())], source="probe_demo_align",
-                           messages=[{"role": "user", "content": IMAGE_PLACEHOLDER},
-                                     {"role": "assistant", "content": caption}]))
+    recs = [scene_record(out, f"scene-{i:06d}", _scene(rng, rng.randint(1, 3), distinct_shapes=False))
+            for i in tqdm(range(n), desc="drawing scenes", unit="scene")]
     write_records(recs, out / "scenes.jsonl")
     write_shards(out / "scenes.jsonl", out / "shards", max_count=1024, overwrite=True, progress=False)
     return out / "shards"
@@ -101,25 +109,18 @@ def exact_captions(run: Path, out: Path, seed: int, n: int = 100) -> tuple[int, 
     import random
     import re
 
-    from mmtune.data.schema import IMAGE_PLACEHOLDER, Record
-    from mmtune.data.synthetic import _scene, describe_scene, draw_scene
+    from mmtune.data.synthetic import _scene
     from mmtune.eval.generate import generate_answers
     from mmtune.model.io import load_model
 
     rng = random.Random(seed)
-    (out / "images").mkdir(parents=True, exist_ok=True)
-    recs, truths = [], []
+    recs = []
     while len(recs) < n:
         things = _scene(rng, 2)
-        if things[0].cell == things[1].cell:
-            continue
-        path = out / "images" / f"test-{len(recs):03d}.png"
-        draw_scene(things).save(path)
-        recs.append(Record(id=f"test-{len(recs):03d}", images=[str(path.resolve())], source="probe_demo_align",
-                           messages=[{"role": "user", "content": IMAGE_PLACEHOLDER},
-                                     {"role": "assistant", "content": "?"}]))
-        truths.append(describe_scene(things))
-    answers = generate_answers(load_model(run), recs, "plain", max_new_tokens=24)
+        if things[0].cell != things[1].cell:
+            recs.append(scene_record(out, f"test-{len(recs):03d}", things))
+    truths = [r.messages[-1]["content"] for r in recs]
+    answers = generate_answers(load_model(run), recs, "plain", max_new_tokens=24)  # prompted up to the caption
 
     def objects(text: str) -> list[tuple[str, str]]:
         return re.findall(r"a (\w+) (\w+)", text)
