@@ -89,8 +89,8 @@ def scene_prompts(n: int, seed: int = SCENE_SEED) -> dict[str, list[tuple[str, s
     return out
 
 
-def probe_scenes(lm_dir: Path, n: int = 100) -> dict[str, tuple[int, int]]:
-    """Per vision task: (greedy continuations that start with the answer, prompts)."""
+def probe_scenes(lm_dir: Path, n: int = 100, tasks: tuple[str, ...] | None = None) -> dict[str, tuple[int, int]]:
+    """Per vision task (all, or `tasks`): (greedy continuations that start with the answer, prompts)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(lm_dir)
@@ -98,6 +98,8 @@ def probe_scenes(lm_dir: Path, n: int = 100) -> dict[str, tuple[int, int]]:
     out: dict[str, tuple[int, int]] = {}
     with torch.no_grad():
         for task, pairs in scene_prompts(n).items():
+            if tasks is not None and task not in tasks:
+                continue
             hits = 0
             for prompt, answer in pairs:
                 ids = torch.tensor([tok(prompt)["input_ids"]])  # 1 x T

@@ -39,8 +39,8 @@ def test_scene_prompts_state_the_scene_and_ask_for_one_derived_fact() -> None:
 def test_the_shipped_lm_cannot_derive_position_from_a_description() -> None:
     """README: the base LM, given the scene in words, finishes "The red circle is on the" at chance."""
     probe = _script("probe_demo_lm")
-    hits = probe.probe_scenes(DEMO_BASES / "lm", 40)
-    assert set(hits) == {"position", "colour", "count", "shape"}
+    hits = probe.probe_scenes(DEMO_BASES / "lm", 40, tasks=("position",))
+    assert set(hits) == {"position"}
     right, asked = hits["position"]
     assert asked == 40 and 12 <= right <= 28  # chance is 20 of 40
 
