@@ -601,6 +601,10 @@ def _markdown(report: dict[str, Any], out: Path) -> str:
         (f"- held-out tasks tuned zero-shot >= base zero-shot + 20 points: {_pct(ut['tuned_zero_shot'])} vs "
          f"{_pct(ut['base_zero_shot'])} (base {few}: {_pct(ut.get(f'base_{few}'))}): **{ok(ut['met'])}**"),
     ]
+    if not (sv["met"] and up["met"] and ut["met"]):
+        lines.append("- why the unmet targets stay out of reach at this size, and what each lever tried did: "
+                     "mmtune's README, section \"The demo\" (what moved the figures, and the probes in "
+                     "scripts/probe_demo_*.py that locate where the model fails)")
     if "qdit_vs_random" in tg:
         q = tg["qdit_vs_random"]
         lines.append(f"- QDIT-k vs random-k (mean of the three eval sets): {_pct(q['qdit_mean'])} vs "

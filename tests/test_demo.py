@@ -56,6 +56,8 @@ def test_short_demo_writes_a_complete_report(tmp_path: Path, monkeypatch: pytest
     md = (out / "report.md").read_text()
     assert "| base zero-shot | base 2-shot | tuned (QDIT-k) zero-shot |" in md and "answer prior" in md
     assert "Targets:" in md and "![loss.png](instruct/loss.png)" in md
+    all_met = all(report["targets"][k]["met"] for k in ("seen_vision", "unseen_phrasing", "unseen_tasks"))
+    assert ("why the unmet targets" in md) is (not all_met)  # an unmet target points to README's analysis
 
 
 def test_demo_refuses_to_clobber(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
