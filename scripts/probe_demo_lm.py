@@ -89,23 +89,31 @@ def scene_prompts(n: int, seed: int = SCENE_SEED) -> dict[str, list[tuple[str, s
     return out
 
 
-def probe_scenes(lm_dir: Path, n: int = 100, tasks: tuple[str, ...] | None = None) -> dict[str, tuple[int, int]]:
-    """Per vision task (all, or `tasks`): (greedy continuations that start with the answer, prompts)."""
+def probe_scenes(lm_dir: Path, n: int = 100,
+                 tasks: tuple[str, ...] | None = None) -> dict[str, tuple[int, int, str, int]]:
+    """Per vision task (all, or `tasks`): (greedy continuations that start with the answer, prompts, the most
+    common first word of the continuations, how many times it came). A base that reads the description
+    varies its answer with it; one that recalls a sentence gives the same word whatever the scene."""
+    from collections import Counter
+
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(lm_dir)
     lm = AutoModelForCausalLM.from_pretrained(lm_dir).eval()
-    out: dict[str, tuple[int, int]] = {}
+    out: dict[str, tuple[int, int, str, int]] = {}
     with torch.no_grad():
         for task, pairs in scene_prompts(n).items():
             if tasks is not None and task not in tasks:
                 continue
-            hits = 0
+            hits, words = 0, Counter()
             for prompt, answer in pairs:
                 ids = torch.tensor([tok(prompt)["input_ids"]])  # 1 x T
                 gen = lm.generate(ids, max_new_tokens=3, do_sample=False, pad_token_id=tok.pad_token_id)
-                hits += tok.decode(gen[0, ids.shape[1]:]).strip().startswith(answer)
-            out[task] = (hits, len(pairs))
+                text = tok.decode(gen[0, ids.shape[1]:]).strip()
+                hits += text.startswith(answer)
+                words[(text.split() or [""])[0].rstrip(".")] += 1
+            top, count = words.most_common(1)[0]
+            out[task] = (hits, len(pairs), top, count)
     return out
 
 
@@ -124,8 +132,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {fact:<13} {hits:>3} / {n}")
     if args.scenes:
         print("scene facts from a description in context ('The picture shows ... .'), right continuations")
-        for task, (hits, n) in probe_scenes(lm_dir, args.scenes).items():
-            print(f"  {task:<13} {hits:>3} / {n}")
+        for task, (hits, n, top, count) in probe_scenes(lm_dir, args.scenes).items():
+            print(f"  {task:<13} {hits:>3} / {n}   (most common answer: {top!r}, {count} times)")
     return 0
 
 
