@@ -24,9 +24,11 @@ here is one no projector can hand it.
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -46,23 +48,27 @@ FACTS: dict[str, tuple[str, Callable[[str], str]]] = {
 }
 
 
-def probe(lm_dir: Path, words: list[str] | None = None) -> dict[str, tuple[int, int]]:
-    """Per fact: (words whose greedy continuation starts with the answer, words asked)."""
+@functools.lru_cache(maxsize=2)  # main probes one folder twice (word facts, then scenes): load it once
+def _load(lm_dir: Path) -> tuple[Any, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    words = list(words or WORDS)
-    tok = AutoTokenizer.from_pretrained(lm_dir)
-    lm = AutoModelForCausalLM.from_pretrained(lm_dir).eval()
-    out: dict[str, tuple[int, int]] = {}
+    return AutoTokenizer.from_pretrained(lm_dir), AutoModelForCausalLM.from_pretrained(lm_dir).eval()
+
+
+def greedy(lm_dir: Path, prompt: str, max_new_tokens: int) -> str:
+    """The LM's greedy continuation of `prompt`, stripped."""
+    tok, lm = _load(lm_dir)
+    ids = torch.tensor([tok(prompt)["input_ids"]])  # 1 x T
     with torch.no_grad():
-        for fact, (prompt, answer) in FACTS.items():
-            hits = 0
-            for w in words:
-                ids = torch.tensor([tok(prompt.format(w=w))["input_ids"]])  # 1 x T
-                gen = lm.generate(ids, max_new_tokens=4, do_sample=False, pad_token_id=tok.pad_token_id)
-                hits += tok.decode(gen[0, ids.shape[1]:]).strip().startswith(answer(w))
-            out[fact] = (hits, len(words))
-    return out
+        gen = lm.generate(ids, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id)
+    return tok.decode(gen[0, ids.shape[1]:]).strip()
+
+
+def probe(lm_dir: Path, words: list[str] | None = None) -> dict[str, tuple[int, int]]:
+    """Per fact: (words whose greedy continuation starts with the answer, words asked)."""
+    words = list(words or WORDS)
+    return {fact: (sum(greedy(lm_dir, prompt.format(w=w), 4).startswith(answer(w)) for w in words), len(words))
+            for fact, (prompt, answer) in FACTS.items()}
 
 
 SCENE_SEED = 960_006  # not the pool's, the eval sets', the other probes' or the pretraining corpora's
@@ -96,24 +102,17 @@ def probe_scenes(lm_dir: Path, n: int = 100,
     varies its answer with it; one that recalls a sentence gives the same word whatever the scene."""
     from collections import Counter
 
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(lm_dir)
-    lm = AutoModelForCausalLM.from_pretrained(lm_dir).eval()
     out: dict[str, tuple[int, int, str, int]] = {}
-    with torch.no_grad():
-        for task, pairs in scene_prompts(n).items():
-            if tasks is not None and task not in tasks:
-                continue
-            hits, words = 0, Counter()
-            for prompt, answer in pairs:
-                ids = torch.tensor([tok(prompt)["input_ids"]])  # 1 x T
-                gen = lm.generate(ids, max_new_tokens=3, do_sample=False, pad_token_id=tok.pad_token_id)
-                text = tok.decode(gen[0, ids.shape[1]:]).strip()
-                hits += text.startswith(answer)
-                words[(text.split() or [""])[0].rstrip(".")] += 1
-            top, count = words.most_common(1)[0]
-            out[task] = (hits, len(pairs), top, count)
+    for task, pairs in scene_prompts(n).items():
+        if tasks is not None and task not in tasks:
+            continue
+        hits, words = 0, Counter()
+        for prompt, answer in pairs:
+            text = greedy(lm_dir, prompt, 3)
+            hits += text.startswith(answer)
+            words[(text.split() or [""])[0].rstrip(".")] += 1
+        top, count = words.most_common(1)[0]
+        out[task] = (hits, len(pairs), top, count)
     return out
 
 
