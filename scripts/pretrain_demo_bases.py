@@ -11,9 +11,11 @@ writes
                 `open_clip.create_model("local-dir:OUT/clip")` loads it the way
                 `create_model("hf-hub:timm/...")` loads a released model.
     OUT/lm/     a tiny Llama causal LM trained with next-token loss on plain
-                declarative prose (word facts, sums, scene descriptions; no
-                questions, no instructions, no chat tokens), as a Hugging Face
-                folder that AutoModelForCausalLM / AutoTokenizer load.
+                declarative prose, a paragraph per topic (one word's facts,
+                sums, one scene described and then its facts; no questions, no
+                instructions, no chat tokens), so it learns to read its context,
+                as a Hugging Face folder that AutoModelForCausalLM /
+                AutoTokenizer load.
     OUT/README.md and OUT/pretrain.json: the command, corpus sizes, losses, sha256s.
 
 Seeded and deterministic on a given torch version and thread count (--threads).
@@ -258,7 +260,7 @@ def copy_clip(src: Path, out: Path) -> dict[str, Any]:
     shutil.copytree(src, out)
     made = src.parent / "pretrain.json"
     info = json.loads(made.read_text(encoding="utf-8")).get("clip", {}) if made.is_file() else {}
-    return {**info, "copied_from": str(src.resolve())}
+    return {**info, "copied_from": str(src)}
 
 
 # --------------------------------------------------------------------------- #
@@ -278,7 +280,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1, help="torch threads (results are exact for a thread count)")
     ap.add_argument("--lm-docs", type=int, default=8000)
-    ap.add_argument("--lm-steps", type=int, default=600)
+    ap.add_argument("--lm-steps", type=int, default=3000)
     ap.add_argument("--lm-batch", type=int, default=16)
     ap.add_argument("--lm-seq", type=int, default=128)
     ap.add_argument("--lm-lr", type=float, default=3e-3)
@@ -373,9 +375,10 @@ in {info['seconds']:.0f} s, with no download:
 
 - `lm/`: a Llama-family causal LM, {lm['parameters']:,} parameters (hidden {lm['hidden_size']}, {lm['layers']} layer{'s' if lm['layers'] != 1 else ''}), byte-level BPE
   vocabulary of {info['vocab']} tokens. Trained with next-token loss on {lm['documents']:,} paragraphs
-  ({lm['tokens']:,} tokens) of plain declarative prose: word facts ("The word cat starts with the letter c.",
-  "cat spelled backwards is tac."), sums ("Three plus four is seven.", "3+4=7.") and descriptions of grid
-  scenes ("The red circle is on the left of the blue square."). No questions, no instructions, no chat tokens.
+  ({lm['tokens']:,} tokens) of plain declarative prose, each paragraph on one topic: facts about one word
+  ("The word cat starts with the letter c. cat spelled backwards is tac."), sums ("Three plus four is seven.
+  3+4=7.") or one grid scene, its description first ("The picture shows a red circle and a blue square. The
+  red circle is on the left of the blue square."). No questions, no instructions, no chat tokens.
   {lm['steps']} steps of {lm['batch']} x {lm['seq']} tokens; loss {lm['loss_first']:.3f} -> {lm['loss_last']:.3f}
   (mean of the first 10 / last 50 steps). Load: `AutoModelForCausalLM.from_pretrained("lm")`,
   `AutoTokenizer.from_pretrained("lm")`.

@@ -19,6 +19,11 @@ and a blue square." and continues the corpus's sentences about that picture
 "The red shape is a"). This is what the vision tasks ask, in the LM's own
 prose with the picture already put into words: a fact the base cannot derive
 here is one no projector can hand it.
+
+First of all, whether the LM reads its context at all: for `--copy` words it
+reads a sentence about the word ("moon in capital letters is MOON.") and
+continues "The first letter of": a base that looks back names the word again,
+one that does not names the word it likes best whatever came before.
 """
 
 from __future__ import annotations
@@ -71,6 +76,26 @@ def probe(lm_dir: Path, words: list[str] | None = None) -> dict[str, tuple[int, 
             for fact, (prompt, answer) in FACTS.items()}
 
 
+COPY_SEED = 960_007  # as SCENE_SEED below: a seed nothing else draws with
+
+
+def probe_copy(lm_dir: Path, n: int = 100, seed: int = COPY_SEED) -> tuple[int, int, str, int]:
+    """(continuations that name the word in context again, words asked, the most common first word, its count)."""
+    import random
+    from collections import Counter
+
+    from mmtune.data.synthetic import FACT_WORDS
+
+    rng = random.Random(seed)
+    hits, firsts = 0, Counter()
+    for w in (rng.choice(FACT_WORDS) for _ in range(n)):
+        text = greedy(lm_dir, f"{w} in capital letters is {w.upper()}. The first letter of", 3)
+        hits += text.split()[:1] == [w]
+        firsts[(text.split() or [""])[0]] += 1
+    top, count = firsts.most_common(1)[0]
+    return hits, n, top, count
+
+
 SCENE_SEED = 960_006  # not the pool's, the eval sets', the other probes' or the pretraining corpora's
 
 
@@ -120,12 +145,17 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--bases", type=Path, default=DEMO_BASES,
                     help="a folder with lm/ (default: the shipped bases)")
+    ap.add_argument("--copy", type=int, default=100, help="words for the context-reading probe (0: skip)")
     ap.add_argument("--scenes", type=int, default=100, help="scenes per vision task for the scene facts (0: skip)")
     args = ap.parse_args(argv)
     lm_dir = args.bases / "lm"
     if not (lm_dir / "config.json").is_file():
         print(f"error: {lm_dir} is not a Hugging Face model folder (no config.json)", file=sys.stderr)
         return 2
+    if args.copy:
+        hits, n, top, count = probe_copy(lm_dir, args.copy)
+        print(f"{lm_dir}: reads its context (names the word of the sentence before again): {hits} / {n}   "
+              f"(most common word: {top!r}, {count} times)")
     print(f"{lm_dir}: greedy continuations, words known per fact")
     for fact, (hits, n) in probe(lm_dir).items():
         print(f"  {fact:<13} {hits:>3} / {n}")

@@ -294,9 +294,10 @@ def describe_scene(things: list[FreeThing] | list[Thing]) -> str:
     return head + ", then ".join(items)
 
 
-def _scene_prose(things: list[Thing], rng: random.Random) -> list[str]:
-    """Declarative sentences about one grid scene (what the LM reads about pictures)."""
-    out = [f"The picture shows {_caption(things)}."]
+def _scene_facts(things: list[Thing], rng: random.Random) -> list[str]:
+    """Three to seven declarative sentences about one grid scene, each true of it (what the LM reads about
+    pictures, after their description)."""
+    out: list[str] = []
     for t in things:
         out += [f"The {t.shape} is {t.colour}.", f"The {t.colour} shape is a {t.shape}.",
                 f"There is a {t.colour} {t.shape} in the picture."]
@@ -336,19 +337,28 @@ def _sum_facts(a: int, b: int) -> list[str]:
 def fact_corpus(n_docs: int, seed: int) -> list[str]:
     """`n_docs` short paragraphs of plain declarative prose (no questions, no instructions, no chat markup).
 
-    Each paragraph mixes word facts (first letter, reversal, capitals, length),
-    sums of two digits, and descriptions of grid scenes like the demo's.
+    Each paragraph keeps to one topic, as real text does: three to six facts about
+    one word (first letter, reversal, capitals, length, ...), sums of two digits,
+    or one grid scene like the demo's, opening with the picture's description and
+    going on with facts that follow from it. The topic is what teaches an LM to read
+    its context: a sentence about the paragraph's word is only predictable by
+    looking back at the word, a fact about the picture only by reading its
+    description. (A corpus with a random word per sentence rewarded no looking
+    back; the LM pretrained on it wrote about the words it liked best whatever its
+    context said: scripts/probe_demo_lm.py's copy probe, README "The demo".)
     """
     rng = random.Random(seed)
-    words = FACT_WORDS
     docs = []
     for _ in range(n_docs):
         kind = rng.random()
         if kind < 0.4:
-            sents = [rng.choice(_word_facts(rng.choice(words))) for _ in range(rng.randint(3, 6))]
+            facts = _word_facts(rng.choice(FACT_WORDS))
+            rng.shuffle(facts)
+            sents = facts[: rng.randint(3, 6)]
         elif kind < 0.65:
             sents = [rng.choice(_sum_facts(rng.randint(0, 9), rng.randint(0, 9))) for _ in range(rng.randint(3, 6))]
         else:
-            sents = _scene_prose(_scene(rng, rng.randint(1, 3)), rng)
+            things = _scene(rng, rng.randint(1, 3))
+            sents = [f"The picture shows {_caption(things)}.", *_scene_facts(things, rng)]
         docs.append(" ".join(sents))
     return docs
