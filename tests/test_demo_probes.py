@@ -36,14 +36,12 @@ def test_scene_prompts_state_the_scene_and_ask_for_one_derived_fact() -> None:
     assert probe.scene_prompts(5) == prompts  # seeded
 
 
-def test_the_shipped_lm_cannot_derive_position_from_a_description() -> None:
-    """README: the base LM, given the scene in words, finishes "The red circle is on the" at chance, always alike."""
+def test_the_shipped_lm_reads_its_context() -> None:
+    """README: the base LM names the word of the sentence before again, so its answer varies with its context."""
     probe = _script("probe_demo_lm")
-    hits = probe.probe_scenes(DEMO_BASES / "lm", 40, tasks=("position",))
-    assert set(hits) == {"position"}
-    right, asked, top, count = hits["position"]
-    assert asked == 40 and 12 <= right <= 28  # chance is 20 of 40
-    assert top in ("left", "right") and count == 40  # the same side whatever the description says
+    hits, asked, top, count = probe.probe_copy(DEMO_BASES / "lm", 30)
+    assert asked == 30 and hits >= 27, (hits, top, count)
+    assert count <= 5  # not one favourite word whatever came before (the old corpus's base: 'goat' every time)
 
 
 def test_describe_align_run_saves_what_probe_demo_task_starts_from(tmp_path: Path,
