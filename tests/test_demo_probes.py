@@ -44,6 +44,16 @@ def test_the_shipped_lm_reads_its_context() -> None:
     assert count <= 5  # not one favourite word whatever came before (the old corpus's base: 'goat' every time)
 
 
+def test_the_shipped_lm_reads_colour_from_a_description_but_not_position() -> None:
+    """README: after "The picture shows a red circle and a blue square.", the base finishes "The circle is" with
+    the circle's colour for most scenes, and "The red circle is on the" at chance, with the same side every time."""
+    probe = _script("probe_demo_lm")
+    hits = probe.probe_scenes(DEMO_BASES / "lm", 40, tasks=("colour", "position"))
+    colour, position = hits["colour"], hits["position"]
+    assert colour[0] >= 20, colour  # 24 of 40 (69 of 100 in README); the earlier base: 8 of 40
+    assert 12 <= position[0] <= 28 and position[3] == 40, position  # chance is 20 of 40, one side for all
+
+
 def test_describe_align_run_saves_what_probe_demo_task_starts_from(tmp_path: Path,
                                                                     capsys: pytest.CaptureFixture[str]) -> None:
     align = _script("probe_demo_align")
