@@ -2,7 +2,12 @@
 
     python scripts/probe_demo_lm.py [--bases DIR]     # default: the shipped mmtune/assets/demo_bases
 
-For every word the demo's text tasks ask about (mmtune.data.synthetic.WORDS),
+First, whether the LM reads its context at all: for `--copy` words it reads a
+sentence about the word ("moon in capital letters is MOON.") and continues
+"The first letter of": a base that looks back names the word again, one that
+does not names the word it likes best whatever came before.
+
+Then, for every word the demo's text tasks ask about (mmtune.data.synthetic.WORDS),
 the LM continues six declarative prompts in the corpus's style ("The first
 letter of moon is", "moon spelled backwards is", ...) and a fact counts as
 known when the greedy continuation starts with the right answer. Prints the
@@ -19,11 +24,6 @@ and a blue square." and continues the corpus's sentences about that picture
 "The red shape is a"). This is what the vision tasks ask, in the LM's own
 prose with the picture already put into words: a fact the base cannot derive
 here is one no projector can hand it.
-
-First of all, whether the LM reads its context at all: for `--copy` words it
-reads a sentence about the word ("moon in capital letters is MOON.") and
-continues "The first letter of": a base that looks back names the word again,
-one that does not names the word it likes best whatever came before.
 """
 
 from __future__ import annotations
@@ -53,7 +53,7 @@ FACTS: dict[str, tuple[str, Callable[[str], str]]] = {
 }
 
 
-@functools.lru_cache(maxsize=2)  # main probes one folder twice (word facts, then scenes): load it once
+@functools.lru_cache(maxsize=2)  # main runs three probes on one folder: load it once
 def _load(lm_dir: Path) -> tuple[Any, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -82,18 +82,22 @@ COPY_SEED = 960_007  # as SCENE_SEED below: a seed nothing else draws with
 def probe_copy(lm_dir: Path, n: int = 100, seed: int = COPY_SEED) -> tuple[int, int, str, int]:
     """(continuations that name the word in context again, words asked, the most common first word, its count)."""
     import random
-    from collections import Counter
 
     from mmtune.data.synthetic import FACT_WORDS
 
     rng = random.Random(seed)
-    hits, firsts = 0, Counter()
-    for w in (rng.choice(FACT_WORDS) for _ in range(n)):
-        text = greedy(lm_dir, f"{w} in capital letters is {w.upper()}. The first letter of", 3)
-        hits += text.split()[:1] == [w]
-        firsts[(text.split() or [""])[0]] += 1
-    top, count = firsts.most_common(1)[0]
-    return hits, n, top, count
+    words = [rng.choice(FACT_WORDS) for _ in range(n)]
+    texts = [greedy(lm_dir, f"{w} in capital letters is {w.upper()}. The first letter of", 3) for w in words]
+    hits = sum(text.split()[:1] == [w] for w, text in zip(words, texts))
+    return (hits, n, *_most_common_first_word(texts))
+
+
+def _most_common_first_word(texts: list[str]) -> tuple[str, int]:
+    """The commonest first word of the continuations and its count: one word every time means the LM
+    answers from what it likes best, not from its context."""
+    from collections import Counter
+
+    return Counter((text.split() or [""])[0].rstrip(".") for text in texts).most_common(1)[0]
 
 
 SCENE_SEED = 960_006  # not the pool's, the eval sets', the other probes' or the pretraining corpora's
@@ -125,19 +129,13 @@ def probe_scenes(lm_dir: Path, n: int = 100,
     """Per vision task (all, or `tasks`): (greedy continuations that start with the answer, prompts, the most
     common first word of the continuations, how many times it came). A base that reads the description
     varies its answer with it; one that recalls a sentence gives the same word whatever the scene."""
-    from collections import Counter
-
     out: dict[str, tuple[int, int, str, int]] = {}
     for task, pairs in scene_prompts(n).items():
         if tasks is not None and task not in tasks:
             continue
-        hits, words = 0, Counter()
-        for prompt, answer in pairs:
-            text = greedy(lm_dir, prompt, 3)
-            hits += text.startswith(answer)
-            words[(text.split() or [""])[0].rstrip(".")] += 1
-        top, count = words.most_common(1)[0]
-        out[task] = (hits, len(pairs), top, count)
+        texts = [greedy(lm_dir, prompt, 3) for prompt, _ in pairs]
+        hits = sum(text.startswith(answer) for text, (_, answer) in zip(texts, pairs))
+        out[task] = (hits, len(pairs), *_most_common_first_word(texts))
     return out
 
 
