@@ -351,6 +351,11 @@ def main(argv: list[str] | None = None) -> int:
         f"{k} {statistics.median(r[k] for r in resizes):.2f}" for k in resizes[0]))
     print(f"  JPEG draft: {fast / full:.2f}x on the limit; draft vs full after resize: mean |diff| {mean_d:.2f}/255, "
           f"max {max_d:.0f}/255, PSNR {psnr:.1f} dB")
+    # The ceiling of the "% limit" column: a loader that did nothing but make the tower's exact pixels (no
+    # shard reading, no tokenization, no collation) would reach this share of the squash limit.
+    print(f"  ceiling: decode + the tower transform alone is {100 * med(lim[('tower', False)], 1) / full:.0f}% of the "
+          f"squash limit (full decode; {100 * med(lim[('tower', True)], 1) / fast:.0f}% with draft): no loader "
+          "giving the model its exact padded pixels can exceed that")
     print(f"  {'pipeline (shards -> stream -> batcher)':<40} {'samples/s':>9} {'/worker':>8} {'wall %':>7} "
           f"{'worker CPU-s':>12} {'per CPU-s':>9} {'% limit':>8} {'% LLaVA':>8} {'% tower':>8} {'main CPU-s':>10} "
           f"{'% limit, N at once':>18}")

@@ -87,6 +87,10 @@ def test_targets_are_measured_not_assumed() -> None:
     results[2]["value"] = 0.29  # 29 < 10 + 20
     tg = _targets(results, per_task, "2-shot")
     assert not tg["seen_vision"]["met"] and tg["seen_vision"]["each"][VISION_TASKS[2]]["ratio"] == pytest.approx(1.8)
+    assert tg["seen_vision"]["each"][VISION_TASKS[2]]["reachable"]  # 2 x 50% = 100%: a perfect model meets it
+    per_task[3]["prior"] = 0.52  # a yes/no task with 52% "yes": twice that is over 100%
+    assert [t for t, e in _targets(results, per_task, "2-shot")["seen_vision"]["each"].items()
+            if not e["reachable"]] == [VISION_TASKS[3]]
     assert not tg["unseen_tasks"]["met"]
     assert "qdit_vs_random" not in _targets(results[:5], per_task, "2-shot")
 
