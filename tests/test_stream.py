@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import json
 import logging
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -290,3 +291,4 @@ def test_loader_benchmark_runs_shrunk_and_prints_every_row(capsys):
         assert row in out, row
     assert "% LLaVA" in out and "JPEG draft:" in out
     assert "resize alone" in out and "tall pad_resize" in out
+    assert re.search(r"ceiling: decode \+ the tower transform alone is \d+% of the squash limit", out)
