@@ -23,8 +23,8 @@
    (new examples), unseen phrasings and unseen tasks, with VQA accuracy, per
    eval set and per task beside each task's answer prior; and measures the
    token-distribution shift of the tuned answers under the base model, per task.
-6. Writes DIR/report.json and DIR/report.md (one table, the targets, the
-   plots) and prints a table.
+6. Writes DIR/report.json and DIR/report.md (one table, the targets, each with
+   its 95% interval over the questions drawn, the plots) and prints a table.
 
 Every step goes through the same public APIs the CLI subcommands call
 (convert, shard, select, train, eval); the demo only chooses their settings.
@@ -274,6 +274,7 @@ def _per_task_scores(out: Path, eval_files: dict[str, Path], rows: list[dict[str
     from collections import Counter, defaultdict
 
     from mmtune.data.schema import read_records
+    from mmtune.eval.metrics import accuracy_interval
 
     task_of: dict[tuple[str, str], str] = {}
     answers: dict[tuple[str, str], list[str]] = defaultdict(list)
@@ -291,15 +292,24 @@ def _per_task_scores(out: Path, eval_files: dict[str, Path], rows: list[dict[str
     for (name, task, model, mode), vals in sorted(scores.items()):
         ans = answers[(name, task)]
         top, n_top = Counter(ans).most_common(1)[0]
-        out_rows.append({"set": name, "task": task, "model": model, "mode": mode, "value": float(np.mean(vals)),
-                         "count": len(vals), "prior": n_top / len(ans), "prior_answer": top})
+        mean = float(np.mean(vals))
+        out_rows.append({"set": name, "task": task, "model": model, "mode": mode, "value": mean,
+                         "count": len(vals), "ci95": list(accuracy_interval(mean, len(vals))),
+                         "prior": n_top / len(ans), "prior_answer": top})
     return out_rows
 
 
 def _targets(results: list[dict[str, Any]], per_task: list[dict[str, Any]], few_shot: str) -> dict[str, Any]:
     """The issue's targets, measured: each with its figures and whether it is met."""
+    from mmtune.eval.metrics import accuracy_interval
+
     def score(model: str, mode: str, task: str) -> float | None:
         return next((r["value"] for r in results if (r["model"], r["mode"], r["task"]) == (model, mode, task)), None)
+
+    def interval(model: str, mode: str, task: str) -> list[float] | None:
+        """The 95% interval of a result over its eval set's questions (None when it has no count)."""
+        hit = next((r for r in results if (r["model"], r["mode"], r["task"]) == (model, mode, task)), None)
+        return list(accuracy_interval(hit["value"], hit["count"])) if hit and hit.get("count") else None
 
     def task_score(model: str, name: str, task: str) -> dict[str, Any] | None:
         return next((r for r in per_task if (r["model"], r["mode"], r["set"], r["task"]) ==
@@ -308,6 +318,9 @@ def _targets(results: list[dict[str, Any]], per_task: list[dict[str, Any]], few_
     vision = {t: task_score("tuned", "seen", t) for t in VISION_TASKS}
     vals = [v["value"] for v in vision.values() if v is not None]
     avg = float(np.mean(vals)) if len(vals) == len(VISION_TASKS) else None
+    n_vision = sum(v.get("count", 0) for v in vision.values() if v is not None)
+    # the average weighs the tasks alike, as the target does; the interval reads it over all their questions
+    avg_ci = list(accuracy_interval(avg, n_vision)) if avg is not None and n_vision else None
     # "reachable": whether any model could be twice the prior; for a yes/no or left/right task whose commonest
     # answer is over half the eval set, twice the prior is over 100%, and the target's "each" part cannot be met.
     each = {t: {"tuned": v["value"], "prior": v["prior"], "ratio": (v["value"] / v["prior"]) if v["prior"] else None,
@@ -317,11 +330,14 @@ def _targets(results: list[dict[str, Any]], per_task: list[dict[str, Any]], few_
     base0, basek, tuned0 = (score("base", "zero-shot", "unseen-task"), score("base", few_shot, "unseen-task"),
                             score("tuned", "zero-shot", "unseen-task"))
     out: dict[str, Any] = {
-        "seen_vision": {"tasks": list(VISION_TASKS), "average": avg, "each": each,
+        "seen_vision": {"tasks": list(VISION_TASKS), "average": avg, "ci95": avg_ci, "each": each,
                         "met": avg is not None and avg >= 0.8 and all(
                             e["ratio"] is not None and e["ratio"] >= 2 for e in each.values())},
-        "unseen_phrasing": {"tuned": uphr, "met": uphr is not None and uphr >= 0.6},
+        "unseen_phrasing": {"tuned": uphr, "ci95": interval("tuned", "zero-shot", "unseen-phrasing"),
+                            "met": uphr is not None and uphr >= 0.6},
         "unseen_tasks": {"base_zero_shot": base0, f"base_{few_shot}": basek, "tuned_zero_shot": tuned0,
+                         "ci95": {"base_zero_shot": interval("base", "zero-shot", "unseen-task"),
+                                  "tuned_zero_shot": interval("tuned", "zero-shot", "unseen-task")},
                          "met": None not in (base0, tuned0) and tuned0 >= base0 + 0.2},  # type: ignore[operator]
     }
     rnd = {name: score("tuned-random", "zero-shot", name) for name in ("seen", "unseen-phrasing", "unseen-task")}
@@ -536,6 +552,11 @@ def _pct(v: float | None) -> str:
     return "n/a" if v is None else f"{100 * v:.1f}"
 
 
+def _interval(ci: list[float] | None) -> str:
+    """' [lo-hi]' in percent, or nothing when there is no interval."""
+    return f" [{100 * ci[0]:.1f}-{100 * ci[1]:.1f}]" if ci else ""
+
+
 def _answers_text(answers: dict[str, dict[str, int]]) -> str:
     """`_answer_balance`'s counts as one line: 'position right 30, left 26; exists ...'."""
     return "; ".join(f"{task} " + ", ".join(f"{a} {n}" for a, n in counts.items()) for task, counts in answers.items())
@@ -600,13 +621,16 @@ def _markdown(report: dict[str, Any], out: Path) -> str:
     if beyond:
         each += (f"; twice the prior is over 100% for {', '.join(beyond)}, so no model can meet the "
                  "\"each >= 2x\" part there")
+    uci = ut.get("ci95") or {}
     lines += [
-        "", "Targets:", "",
+        "", ("Targets (each figure with its 95% interval over the questions drawn: another draw of as many "
+             "questions could move it that far; another training seed or machine can move it further):"), "",
         ("- seen vision tasks on new images, tuned zero-shot average >= 80% and each >= 2x its prior: "
-         f"{_pct(sv['average'])} ({each}): **{ok(sv['met'])}**"),
-        f"- unseen phrasings >= 60%: {_pct(up['tuned'])}: **{ok(up['met'])}**",
-        (f"- held-out tasks tuned zero-shot >= base zero-shot + 20 points: {_pct(ut['tuned_zero_shot'])} vs "
-         f"{_pct(ut['base_zero_shot'])} (base {few}: {_pct(ut.get(f'base_{few}'))}): **{ok(ut['met'])}**"),
+         f"{_pct(sv['average'])}{_interval(sv.get('ci95'))} ({each}): **{ok(sv['met'])}**"),
+        f"- unseen phrasings >= 60%: {_pct(up['tuned'])}{_interval(up.get('ci95'))}: **{ok(up['met'])}**",
+        (f"- held-out tasks tuned zero-shot >= base zero-shot + 20 points: {_pct(ut['tuned_zero_shot'])}"
+         f"{_interval(uci.get('tuned_zero_shot'))} vs {_pct(ut['base_zero_shot'])}{_interval(uci.get('base_zero_shot'))} "
+         f"(base {few}: {_pct(ut.get(f'base_{few}'))}): **{ok(ut['met'])}**"),
     ]
     if not (sv["met"] and up["met"] and ut["met"]):
         lines.append("- why the unmet targets stay out of reach at this size, and what each lever tried did: "

@@ -1,6 +1,7 @@
 """A shortened `mmtune demo` runs the whole pipeline through the CLI and reports honestly."""
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -8,6 +9,8 @@ import yaml
 
 from mmtune.cli import main
 from mmtune.demo import INSTRUCT_PROJECTOR_LR
+from mmtune.errors import MMTuneError
+from mmtune.eval.metrics import accuracy_interval
 
 pytestmark = pytest.mark.slow
 
@@ -47,6 +50,7 @@ def test_short_demo_writes_a_complete_report(tmp_path: Path, monkeypatch: pytest
     per_task = report["eval"]["per_task"]
     assert {r["task"] for r in per_task if r["set"] == "seen"} >= {"colour", "count", "position", "exists"}
     assert all(0.0 < r["prior"] <= 1.0 and r["count"] > 0 for r in per_task)
+    assert all(r["ci95"][0] <= r["value"] <= r["ci95"][1] for r in per_task)  # each accuracy inside its interval
     assert set(report["targets"]) >= {"seen_vision", "unseen_phrasing", "unseen_tasks"}
     assert "qdit_vs_random" not in report["targets"]  # a 0.3-minute budget has no room for the second run
     shift = report["eval"]["token_shift"]["per_task"]
@@ -55,7 +59,10 @@ def test_short_demo_writes_a_complete_report(tmp_path: Path, monkeypatch: pytest
     assert report["bases"]["vision"].startswith("local-dir:") and report["cpu_seconds"] > 0
     md = (out / "report.md").read_text()
     assert "| base zero-shot | base 2-shot | tuned (QDIT-k) zero-shot |" in md and "answer prior" in md
-    assert "Targets:" in md and "![loss.png](instruct/loss.png)" in md
+    assert "Targets (each figure with its 95% interval" in md and "![loss.png](instruct/loss.png)" in md
+    lo, hi = report["targets"]["unseen_phrasing"]["ci95"]
+    assert f"unseen phrasings >= 60%: {100 * report['targets']['unseen_phrasing']['tuned']:.1f} " \
+           f"[{100 * lo:.1f}-{100 * hi:.1f}]" in md
     all_met = all(report["targets"][k]["met"] for k in ("seen_vision", "unseen_phrasing", "unseen_tasks"))
     assert ("why the unmet targets" in md) is (not all_met)  # an unmet target points to README's analysis
 
@@ -93,6 +100,33 @@ def test_targets_are_measured_not_assumed() -> None:
             if not e["reachable"]] == [VISION_TASKS[3]]
     assert not tg["unseen_tasks"]["met"]
     assert "qdit_vs_random" not in _targets(results[:5], per_task, "2-shot")
+    assert tg["seen_vision"]["ci95"] is None  # no question counts, no interval
+    for row in per_task:
+        row["count"] = 50
+    for row in results:
+        row["count"] = 200
+    tg = _targets(results, per_task, "2-shot")
+    lo, hi = tg["seen_vision"]["ci95"]  # 0.9 over the four tasks' 200 questions
+    assert lo < 0.9 < hi and (lo, hi) == pytest.approx(accuracy_interval(0.9, 200))
+    assert tg["unseen_tasks"]["ci95"]["base_zero_shot"] == pytest.approx(accuracy_interval(0.10, 200))
+    assert tg["unseen_phrasing"]["ci95"] == pytest.approx(accuracy_interval(0.6, 200))
+
+
+def test_accuracy_interval_is_wilsons() -> None:
+    """The interval the demo reports beside each target: Wilson's score interval, by its formula."""
+    z = 1.959963984540054
+    for k, n in [(29, 50), (0, 100), (200, 200), (1, 3)]:
+        p = k / n
+        centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+        half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+        assert accuracy_interval(p, n) == pytest.approx((max(0.0, centre - half), min(1.0, centre + half)), abs=1e-9)
+    # a fractional mean (VQA accuracy's thirds) is read as the nearest whole number of questions right
+    assert accuracy_interval(0.66, 10) == pytest.approx(accuracy_interval(0.7, 10))
+    assert accuracy_interval(0.66, 10) != pytest.approx(accuracy_interval(0.6, 10))
+    with pytest.raises(MMTuneError, match="at least one question"):
+        accuracy_interval(0.5, 0)
+    with pytest.raises(MMTuneError, match=r"in \[0, 1\]"):
+        accuracy_interval(1.5, 10)
 
 
 def test_demo_refuses_missing_bases_before_writing_anything(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -355,6 +355,24 @@ class _Tally:
         )
 
 
+def accuracy_interval(mean: float, count: int, level: float = 0.95) -> tuple[float, float]:
+    """Wilson score interval for an accuracy that is the mean of `count` per-question scores in [0, 1].
+
+    Exact for 0/1 scores (exact match, and VQA accuracy when the human answers agree); a
+    fractional mean (VQA accuracy's 1/3, 2/3) is read as round(mean x count) right of `count`.
+    It says how far the accuracy could move with another draw of the same number of questions,
+    not how far another training run would move it (that spread is usually larger).
+    """
+    from scipy.stats import binomtest
+
+    if count <= 0:
+        raise MMTuneError(f"an accuracy interval needs at least one question, got {count}")
+    if not 0.0 <= mean <= 1.0:
+        raise MMTuneError(f"an accuracy must lie in [0, 1], got {mean}")
+    ci = binomtest(round(mean * count), count).proportion_ci(confidence_level=level, method="wilson")
+    return float(ci.low), float(ci.high)
+
+
 def _item_id(item: Mapping[str, Any], index: int) -> str:
     rid = item.get("id", item.get("question_id"))
     return str(rid) if rid is not None else f"#{index}"
