@@ -29,6 +29,8 @@ Aggregators (`score_vqa`, `score_exact_match`, `score_multiple_choice`,
 `score_pope`) take items (mappings with ``id``, ``prediction``, ``answers``,
 ...) and return a `ScoreReport` that always says how many items it counted
 and how many it skipped and why, so a denominator is never silently wrong.
+`accuracy_interval` gives an accuracy's 95% (Wilson) interval over its number
+of questions: how far another draw of as many questions could move it.
 """
 
 from __future__ import annotations
