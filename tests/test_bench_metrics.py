@@ -63,6 +63,7 @@ def test_mme_acc_acc_plus_and_totals():
     assert "OCR" in rep.details["missing_subtasks"]
     assert rep.score == pytest.approx(6 / 8)
     assert rep.details["official"]["text"] == "perception 175.00, cognition 200.00"
+    assert rep.stderr is None  # the headline is a sum of totals: no standard error of a mean to give
 
 
 def test_mme_skipped_question_leaves_its_image_out_of_acc_plus():

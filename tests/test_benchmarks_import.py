@@ -161,4 +161,6 @@ def test_cli_import_then_score_mmbench_predictions_with_submission(mmbench_tsv, 
     assert [int(r["index"]) for r in rows] == [0, 1000000, 2000000, 3000000, 1, 1000001]
     assert rows[1]["A"] == "dog" and rows[1]["answer"] == "A" and rows[5]["prediction"] == "A"
     md = (res_dir / "results.md").read_text()
-    assert "| predictions | 50.00 (6/6, 0 skipped) |" in md
+    # the standard error is over the 2 questions (one passed all its rotations), not over the 6 rotations
+    assert e["stderr"] == pytest.approx(0.5)
+    assert "| predictions | 50.00 ± 50.00 (6/6, 0 skipped) |" in md

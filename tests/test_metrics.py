@@ -198,6 +198,27 @@ def test_score_vqa_breakdowns_and_skips() -> None:
     assert rep.details["empty_predictions"] == 1 and rep.details["answers_not_10"] == 1
     assert "skipped 3" in rep.summary()
     assert rep.to_dict()["counted"] == 4
+    # the standard error lmms-eval reports: sample standard deviation of the 4 counted scores / sqrt(4)
+    scores = [1.0, 0.3, 0.0, 0.0]
+    mean = sum(scores) / 4
+    sd = (sum((x - mean) ** 2 for x in scores) / 3) ** 0.5
+    assert rep.stderr == pytest.approx(sd / 2) and rep.to_dict()["stderr"] == rep.stderr
+
+
+def test_standard_error_needs_two_questions_and_shows_in_the_results_table() -> None:
+    from mmtune.eval.metrics import mean_stderr
+    from mmtune.eval.report import format_table, markdown_table
+
+    assert mean_stderr([]) is None and mean_stderr([1.0]) is None and mean_stderr([1.0, 1.0]) == 0.0
+    assert mean_stderr([1.0, 0.0, 1.0, 1.0]) == pytest.approx(0.25)  # sd 0.5, over sqrt(4)
+    one = score_exact_match([{"id": "a", "prediction": "x", "answers": ["x"]}])
+    assert one.score == 1.0 and one.stderr is None
+    entry = {"metric": "exact_match", "score": 0.75, "stderr": 0.25, "counted": 4, "skipped": 0, "total": 4,
+             "skips": {}, "details": {}}
+    report = {"results": {"m": {"t": {"zero-shot": entry}, "u": {"zero-shot": {**entry, "stderr": None}}}}}
+    md = markdown_table(report)
+    assert "| m | 75.00 ± 25.00 (4/4, 0 skipped) | 75.00 (4/4, 0 skipped) |" in md
+    assert "75.00 ± 25.00 (4/4)" in format_table(report)
 
 
 def test_bad_answers_and_rules_are_clear_errors() -> None:

@@ -49,6 +49,7 @@ from mmtune.eval.metrics import (
     _read_item,
     _read_items,
     _Tally,
+    mean_stderr,
 )
 
 # --------------------------------------------------------------------------- #
@@ -127,13 +128,15 @@ def score_mme(items: Iterable[Mapping[str, Any]]) -> ScoreReport:
     missing = [n for n in (*MME_PERCEPTION, *MME_COGNITION) if n not in per]
     text = ", ".join(f"{lab} {v:.2f}" for lab, v in (("perception", perception), ("cognition", cognition))
                      if v is not None)
-    return tally.report({
+    report = tally.report({
         "per_subtask": per, "perception": perception, "cognition": cognition,
         "missing_subtasks": missing, "other_subtasks": [s for s in per if s not in (*MME_PERCEPTION, *MME_COGNITION)],
         "incomplete_images": incomplete,
         "official": {"name": "perception" if perception is not None else "cognition",
                      "value": perception if perception is not None else cognition, "text": text or "n/a"},
     })
+    report.stderr = None  # the headline is a sum of per-subtask acc + acc+ totals, not a mean over questions
+    return report
 
 
 # --------------------------------------------------------------------------- #
@@ -237,6 +240,8 @@ def score_mmbench_circular(items: Iterable[Mapping[str, Any]]) -> ScoreReport:
                      "text": "n/a" if circ is None else f"{100 * circ:.2f}"},
     })
     report.score = circ
+    # the units of the circular accuracy are the questions (all rotations right or not), not the rotations
+    report.stderr = mean_stderr([float(ok) for ok in passed.values()])
     return report
 
 

@@ -35,6 +35,7 @@ of questions: how far another draw of as many questions could move it.
 
 from __future__ import annotations
 
+import math
 import re
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -292,7 +293,10 @@ class ScoreReport:
     `score_with_skips_as_zero` treats the `skipped` items as wrong, so both
     readings are visible. `skips` maps each skip reason to its count.
     `details` holds metric-specific numbers (breakdowns, precision/recall,
-    parse statistics); `per_item` one dict per counted item.
+    parse statistics); `per_item` one dict per counted item. `stderr` is the
+    standard error of `score` over its independent units (the sample standard
+    deviation of their scores / sqrt(n), what lmms-eval reports beside a mean);
+    None with fewer than two units, or when the headline is not such a mean.
     """
 
     metric: str
@@ -302,6 +306,7 @@ class ScoreReport:
     skips: dict[str, int] = field(default_factory=dict)
     details: dict[str, Any] = field(default_factory=dict)
     per_item: list[dict[str, Any]] = field(default_factory=list)
+    stderr: float | None = None
 
     @property
     def total(self) -> int:
@@ -317,6 +322,7 @@ class ScoreReport:
         out: dict[str, Any] = {
             "metric": self.metric,
             "score": self.score,
+            "stderr": self.stderr,
             "score_with_skips_as_zero": self.score_with_skips_as_zero,
             "counted": self.counted,
             "skipped": self.skipped,
@@ -353,8 +359,17 @@ class _Tally:
         details.setdefault("empty_predictions", self.n_empty)
         return ScoreReport(
             metric=self.metric, score=mean, counted=len(self.items), skipped=sum(self.skips.values()),
-            skips=dict(self.skips), details=details, per_item=self.items,
+            skips=dict(self.skips), details=details, per_item=self.items, stderr=mean_stderr(scores),
         )
+
+
+def mean_stderr(scores: Sequence[float]) -> float | None:
+    """Standard error of the mean of independent scores: sample standard deviation / sqrt(n); None for n < 2."""
+    n = len(scores)
+    if n < 2:
+        return None
+    mean = sum(scores) / n
+    return math.sqrt(sum((x - mean) ** 2 for x in scores) / (n - 1) / n)
 
 
 def accuracy_interval(mean: float, count: int, level: float = 0.95) -> tuple[float, float]:

@@ -50,6 +50,9 @@ def plot_results(report: dict[str, Any], path: str | Path) -> Path:
                 metric_names.add(e["metric"])
                 score = 100 * e["score"]
                 ax.bar(x, score, width, color=colours[mode])
+                if e.get("stderr"):  # +- one standard error over the questions
+                    ax.errorbar(x, score, yerr=100 * e["stderr"], fmt="none", ecolor="#333333", elinewidth=0.8,
+                                capsize=2)
                 ax.text(x, score + 1.5, f"{score:.1f}\n{e['counted']}/{e['total']}", ha="center", va="bottom",
                         fontsize=7, linespacing=0.95)
         modes_here = own
@@ -64,7 +67,8 @@ def plot_results(report: dict[str, Any], path: str | Path) -> Path:
         ax.set_axisbelow(True)
         handles = [plt.Rectangle((0, 0), 1, 1, color=colours[m]) for m in modes_here]
         ax.legend(handles, modes_here, fontsize=8, loc="upper right", ncol=max(1, len(modes_here)), frameon=False)
-    fig.suptitle("mmtune eval: score per task and mode (labels: score, counted/total)", fontsize=11)
+    fig.suptitle("mmtune eval: score per task and mode (labels: score, counted/total; whiskers: ± standard error)",
+                 fontsize=11)
     fig.tight_layout()
     try:
         return write_png(fig, path, dpi=110)

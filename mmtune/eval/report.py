@@ -4,8 +4,8 @@ Contract. `write_outputs(report, rows, out, cfg)` writes, each atomically:
 `predictions.jsonl` (one line per model, mode, task and record: prompt, raw
 output, prediction, score or skip reason, in a fixed key order),
 `results.json` (the report dict), `results.md` (`markdown_table`: one row per
-model and mode, one column per task, every cell with counted/total and
-skipped), `eval_config.yaml` (the config as run, when there is one) and
+model and mode, one column per task, every cell with its standard error where
+it has one, counted/total and skipped), `eval_config.yaml` (the config as run, when there is one) and
 `results.png` (tasks x modes per model, `mmtune.eval.plots`). `write_split`
 writes `split.json`. `format_table(report)` is the plain-text table printed at
 the end; `official_cell(entry)` is a result's headline as its benchmark
@@ -76,14 +76,14 @@ def format_table(report: dict[str, Any]) -> str:
             if e is None:
                 row.append("-")
             else:
-                row.append(f"{official_cell(e)} ({e['counted']}/{e['total']})")
+                row.append(f"{official_cell(e)}{_stderr_text(e)} ({e['counted']}/{e['total']})")
         body.append(row)
     widths = [max(len(r[i]) for r in [header, *body]) for i in range(len(header))]
     lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
              for r in [header, *body]]
     lines.insert(1, "  ".join("-" * w for w in widths))
-    notes = ["score in % or the benchmark's official figure (counted/total records; the rest were skipped, "
-             "see results.json)"]
+    notes = [("score in % or the benchmark's official figure, ± its standard error where it is a mean over "
+              "questions (counted/total records; the rest were skipped, see results.json)")]
     skips = [f"  {m}/{mode} {t}: " + ", ".join(f"{reason} ({n})" for reason, n in e["skips"].items())
              for m, per_task in results.items() for t, per_mode in per_task.items()
              for mode, e in per_mode.items() if e["skipped"]]
@@ -107,6 +107,12 @@ def official_cell(entry: dict[str, Any]) -> str:
     return "n/a" if entry.get("score") is None else f"{100 * entry['score']:.2f}"
 
 
+def _stderr_text(entry: dict[str, Any]) -> str:
+    """' ± s' in the cell's percentage points, or nothing when the result has no standard error."""
+    se = entry.get("stderr")
+    return "" if se is None else f" ± {100 * se:.2f}"
+
+
 def markdown_table(report: dict[str, Any]) -> str:
     """results.md: one row per model (and mode), one column per benchmark; each cell the official metric
     with `counted/total` and the skipped count, so every denominator is visible."""
@@ -120,11 +126,13 @@ def markdown_table(report: dict[str, Any]) -> str:
             for t in tasks:
                 e = per_task.get(t, {}).get(mode)
                 cells.append("-" if e is None else
-                             f"{official_cell(e)} ({e['counted']}/{e['total']}, {e['skipped']} skipped)")
+                             f"{official_cell(e)}{_stderr_text(e)} ({e['counted']}/{e['total']}, {e['skipped']} skipped)")
             lines.append("| " + " | ".join(cells) + " |")
     metrics = {t: next((e["metric"] for per_task in results.values() for e in per_task.get(t, {}).values()), "")
                for t in tasks}
-    notes = ["", "Cells: official metric (counted/total records, skipped); see results.json for skip reasons.",
+    notes = ["", ("Cells: official metric ± its standard error where it is a mean over independent questions "
+                  "(sample standard deviation / sqrt(counted), as lmms-eval reports it) (counted/total records, "
+                  "skipped); see results.json for skip reasons."),
              "Metrics: " + ", ".join(f"{t} = {m}" for t, m in metrics.items()) + "."]
     models = report.get("models") or {}
     if models:

@@ -68,6 +68,7 @@ def score_rows(spec: TaskSpec, records: Sequence[Record], rows: list[dict[str, A
     return {
         "metric": report.metric,
         "score": report.score,
+        "stderr": report.stderr,
         "score_with_skips_as_zero": (report.score or 0.0) * counted / total if total else None,
         "counted": counted,
         "skipped": skipped,
