@@ -50,15 +50,15 @@ def plot_results(report: dict[str, Any], path: str | Path) -> Path:
                 metric_names.add(e["metric"])
                 score = 100 * e["score"]
                 ax.bar(x, score, width, color=colours[mode])
-                if e.get("stderr"):  # +- one standard error over the questions
-                    ax.errorbar(x, score, yerr=100 * e["stderr"], fmt="none", ecolor="#333333", elinewidth=0.8,
-                                capsize=2)
-                ax.text(x, score + 1.5, f"{score:.1f}\n{e['counted']}/{e['total']}", ha="center", va="bottom",
+                whisker = 100 * (e.get("stderr") or 0.0)
+                if whisker:  # +- one standard error over the questions; the label goes above it
+                    ax.errorbar(x, score, yerr=whisker, fmt="none", ecolor="#333333", elinewidth=0.8, capsize=2)
+                ax.text(x, score + whisker + 1.5, f"{score:.1f}\n{e['counted']}/{e['total']}", ha="center", va="bottom",
                         fontsize=7, linespacing=0.95)
         modes_here = own
         ax.set_xticks(range(len(tasks)))
         ax.set_xticklabels([t + ("\n(unseen)" if t in unseen else "") for t in tasks], fontsize=9)
-        ax.set_ylim(0, 118)
+        ax.set_ylim(0, 130)  # room for a label above a whisker, under the legend
         ax.set_xlim(-0.6, len(tasks) - 0.4)
         ax.set_ylabel("score (%)")
         ax.set_title(f"{model}" + (f"  —  {', '.join(sorted(metric_names))}" if metric_names else ""),
