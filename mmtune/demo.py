@@ -303,12 +303,16 @@ def _targets(results: list[dict[str, Any]], per_task: list[dict[str, Any]], few_
     """The issue's targets, measured: each with its figures and whether it is met."""
     from mmtune.eval.metrics import accuracy_interval
 
+    def result(model: str, mode: str, task: str) -> dict[str, Any] | None:
+        return next((r for r in results if (r["model"], r["mode"], r["task"]) == (model, mode, task)), None)
+
     def score(model: str, mode: str, task: str) -> float | None:
-        return next((r["value"] for r in results if (r["model"], r["mode"], r["task"]) == (model, mode, task)), None)
+        hit = result(model, mode, task)
+        return None if hit is None else hit["value"]
 
     def interval(model: str, mode: str, task: str) -> list[float] | None:
         """The 95% interval of a result over its eval set's questions (None when it has no count)."""
-        hit = next((r for r in results if (r["model"], r["mode"], r["task"]) == (model, mode, task)), None)
+        hit = result(model, mode, task)
         return list(accuracy_interval(hit["value"], hit["count"])) if hit and hit.get("count") else None
 
     def task_score(model: str, name: str, task: str) -> dict[str, Any] | None:

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import math
 import re
+import statistics
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -365,11 +366,7 @@ class _Tally:
 
 def mean_stderr(scores: Sequence[float]) -> float | None:
     """Standard error of the mean of independent scores: sample standard deviation / sqrt(n); None for n < 2."""
-    n = len(scores)
-    if n < 2:
-        return None
-    mean = sum(scores) / n
-    return math.sqrt(sum((x - mean) ** 2 for x in scores) / (n - 1) / n)
+    return statistics.stdev(scores) / math.sqrt(len(scores)) if len(scores) >= 2 else None
 
 
 def accuracy_interval(mean: float, count: int, level: float = 0.95) -> tuple[float, float]:
